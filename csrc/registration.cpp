@@ -1,0 +1,36 @@
+// Schemas of the mftk:: ops and their CPU kernels. Fake (meta) kernels and autograd are registered
+// from Python (mftk/ops/registry.py); CUDA tensors use the Triton kernels in kernels/.
+#include <torch/extension.h>
+
+#include "mftk.h"
+
+TORCH_LIBRARY(mftk, m) {
+  m.def("build_plan(Tensor task_ids, int num_tasks) -> (Tensor perm, Tensor offsets)");
+  m.def(
+      "hard_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor perm, Tensor offsets) -> (Tensor y, Tensor shrink)");
+  m.def(
+      "hard_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor perm, Tensor offsets, Tensor shrink) "
+      "-> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b)");
+  m.def(
+      "soft_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor scaling, Tensor router_weight, Tensor? router_bias, float temperature, int top_k) "
+      "-> (Tensor y, Tensor logits, Tensor probs, Tensor shrink)");
+  m.def(
+      "soft_bwd(Tensor grad_y, Tensor? grad_logits, Tensor x, Tensor weight, Tensor lora_a, "
+      "Tensor lora_b, Tensor scaling, Tensor router_weight, Tensor probs, Tensor shrink, "
+      "float temperature) -> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, "
+      "Tensor grad_router_weight, Tensor grad_router_bias)");
+}
+
+TORCH_LIBRARY_IMPL(mftk, CPU, m) {
+  m.impl("build_plan", &mftk::build_plan_cpu);
+  m.impl("hard_fwd", &mftk::hard_fwd_cpu);
+  m.impl("hard_bwd", &mftk::hard_bwd_cpu);
+  m.impl("soft_fwd", &mftk::soft_fwd_cpu);
+  m.impl("soft_bwd", &mftk::soft_bwd_cpu);
+}
+
+// Importing mftk._C loads the library above; it exposes no Python functions of its own.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "mftk CPU ops (torch.ops.mftk.*)"; }

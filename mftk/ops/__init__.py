@@ -1,0 +1,7 @@
+"""Custom ops (torch.library mftk::*), their autograd, and the routing plan. No nn.Module here."""
+
+from mftk.ops.checks import set_debug
+from mftk.ops.functional import multi_adapter_linear
+from mftk.ops.plan import RoutingPlan, build_plan
+
+__all__ = ["RoutingPlan", "build_plan", "multi_adapter_linear", "set_debug"]

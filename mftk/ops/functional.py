@@ -1,0 +1,132 @@
+"""The public op: mftk.multi_adapter_linear, with backend dispatch."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from mftk.ops import _lib, registry
+from mftk.ops.checks import check_op_args
+from mftk.ops.plan import RoutingPlan, build_plan
+from mftk.reference import multi_adapter_linear_ref
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+
+
+@functools.cache
+def _cpu_ops():
+    """torch.ops.mftk.* from the C++ extension, with fake kernels and autograd registered."""
+    _lib.require_cpu_ops()
+    torch.library.register_fake("mftk::build_plan")(registry.plan_fake)
+    registry.register_family("", torch.ops.mftk.hard_bwd, torch.ops.mftk.soft_bwd)
+    ops = torch.ops.mftk
+    return ops.hard_fwd, ops.soft_fwd
+
+
+def _triton_ops():
+    from mftk.ops import triton_ops  # imports triton; only when asked for
+
+    return triton_ops.hard_fwd, triton_ops.soft_fwd
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if x.device.type == "cuda":
+        return "triton"
+    if x.device.type == "cpu":
+        return "cpu" if _lib.has_cpu_ops() else "reference"
+    return "reference"
+
+
+def _scaling_tensor(scaling: float | Tensor, num_tasks: int, x: Tensor) -> Tensor:
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(scaling, Tensor):
+        return scaling.detach().to(device=x.device, dtype=dt).reshape(-1).expand(num_tasks).contiguous()
+    return torch.full((num_tasks,), float(scaling), dtype=dt, device=x.device)
+
+
+def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> RoutingPlan:
+    if isinstance(task_ids, RoutingPlan):
+        plan = task_ids
+        if plan.num_tasks != num_tasks:
+            raise ValueError(f"task_ids: plan built for {plan.num_tasks} tasks, lora_a has {num_tasks}")
+    else:
+        plan = build_plan(task_ids, num_tasks)
+    if plan.num_tokens != n:
+        raise ValueError(f"task_ids: {plan.num_tokens} ids for {n} tokens of x; expected one per token")
+    return plan
+
+
+def multi_adapter_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    *,
+    bias: Tensor | None = None,
+    scaling: float | Tensor = 1.0,
+    task_ids: Tensor | RoutingPlan | None = None,
+    router_weight: Tensor | None = None,
+    router_bias: Tensor | None = None,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    return_router_logits: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """A frozen linear layer plus one LoRA adapter per task, routed per token.
+
+    hard (task_ids):      y[n] = x[n] @ W.T + b + s[t] * (x[n] @ A[t].T) @ B[t].T,  t = task_ids[n]
+                          (t = -1: base only)
+    soft (router_weight): p = softmax(top_k_mask((x @ router_weight.T + router_bias) / temperature))
+                          y[n] = x[n] @ W.T + b + sum_t p[n, t] * s[t] * (x[n] @ A[t].T) @ B[t].T
+    neither:              y = x @ W.T + b
+
+    x: (..., D_in) fp32|bf16|fp16|fp64, leading dims flattened to N; weight: (D_out, D_in);
+    lora_a: (T, R, D_in); lora_b: (T, D_out, R); bias: (D_out,); scaling: float or (T,);
+    task_ids: (...) int matching x's leading dims, or a RoutingPlan from mftk.build_plan;
+    router_weight: (T, D_in); router_bias: (T,); top_k: keep the k largest p per token, renormalised.
+    returns y: (..., D_out) in x.dtype, and the router logits (..., T) when return_router_logits.
+    Gradients flow to x, lora_a, lora_b, bias, router_weight, router_bias (and weight if it
+    requires grad); scaling is a constant.
+    """
+    check_op_args(x, weight, lora_a, lora_b, bias, scaling, router_weight, router_bias, top_k, temperature)
+    if task_ids is not None and router_weight is not None:
+        raise ValueError("task_ids and router_weight: give one routing mode (hard or soft), not both")
+    if return_router_logits and router_weight is None:
+        raise ValueError("return_router_logits: needs router_weight (soft routing)")
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d_in)
+    n, num_tasks = x2.shape[0], lora_a.shape[0]
+    be = resolve_backend(backend, x)
+    logits = None
+    if be == "reference":
+        ids = None
+        if task_ids is not None:
+            ids = _plan_for(task_ids, num_tasks, n).task_ids
+        y, logits = multi_adapter_linear_ref(
+            x2, weight, lora_a, lora_b, bias, scaling, ids, router_weight, router_bias, top_k, temperature
+        )
+    else:
+        hard_fwd, soft_fwd = _cpu_ops() if be == "cpu" else _triton_ops()
+        if be == "cpu" and x.device.type != "cpu":
+            raise ValueError(f"backend: 'cpu' needs CPU tensors, x is on {x.device}")
+        s = _scaling_tensor(scaling, num_tasks, x2)
+        if router_weight is not None:
+            k = 0 if top_k is None or top_k >= num_tasks else top_k
+            y, logits, _, _ = soft_fwd(
+                x2, weight, bias, lora_a, lora_b, s, router_weight, router_bias, float(temperature), k
+            )
+        elif task_ids is not None:
+            plan = _plan_for(task_ids, num_tasks, n)
+            y, _ = hard_fwd(x2, weight, bias, lora_a, lora_b, s, plan.perm, plan.offsets)
+        else:
+            y = torch.nn.functional.linear(x2, weight, bias)
+    y = y.reshape(*lead, weight.shape[0])
+    if return_router_logits:
+        return y, logits.reshape(*lead, num_tasks)
+    return y

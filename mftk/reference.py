@@ -1,0 +1,83 @@
+"""Plain-torch oracle for the multi-adapter op: a loop over tasks, differentiable by autograd.
+
+Tests and benchmarks import their baselines from here. Call it with float64 inputs to get the
+float64 reference; it computes in whatever dtype it is given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def scaling_vector(scaling: float | Tensor, num_tasks: int, like: Tensor) -> Tensor:
+    """Per-task scaling as a (T,) tensor of like's dtype and device."""
+    if isinstance(scaling, Tensor):
+        return scaling.to(device=like.device, dtype=like.dtype).reshape(num_tasks)
+    return torch.full((num_tasks,), float(scaling), device=like.device, dtype=like.dtype)
+
+
+def router_probs(
+    x: Tensor,
+    router_weight: Tensor,
+    router_bias: Tensor | None = None,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """p = softmax(top_k_mask(logits / temperature)),  logits = x @ router_weight.T + router_bias.
+
+    x: (N, D_in); router_weight: (T, D_in); router_bias: (T,) or None.
+    returns (probs (N, T), logits (N, T)); with top_k the other T - k entries of p are 0 and the
+    kept ones are renormalised.
+    """
+    logits = x @ router_weight.t()
+    if router_bias is not None:
+        logits = logits + router_bias
+    z = logits / temperature
+    if top_k is not None and top_k < router_weight.shape[0]:
+        kept = z.topk(top_k, dim=-1).indices
+        mask = torch.ones_like(z, dtype=torch.bool).scatter(-1, kept, False)
+        z = z.masked_fill(mask, float("-inf"))
+    return torch.softmax(z, dim=-1), logits
+
+
+def multi_adapter_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    bias: Tensor | None = None,
+    scaling: float | Tensor = 1.0,
+    task_ids: Tensor | None = None,
+    router_weight: Tensor | None = None,
+    router_bias: Tensor | None = None,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor | None]:
+    """Reference for every routing mode.
+
+    hard: y[n] = x[n] @ W.T + b + s[t] * (x[n] @ A[t].T) @ B[t].T,  t = task_ids[n] (-1: base only)
+    soft: y[n] = x[n] @ W.T + b + sum_t p[n, t] * s[t] * (x[n] @ A[t].T) @ B[t].T
+    x: (N, D_in); weight: (D_out, D_in); lora_a: (T, R, D_in); lora_b: (T, D_out, R);
+    task_ids: (N,) int; router_weight: (T, D_in); router_bias: (T,)
+    returns (y (N, D_out), router logits (N, T) or None)
+    """
+    num_tasks = lora_a.shape[0]
+    s = scaling_vector(scaling, num_tasks, x)
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    logits = None
+    if task_ids is not None:
+        for t in range(num_tasks):
+            rows = (task_ids == t).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            xt = x.index_select(0, rows)
+            delta = s[t] * (xt @ lora_a[t].t()) @ lora_b[t].t()
+            y = y.index_add(0, rows, delta)
+    elif router_weight is not None:
+        p, logits = router_probs(x, router_weight, router_bias, top_k, temperature)
+        for t in range(num_tasks):
+            y = y + (p[:, t : t + 1] * s[t]) * ((x @ lora_a[t].t()) @ lora_b[t].t())
+    return y, logits
