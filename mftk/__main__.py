@@ -1,0 +1,5 @@
+import sys
+
+from mftk.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""`mftk` command line: each subcommand lives in its own module and is imported only when used.
+
+A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mftk.train.cli", "fine-tune a model on a YAML list of tasks"),
+    "plan": ("mftk.plan", "estimate per-GPU memory and step time for a model on G GPUs"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mftk", description="multi-task fine-tuning kernels")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError as err:  # a subcommand whose optional deps are missing
+            p.set_defaults(_import_error=err)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "_import_error", None) is not None:
+        parser.error(f"{args.command}: {args._import_error}")
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
