@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import functools
+try:
+    import mftk._C  # noqa: F401  (registers torch.ops.mftk.*)
+
+    HAS_CPU_OPS = True
+except ImportError:  # not built: only backend="reference" (and triton) are available
+    HAS_CPU_OPS = False
 
 
-@functools.cache
 def has_cpu_ops() -> bool:
-    try:
-        import mftk._C  # noqa: F401  (registers torch.ops.mftk.*)
-    except ImportError:
-        return False
-    return True
+    return HAS_CPU_OPS
 
 
 def require_cpu_ops() -> None:
-    if not has_cpu_ops():
+    if not HAS_CPU_OPS:
         raise RuntimeError(
             "mftk._C is not built: install with `pip install --no-build-isolation -e .` "
             "(needs a C++ compiler and ninja), or pass backend='reference'"

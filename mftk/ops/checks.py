@@ -1,4 +1,4 @@
-"""Argument checks for the public op: every bad input is a ValueError/TypeError naming the argument."""
+"""Argument checks for the public op: bad input is a ValueError/TypeError naming the argument."""
 
 from __future__ import annotations
 
@@ -70,9 +70,13 @@ def check_op_args(
         check_shape("bias", bias, (d_out,), "(D_out,)")
     if isinstance(scaling, Tensor):
         if scaling.numel() not in (1, num_tasks):
-            raise ValueError(f"scaling: expected a float or (T,) = ({num_tasks},), got {tuple(scaling.shape)}")
+            raise ValueError(
+                f"scaling: expected a float or (T,) = ({num_tasks},), got {tuple(scaling.shape)}"
+            )
         if scaling.requires_grad:
-            raise ValueError("scaling: gradients through scaling are not supported; pass it detached")
+            raise ValueError(
+                "scaling: gradients through scaling are not supported; pass it detached"
+            )
         if scaling.device != x.device and scaling.device.type != "cpu":
             raise ValueError(f"scaling: expected device {x.device}, got {scaling.device}")
     elif not isinstance(scaling, (int, float)):

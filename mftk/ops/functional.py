@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -15,20 +13,32 @@ from mftk.reference import multi_adapter_linear_ref
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
-@functools.cache
-def _cpu_ops():
-    """torch.ops.mftk.* from the C++ extension, with fake kernels and autograd registered."""
-    _lib.require_cpu_ops()
-    torch.library.register_fake("mftk::build_plan")(registry.plan_fake)
-    registry.register_family("", torch.ops.mftk.hard_bwd, torch.ops.mftk.soft_bwd)
-    ops = torch.ops.mftk
-    return ops.hard_fwd, ops.soft_fwd
+# backend -> (hard_fwd, soft_fwd). Filled outside any torch.compile trace: registration itself
+# must not be traced, and a plain dict lookup is a constant to dynamo.
+_FAMILIES: dict[str, tuple] = {}
 
 
-def _triton_ops():
-    from mftk.ops import triton_ops  # imports triton; only when asked for
+def _load_family(backend: str) -> tuple:
+    if backend == "cpu":
+        _lib.require_cpu_ops()
+        torch.library.register_fake("mftk::build_plan")(registry.plan_fake)
+        registry.register_family("", torch.ops.mftk.hard_bwd, torch.ops.mftk.soft_bwd)
+        family = (torch.ops.mftk.hard_fwd, torch.ops.mftk.soft_fwd)
+    else:
+        from mftk.ops import triton_ops  # imports triton; only when asked for
 
-    return triton_ops.hard_fwd, triton_ops.soft_fwd
+        family = (triton_ops.hard_fwd, triton_ops.soft_fwd)
+    _FAMILIES[backend] = family
+    return family
+
+
+def _ops(backend: str) -> tuple:
+    family = _FAMILIES.get(backend)
+    return family if family is not None else _load_family(backend)
+
+
+if _lib.HAS_CPU_OPS:
+    _load_family("cpu")
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
@@ -39,14 +49,20 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     if x.device.type == "cuda":
         return "triton"
     if x.device.type == "cpu":
-        return "cpu" if _lib.has_cpu_ops() else "reference"
+        return "cpu" if _lib.HAS_CPU_OPS else "reference"
     return "reference"
 
 
 def _scaling_tensor(scaling: float | Tensor, num_tasks: int, x: Tensor) -> Tensor:
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scaling, Tensor):
-        return scaling.detach().to(device=x.device, dtype=dt).reshape(-1).expand(num_tasks).contiguous()
+        return (
+            scaling.detach()
+            .to(device=x.device, dtype=dt)
+            .reshape(-1)
+            .expand(num_tasks)
+            .contiguous()
+        )
     return torch.full((num_tasks,), float(scaling), dtype=dt, device=x.device)
 
 
@@ -54,11 +70,15 @@ def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> Routing
     if isinstance(task_ids, RoutingPlan):
         plan = task_ids
         if plan.num_tasks != num_tasks:
-            raise ValueError(f"task_ids: plan built for {plan.num_tasks} tasks, lora_a has {num_tasks}")
+            raise ValueError(
+                f"task_ids: plan built for {plan.num_tasks} tasks, lora_a has {num_tasks}"
+            )
     else:
         plan = build_plan(task_ids, num_tasks)
     if plan.num_tokens != n:
-        raise ValueError(f"task_ids: {plan.num_tokens} ids for {n} tokens of x; expected one per token")
+        raise ValueError(
+            f"task_ids: {plan.num_tokens} ids for {n} tokens of x; expected one per token"
+        )
     return plan
 
 
@@ -89,14 +109,18 @@ def multi_adapter_linear(
     x: (..., D_in) fp32|bf16|fp16|fp64, leading dims flattened to N; weight: (D_out, D_in);
     lora_a: (T, R, D_in); lora_b: (T, D_out, R); bias: (D_out,); scaling: float or (T,);
     task_ids: (...) int matching x's leading dims, or a RoutingPlan from mftk.build_plan;
-    router_weight: (T, D_in); router_bias: (T,); top_k: keep the k largest p per token, renormalised.
+    router_weight: (T, D_in); router_bias: (T,); top_k: keep the k largest p per token, renormalise.
     returns y: (..., D_out) in x.dtype, and the router logits (..., T) when return_router_logits.
     Gradients flow to x, lora_a, lora_b, bias, router_weight, router_bias (and weight if it
     requires grad); scaling is a constant.
     """
-    check_op_args(x, weight, lora_a, lora_b, bias, scaling, router_weight, router_bias, top_k, temperature)
+    check_op_args(
+        x, weight, lora_a, lora_b, bias, scaling, router_weight, router_bias, top_k, temperature
+    )
     if task_ids is not None and router_weight is not None:
-        raise ValueError("task_ids and router_weight: give one routing mode (hard or soft), not both")
+        raise ValueError(
+            "task_ids and router_weight: give one routing mode (hard or soft), not both"
+        )
     if return_router_logits and router_weight is None:
         raise ValueError("return_router_logits: needs router_weight (soft routing)")
     lead, d_in = x.shape[:-1], x.shape[-1]
@@ -109,17 +133,36 @@ def multi_adapter_linear(
         if task_ids is not None:
             ids = _plan_for(task_ids, num_tasks, n).task_ids
         y, logits = multi_adapter_linear_ref(
-            x2, weight, lora_a, lora_b, bias, scaling, ids, router_weight, router_bias, top_k, temperature
+            x2,
+            weight,
+            lora_a,
+            lora_b,
+            bias,
+            scaling,
+            ids,
+            router_weight,
+            router_bias,
+            top_k,
+            temperature,
         )
     else:
-        hard_fwd, soft_fwd = _cpu_ops() if be == "cpu" else _triton_ops()
+        hard_fwd, soft_fwd = _ops(be)
         if be == "cpu" and x.device.type != "cpu":
             raise ValueError(f"backend: 'cpu' needs CPU tensors, x is on {x.device}")
         s = _scaling_tensor(scaling, num_tasks, x2)
         if router_weight is not None:
             k = 0 if top_k is None or top_k >= num_tasks else top_k
             y, logits, _, _ = soft_fwd(
-                x2, weight, bias, lora_a, lora_b, s, router_weight, router_bias, float(temperature), k
+                x2,
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                s,
+                router_weight,
+                router_bias,
+                float(temperature),
+                k,
             )
         elif task_ids is not None:
             plan = _plan_for(task_ids, num_tasks, n)

@@ -48,7 +48,11 @@ def check_task_ids(task_ids: Tensor, num_tasks: int, name: str = "task_ids") -> 
     """Raise ValueError/TypeError naming `name` unless task_ids holds ints in [-1, num_tasks)."""
     if not isinstance(task_ids, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of ints, got {type(task_ids).__name__}")
-    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+    if (
+        task_ids.dtype.is_floating_point
+        or task_ids.dtype.is_complex
+        or task_ids.dtype == torch.bool
+    ):
         raise TypeError(f"{name}: expected an integer tensor, got dtype {task_ids.dtype}")
     if task_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(task_ids)
@@ -70,7 +74,7 @@ def build_plan(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
         raise ValueError(f"num_tasks: expected a positive int, got {num_tasks!r}")
     check_task_ids(task_ids, num_tasks)
     ids = task_ids.reshape(-1).to(torch.int64)
-    if ids.device.type == "cpu" and _lib.has_cpu_ops():
+    if ids.device.type == "cpu" and _lib.HAS_CPU_OPS:
         perm, offsets = torch.ops.mftk.build_plan(ids, num_tasks)
     else:
         perm, offsets = _plan_torch(ids, num_tasks)
