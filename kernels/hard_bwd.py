@@ -61,7 +61,8 @@ def _hard_bwd_kernel(
         ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_R]
         acc = tl.dot(dy, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if FUSE_DB:
-            part = tl.dot(ht, dy, input_precision=PRECISION, out_dtype=ACC_DTYPE)  # [BLOCK_R, BLOCK_K]
+            # [BLOCK_R, BLOCK_K] partial dB of this row block
+            part = tl.dot(ht, dy, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             tl.atomic_add(
                 db_ptr + g.to(tl.int64) * stride_dbt + nn[None, :] * stride_dbn
                 + rs[:, None] * stride_dbr,

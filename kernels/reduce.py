@@ -121,7 +121,8 @@ def grouped_reduce_bwd(
         p, q, offsets.shape[0] if offsets is not None else 0, n_rows, split,
         *left.stride(), *right.stride(),
         *(coef.stride() if coef is not None else (0, 0)), *out.stride(),
-        ALL_ROWS=offsets is None, GATHER_L=gather_left, GATHER_R=gather_right, HAS_COEF=coef is not None,
+        ALL_ROWS=offsets is None, GATHER_L=gather_left, GATHER_R=gather_right,
+        HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None, ATOMIC=split > 1, **dot_meta(dtype), BLOCK_P=block_p,
     )
     return out

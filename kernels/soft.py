@@ -119,10 +119,13 @@ def _soft_bwd_kernel(
     csmask = (ct < T) & (cr < R)
     m2 = rmask[:, None] & csmask[None, :]
     sh = tl.load(
-        shrink_ptr + rows[:, None] * stride_sm + (ct * R + cr)[None, :] * stride_sc, mask=m2, other=0.0
+        shrink_ptr + rows[:, None] * stride_sm + (ct * R + cr)[None, :] * stride_sc,
+        mask=m2, other=0.0,
     ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_TS * BLOCK_R]
     s_c = tl.load(s_ptr + ct, mask=ct < T, other=0.0).to(ACC_DTYPE)
-    p_c = tl.load(probs_ptr + rows[:, None] * stride_pm + ct[None, :] * stride_pt, mask=m2, other=0.0)
+    p_c = tl.load(
+        probs_ptr + rows[:, None] * stride_pm + ct[None, :] * stride_pt, mask=m2, other=0.0
+    )
     coef = p_c.to(ACC_DTYPE) * s_c[None, :]  # p[n, t] s[t] per column
     if FUSE_DB:
         ht = tl.trans(sh * coef).to(OP_DTYPE)  # [BLOCK_TS * BLOCK_R, BLOCK_M]

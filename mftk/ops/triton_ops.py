@@ -220,9 +220,12 @@ def soft_fwd(
     adt = acc_dtype(x.dtype)
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     if n == 0:
-        empty = x.new_empty((0, t), dtype=adt)
-        return _base(x, weight, bias), x.new_empty((0, t)), empty, x.new_empty((0, t * r), dtype=adt)
-    logits, probs, shrink = soft_fwd_shrink(x, lora_a, router_weight, router_bias, temperature, top_k)
+        probs = x.new_empty((0, t), dtype=adt)
+        shrink = x.new_empty((0, t * r), dtype=adt)
+        return _base(x, weight, bias), x.new_empty((0, t)), probs, shrink
+    logits, probs, shrink = soft_fwd_shrink(
+        x, lora_a, router_weight, router_bias, temperature, top_k
+    )
     h = shrink.view(n, t, r)
     rows = torch.zeros(1, dtype=torch.int64, device=x.device)  # one group: all tokens
     if choose_strategy(n, d_in, d_out) == "fused":
