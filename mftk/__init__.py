@@ -3,7 +3,44 @@
 import torch  # noqa: F401  (loads libtorch before mftk._C)
 
 from mftk.ops import RoutingPlan, build_plan, multi_adapter_linear, set_debug
+from mftk.nn import MultiAdapterLinear
+from mftk.patch import (
+    MftkConfig,
+    adapter_parameters,
+    adapter_state_dict,
+    merge,
+    patch_model,
+    task_index,
+    task_names,
+    unmerge,
+)
+from mftk.routing import RoutingState, clear_default_tasks, set_default_tasks, use_tasks
+from mftk.peft_io import export_peft, import_peft
+from mftk.checkpoint import from_pretrained, load_adapters, save_adapters
 
 __version__ = "0.1.0"
 
-__all__ = ["RoutingPlan", "build_plan", "multi_adapter_linear", "set_debug"]
+__all__ = [
+    "RoutingPlan",
+    "build_plan",
+    "multi_adapter_linear",
+    "set_debug",
+    "MultiAdapterLinear",
+    "MftkConfig",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "merge",
+    "patch_model",
+    "task_index",
+    "task_names",
+    "unmerge",
+    "RoutingState",
+    "clear_default_tasks",
+    "set_default_tasks",
+    "use_tasks",
+    "export_peft",
+    "import_peft",
+    "from_pretrained",
+    "load_adapters",
+    "save_adapters",
+]

@@ -1,0 +1,97 @@
+"""mftk's own multi-task adapter checkpoint: every task in one safetensors file, no pickle.
+
+    <dir>/mftk_adapters.safetensors   adapter_state_dict(model): per patched module
+                                      lora_a (T, R, D_in), lora_b (T, D_out, R), lora_scaling (T,)
+                                      float64, lora_rank (T,) int64, router_weight/bias if any
+    <dir>/mftk_config.json            MftkConfig: task names, rank, alpha, target modules, router
+                                      settings, base model name, per-task LoRA settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mftk.patch import MftkConfig, adapter_state_dict, get_config, patch_model, unwrap
+
+WEIGHTS_NAME = "mftk_adapters.safetensors"
+CONFIG_NAME = "mftk_config.json"
+FORMAT = "mftk-adapters-v1"
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write every task's adapters and the mftk config of a patched model into folder `path`.
+
+    Files are written to temporary names and renamed, so a crash never leaves half a checkpoint.
+    """
+    cfg = get_config(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    os.makedirs(path, exist_ok=True)
+    cfg_json = json.dumps({"format": FORMAT, **cfg.to_dict()}, indent=2)
+    w_path, c_path = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+    save_file(tensors, w_path + ".tmp", metadata={"format": FORMAT, "mftk_config": cfg_json})
+    with open(c_path + ".tmp", "w") as f:
+        f.write(cfg_json)
+    os.replace(w_path + ".tmp", w_path)
+    os.replace(c_path + ".tmp", c_path)
+
+
+def read_config(path: str | os.PathLike) -> MftkConfig:
+    """The MftkConfig stored in checkpoint folder `path`."""
+    c_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(c_path):
+        raise FileNotFoundError(f"path: {c_path} not found (expected an mftk adapter folder)")
+    with open(c_path) as f:
+        d = json.load(f)
+    if d.pop("format", None) != FORMAT:
+        raise ValueError(f"path: {c_path} is not an {FORMAT} config")
+    return MftkConfig.from_dict(d)
+
+
+_SETTINGS = ("rank", "router", "top_k", "target_modules")
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a save_adapters folder into a model patched with the same tasks, rank, router and
+    target modules. Raises ValueError naming the first mismatch. Returns the model."""
+    model = unwrap(model)
+    cfg, saved = get_config(model), read_config(path)
+    if cfg.tasks != saved.tasks:
+        raise ValueError(f"path: checkpoint tasks {saved.tasks} differ from the model's {cfg.tasks}")
+    for k in _SETTINGS:
+        if getattr(cfg, k) != getattr(saved, k):
+            raise ValueError(f"path: checkpoint {k}={getattr(saved, k)!r} differs from the model's {getattr(cfg, k)!r}")
+    own = adapter_state_dict(model)
+    with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
+        if missing or unexpected:
+            raise ValueError(f"path: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        loaded = {k: f.get_tensor(k) for k in own}
+    for k, v in loaded.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"module {k.rsplit('.', 1)[0]!r}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    with torch.no_grad():
+        for k, v in loaded.items():
+            own[k].copy_(v)
+    cfg.task_adapters = dict(saved.task_adapters)
+    return model
+
+
+def from_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Patch a base model as the checkpoint in `path` says, then load its adapters.
+
+    model: the (unpatched) base model the adapters were trained on. Returns it, patched.
+    """
+    c = read_config(path)
+    patch_model(
+        model, tasks=c.tasks, rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
+        router=c.router, top_k=c.top_k, temperature=c.temperature, dropout=c.dropout,
+        use_rslora=c.use_rslora,
+    )  # fmt: skip
+    return load_adapters(model, path)

@@ -1,0 +1,257 @@
+"""MultiAdapterLinear: a frozen nn.Linear plus one LoRA adapter per task, routed per token.
+
+The module holds parameters and decides the routing; all arithmetic is one call to the public op
+`mftk.multi_adapter_linear` (two calls when LoRA dropout is active in training).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mftk.ops import RoutingPlan, multi_adapter_linear
+
+ROUTERS = (None, "softmax")
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """alpha / rank, or alpha / sqrt(rank) for rsLoRA (PEFT's convention)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def init_lora_a_(lora_a: Tensor) -> None:
+    """PEFT's init for each task's A (R, D_in): Kaiming-uniform with a = sqrt(5), fan_in = D_in."""
+    with torch.no_grad():
+        for t in range(lora_a.shape[0]):
+            nn.init.kaiming_uniform_(lora_a[t], a=math.sqrt(5))
+
+
+class MultiAdapterLinear(nn.Module):
+    """A frozen linear layer plus T LoRA adapters, one per task.
+
+    hard routing:  y[n] = x[n] @ W.T + b + s[t] * (x[n] @ A[t].T) @ B[t].T,   t = task_ids[n]
+                   (t = -1: base only)
+    soft routing:  p = softmax(top_k_mask((x @ R.T + r) / temperature))
+                   y[n] = x[n] @ W.T + b + sum_t p[n, t] * s[t] * (x[n] @ A[t].T) @ B[t].T
+    s[t] = alpha / rank, or alpha / sqrt(rank) with use_rslora.
+
+    Parameters: weight (D_out, D_in) and bias (D_out,) frozen; lora_a (T, R, D_in) and lora_b
+    (T, D_out, R) trainable; with router="softmax" also router_weight (T, D_in) and router_bias (T,).
+    Buffers: lora_scaling (T,) float64 (kept in float64 through .to(dtype)) and lora_rank (T,)
+    int64, the rank each task really uses (an imported PEFT adapter of rank r < R is zero-padded,
+    which is exact). A is Kaiming-uniform and B zero, so a fresh module equals the base linear.
+
+    forward(x, task_ids=None): x (..., D_in) -> (..., D_out). task_ids (...) int or a RoutingPlan
+    picks hard routing. Without task_ids the routing comes from `mftk.use_tasks(model, ...)`; with
+    neither, a router module routes softly and a module without a router raises.
+    dropout > 0 drops the adapter input only (as PEFT does) in training; the base sees x.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_tasks: int,
+        rank: int,
+        alpha: float | None = None,
+        bias: bool = True,
+        router: str | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        b = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        self._setup(weight, b, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora)
+        self._init_base()
+        self.reset_adapters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        num_tasks: int,
+        rank: int,
+        alpha: float | None = None,
+        router: str | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> MultiAdapterLinear:
+        """Wrap `linear` without copying: the new module's weight and bias ARE linear's Parameters
+        (now frozen). Adapters are created on linear.weight's device and dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if not linear.weight.dtype.is_floating_point:
+            raise TypeError(f"linear: weight dtype {linear.weight.dtype} is not floating point")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        self._setup(
+            linear.weight, linear.bias, num_tasks, rank, alpha, router, top_k, temperature, dropout,
+            use_rslora,
+        )  # fmt: skip
+        self.reset_adapters()
+        return self
+
+    def _setup(
+        self, weight, bias, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora
+    ) -> None:
+        if not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks: expected a positive int, got {num_tasks!r}")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank: expected a positive int, got {rank!r}")
+        if router not in ROUTERS:
+            raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
+        if top_k is not None:
+            if router is None:
+                raise ValueError("top_k: only meaningful with router='softmax'")
+            if not isinstance(top_k, int) or not 1 <= top_k <= num_tasks:
+                raise ValueError(f"top_k: expected an int in [1, num_tasks={num_tasks}], got {top_k!r}")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+        alpha = float(rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.num_tasks, self.rank, self.alpha = num_tasks, rank, alpha
+        self.router, self.top_k, self.temperature = router, top_k, float(temperature)
+        self.dropout, self.use_rslora = float(dropout), bool(use_rslora)
+        self.weight = weight
+        self.bias = bias
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        t, d_in, d_out = num_tasks, self.in_features, self.out_features
+        self.lora_a = nn.Parameter(torch.empty(t, rank, d_in, **kw))
+        self.lora_b = nn.Parameter(torch.empty(t, d_out, rank, **kw))
+        if router is not None:
+            self.router_weight = nn.Parameter(torch.empty(t, d_in, **kw))
+            self.router_bias = nn.Parameter(torch.empty(t, **kw))
+        else:
+            self.router_weight = None
+            self.router_bias = None
+        s = lora_scale(alpha, rank, self.use_rslora)
+        self.register_buffer("lora_scaling", torch.full((t,), s, dtype=torch.float64, device=weight.device))
+        self.register_buffer("lora_rank", torch.full((t,), rank, dtype=torch.int64, device=weight.device))
+        self._mftk_routing = None  # a RoutingState, set by patch_model / use_tasks
+
+    def _init_base(self) -> None:
+        # nn.Linear's own init, for a module built from sizes.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_adapters(self, task: int | None = None) -> None:
+        """Re-initialise one task's adapter (or all): A Kaiming-uniform, B zeros, full rank."""
+        tasks = range(self.num_tasks) if task is None else [task]
+        with torch.no_grad():
+            for t in tasks:
+                init_lora_a_(self.lora_a[t : t + 1])
+                self.lora_b[t].zero_()
+                self.lora_scaling[t] = lora_scale(self.alpha, self.rank, self.use_rslora)
+                self.lora_rank[t] = self.rank
+            if self.router_weight is not None and task is None:
+                nn.init.normal_(self.router_weight, std=0.02)
+                nn.init.zeros_(self.router_bias)
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        """The trainable parameters: lora_a, lora_b and, with a router, router_weight/bias."""
+        ps = [self.lora_a, self.lora_b]
+        if self.router_weight is not None:
+            ps += [self.router_weight, self.router_bias]
+        return ps
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would round the per-task scaling; keep it in float64.
+        scaling = self.lora_scaling
+        out = super()._apply(fn, recurse)
+        if self.lora_scaling.dtype != torch.float64:
+            self.lora_scaling = scaling.to(device=self.lora_scaling.device, dtype=torch.float64)
+        return out
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _routing(self, x: Tensor, task_ids: Tensor | RoutingPlan | None):
+        """(plan or ids for hard routing | None, soft: bool)."""
+        if task_ids is not None:
+            return task_ids, False
+        state = self._mftk_routing
+        if state is not None:
+            return state.resolve(x.shape[:-1], x.device, self.num_tasks, self.router is not None)
+        if self.router is not None:
+            return None, True
+        raise RuntimeError(
+            "MultiAdapterLinear: no task ids for this forward. Pass task_ids=..., run the model "
+            "inside `with mftk.use_tasks(model, task_ids):`, or opt in to base-only outputs with "
+            "`mftk.use_tasks(model, None)` / `mftk.set_default_tasks(model, None)`."
+        )
+
+    def forward(self, x: Tensor, task_ids: Tensor | RoutingPlan | None = None) -> Tensor:
+        """x: (..., D_in) -> (..., D_out) in x.dtype; task_ids: (...) int, or a RoutingPlan."""
+        ids, soft = self._routing(x, task_ids)
+        routed = soft or ids is not None
+        if self.dropout > 0 and self.training and routed:
+            return self._forward_dropout(x, ids, soft)
+        out = multi_adapter_linear(
+            x, self.weight, self.lora_a, self.lora_b, bias=self.bias, scaling=self.lora_scaling,
+            task_ids=ids, router_weight=self.router_weight if soft else None,
+            router_bias=self.router_bias if soft else None, top_k=self.top_k,
+            temperature=self.temperature, return_router_logits=soft,
+        )  # fmt: skip
+        if soft:
+            out, logits = out
+            self._record(logits)
+        return out
+
+    def _forward_dropout(self, x: Tensor, ids, soft: bool) -> Tensor:
+        # Exact LoRA dropout: the base sees x, the adapters (and router) see dropout(x). The adapter
+        # call gets an all-zero base weight (a stride-0 view, no allocation): one extra base-sized
+        # GEMM, which is why dropout=0 is the fused fast path.
+        base = multi_adapter_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias)
+        xd = nn.functional.dropout(x, p=self.dropout, training=True)
+        zero_w = self.weight.new_zeros(()).expand(self.out_features, self.in_features)
+        out = multi_adapter_linear(
+            xd, zero_w, self.lora_a, self.lora_b, scaling=self.lora_scaling, task_ids=ids,
+            router_weight=self.router_weight if soft else None,
+            router_bias=self.router_bias if soft else None, top_k=self.top_k,
+            temperature=self.temperature, return_router_logits=soft,
+        )  # fmt: skip
+        if soft:
+            out, logits = out
+            self._record(logits)
+        return base + out
+
+    def _record(self, logits: Tensor) -> None:
+        state = self._mftk_routing
+        if state is not None and state.router_logits is not None:
+            state.router_logits.append(logits.reshape(-1, self.num_tasks))
+
+    def extra_repr(self) -> str:
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, num_tasks={self.num_tasks}, rank={self.rank}, "
+            f"alpha={self.alpha:g}"
+        )
+        if self.use_rslora:
+            s += ", use_rslora=True"
+        if self.router is not None:
+            s += f", router={self.router!r}, top_k={self.top_k}, temperature={self.temperature:g}"
+        if self.dropout:
+            s += f", dropout={self.dropout:g}"
+        return s
