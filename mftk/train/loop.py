@@ -1,0 +1,380 @@
+"""The training loop: one adapter per task (or a router), trained in one pass over mixed batches.
+
+    trainer = Trainer(load_config("config.yaml"))
+    metrics = trainer.train()
+
+Each step draws packed micro-batches from the stage's task mix, routes every token to its task's
+adapter with `mftk.use_tasks(model, task_ids)`, and combines per-task token losses by `loss.mode`.
+Router models route softly and add the router losses. Evaluation (per-task answer-token loss on the
+held-out split) runs at step 0, every `train.eval_every` steps and at the end; CoBa updates there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import torch
+
+import mftk
+from mftk.train import checkpointing as ckpt
+from mftk.train.coba import CoBa
+from mftk.train.config import Config
+from mftk.train.data import build_task_data, describe, load_examples
+from mftk.train.losses import mft_loss, router_losses, task_token_means, token_losses
+from mftk.train.packing import MultiTaskSampler, eval_batches, rows_to_batch
+from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base lr at step s: linear warm-up, then cosine/linear decay to 10%."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (s - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - 0.9 * frac
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+class Trainer:
+    """Builds model, data and optimizer from a Config; train() runs (or resumes) and returns metrics."""
+
+    def __init__(self, cfg: Config, output_dir: str | None = None, max_steps: int | None = None,
+                 resume: bool = False, progress: bool | None = None, log=None):
+        self.cfg = cfg
+        self.out = os.path.abspath(output_dir or cfg.output.dir)
+        self.max_steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
+        self.resume = resume
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._log = log
+        self.tasks = cfg.task_names
+        self.router = cfg.adapter.router is not None
+        self.stages = []
+        start = 0
+        for s in cfg.stages:
+            self.stages.append({"name": s.name, "start": start, "end": start + s.steps})
+            start += s.steps
+
+    # ------------------------------------------------------------------ setup
+
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        else:
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        os.makedirs(self.out, exist_ok=True)
+        if cfg.model.path is not None:
+            from transformers import AutoTokenizer
+
+            from mftk.train.data import special_strings
+
+            bos, eos = special_strings(AutoTokenizer.from_pretrained(cfg.model.path))
+        else:
+            bos, eos = "<s>", "</s>"
+        examples = load_examples(cfg, bos, eos)
+        texts = [ex.text() for part in examples[:2] for exs in part for ex in exs]
+        pre_texts = [ex.text() for exs in examples[0] for ex in exs]
+        cache = cfg.model.cache_dir or os.path.join(self.out, "cache")
+        self.model, self.tokenizer, self.model_info = load_model_and_tokenizer(
+            cfg.model, texts, pre_texts, cfg.data.seq_len, cfg.train.seed, cache, self.log)
+        self.data = build_task_data(cfg, self.tokenizer, examples)
+        self.log(f"data: {describe(self.data)}")
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.dtype = DTYPES[cfg.model.dtype]
+        a = cfg.adapter
+        torch.manual_seed(cfg.train.seed)
+        mftk.patch_model(self.model, tasks=self.tasks, rank=a.rank, alpha=a.alpha,
+                         target_modules=a.target_modules, router=a.router, top_k=a.top_k,
+                         dropout=a.dropout)
+        self.params = list(mftk.adapter_parameters(self.model))
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps))
+        self.sampler = MultiTaskSampler([d.train for d in self.data], cfg.train.seed,
+                                        len(self.tokenizer), cfg.data.noise_kind,
+                                        cfg.data.noise_token_rate)
+        all_eval = [s for d in self.data for s in d.eval]
+        self.eval_set = eval_batches(all_eval, cfg.train.batch_size, cfg.data.seq_len,
+                                     cfg.data.packing, self.pad_id, self.dtype)
+        c = cfg.loss.coba
+        self.coba = CoBa(len(self.tasks), c.history_length, c.warmup_steps, c.tau)
+        self.history: dict[str, Any] = {
+            "step": [], "loss": [], "lr": [], "tokens": [], "stage": [],
+            "train": {t: [] for t in self.tasks}, "eval_step": [], "eval": {t: [] for t in self.tasks},
+            "router_accuracy": [], "task_weights": [],
+        }
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ pieces
+
+    def stage_index(self, step: int) -> int:
+        for i, st in enumerate(self.stages):
+            if step < st["end"]:
+                return i
+        return len(self.stages) - 1
+
+    def stage_mix(self, i: int) -> list[float]:
+        mix = self.cfg.stages[i].mix
+        if mix is None:
+            return [float(len(d.train)) for d in self.data]
+        return [float(mix.get(t, 0.0)) for t in self.tasks]
+
+    def task_weights(self, i: int) -> torch.Tensor:
+        over = self.cfg.stages[i].loss_weights or {}
+        w = [over.get(t.name, t.loss_weight) for t in self.cfg.tasks]
+        if self.cfg.loss.mode == "coba":
+            w = [a * b for a, b in zip(w, self.coba.weights())]
+        return torch.tensor(w, dtype=torch.float32)
+
+    def forward(self, batch, train: bool):
+        """(logits (B, S, V), router losses dict or None) for one batch."""
+        ids = None if self.router else batch.task_ids
+        with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
+            logits = self.model(**batch.model_inputs()).logits
+            rl = router_losses(state.pop_router_logits(), batch.task_ids) if self.router else None
+        return logits, rl
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-task mean answer-token loss over the eval split (and router accuracy)."""
+        self.model.eval()
+        n = len(self.tasks)
+        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        acc, acc_n = 0.0, 0
+        for batch in self.eval_set:
+            logits, rl = self.forward(batch, train=False)
+            means, cnt = task_token_means(token_losses(logits, batch.targets), batch.targets,
+                                          batch.task_ids, n)
+            sums += (means * cnt).double()
+            counts += cnt.double()
+            if rl is not None:
+                acc += float(rl["accuracy"]) * batch.num_tokens
+                acc_n += batch.num_tokens
+        self.model.train()
+        out = {t: float(sums[i] / counts[i]) for i, t in enumerate(self.tasks)}
+        if acc_n:
+            out["router_accuracy"] = acc / acc_n
+        return out
+
+    def record_eval(self, ev: dict[str, float]) -> None:
+        self.history["eval_step"].append(self.step)
+        for t in self.tasks:
+            self.history["eval"][t].append(ev[t])
+        if "router_accuracy" in ev:
+            self.history["router_accuracy"].append(ev["router_accuracy"])
+        if self.cfg.loss.mode == "coba":
+            self.coba.update([ev[t] for t in self.tasks], self.step)
+
+    def train_step(self, stage: int) -> dict[str, Any]:
+        cfg = self.cfg
+        weights = self.task_weights(stage)
+        n = len(self.tasks)
+        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        total, tokens, racc = 0.0, 0, []
+        for _ in range(cfg.train.grad_accum):
+            rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
+            batch = rows_to_batch(rows, self.pad_id, self.dtype)
+            logits, rl = self.forward(batch, train=True)
+            loss, means, cnt = mft_loss(logits, batch.targets, batch.task_ids, weights,
+                                        cfg.loss.mode, cfg.loss.focal_gamma)
+            if rl is not None:
+                loss = loss + cfg.loss.router_balance * rl["balance"] \
+                    + cfg.loss.router_supervision * rl["supervision"]
+                racc.append(float(rl["accuracy"]))
+            (loss / cfg.train.grad_accum).backward()
+            total += loss.item() / cfg.train.grad_accum
+            sums += (means.detach() * cnt).double()
+            counts += cnt.double()
+            tokens += batch.num_tokens
+        if cfg.train.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.clip)
+        self.opt.step()
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        per_task = {t: (float(sums[i] / counts[i]) if counts[i] > 0 else None)
+                    for i, t in enumerate(self.tasks)}
+        return {"loss": total, "per_task": per_task, "tokens": tokens, "lr": lr,
+                "router_accuracy": sum(racc) / len(racc) if racc else None,
+                "weights": weights.tolist()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "sampler": self.sampler.state_dict(),
+                "coba": self.coba.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
+                "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                "eval_before": getattr(self, "eval_before", None)}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.step = st["step"]
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.sampler.load_state_dict(st["sampler"])
+        self.coba.load_state_dict(st["coba"])
+        self.history = st["history"]
+        self.tokens_seen = st["tokens_seen"]
+        self.train_seconds = st["train_seconds"]
+        self.eval_before = st["eval_before"]
+        ckpt.set_rng_state(st["rng"])
+
+    def save(self) -> str:
+        path = ckpt.save_checkpoint(os.path.join(self.out, "checkpoints"), self.step, self.model,
+                                    self.tasks, self.state_dict(), self.cfg.output.keep_last)
+        self.log(f"checkpoint -> {path}")
+        return path
+
+    # ------------------------------------------------------------------ main
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.setup()
+        resumed_from = None
+        if self.resume:
+            found = ckpt.list_checkpoints(os.path.join(self.out, "checkpoints"))
+            if not found:
+                self.log(f"--resume: no checkpoint under {self.out}/checkpoints; starting fresh")
+            else:
+                resumed_from = found[-1]
+                self.load_state_dict(ckpt.load_checkpoint(resumed_from, self.model))
+                self.log(f"resumed from {resumed_from} at step {self.step}")
+        if resumed_from is None:
+            random.seed(cfg.train.seed)
+            torch.manual_seed(cfg.train.seed)
+            self.eval_before = self.evaluate()
+            self.record_eval(self.eval_before)
+            self.log("eval before: " + _fmt(self.eval_before))
+        writer = _tensorboard(self.out)
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.progress,
+                   dynamic_ncols=True, desc="train", file=sys.stderr)
+        self.model.train()
+        stage = -1
+        window_tokens, window_t = 0, time.perf_counter()
+        while self.step < self.max_steps:
+            i = self.stage_index(self.step)
+            if i != stage:
+                stage = i
+                st = cfg.stages[i]
+                self.sampler.set_stage(self.stage_mix(i), st.noise)
+                if len(self.stages) > 1 or self.step == 0:
+                    mix = dict(zip(self.tasks, [round(x, 3) for x in self.stage_mix(i)]))
+                    self.log(f"stage {i + 1}/{len(self.stages)} '{st.name}' from step {self.step}: "
+                             f"{st.steps} steps, mix {mix}, noise {st.noise}")
+            t0 = time.perf_counter()
+            res = self.train_step(i)
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            self.tokens_seen += res["tokens"]
+            window_tokens += res["tokens"]
+            h = self.history
+            h["step"].append(self.step)
+            h["loss"].append(res["loss"])
+            h["lr"].append(res["lr"])
+            h["tokens"].append(res["tokens"])
+            h["stage"].append(i)
+            h["task_weights"].append(res["weights"])
+            for t in self.tasks:
+                h["train"][t].append(res["per_task"][t])
+            tps = self.tokens_seen / max(self.train_seconds, 1e-9)
+            bar.set_postfix_str(f"tok/s {tps:.0f} | " + " ".join(
+                f"{t[:10]} {v:.3f}" for t, v in res["per_task"].items() if v is not None))
+            bar.update(1)
+            if writer is not None:
+                writer.add_scalar("train/loss", res["loss"], self.step)
+                writer.add_scalar("train/lr", res["lr"], self.step)
+                for t, v in res["per_task"].items():
+                    if v is not None:
+                        writer.add_scalar(f"train/{t}", v, self.step)
+            if self.step % cfg.train.log_every == 0 or self.step == self.max_steps:
+                now = time.perf_counter()
+                rate = window_tokens / max(now - window_t, 1e-9)
+                window_tokens, window_t = 0, now
+                extra = f" | router acc {res['router_accuracy']:.3f}" if res["router_accuracy"] is not None else ""
+                self.log(f"step {self.step}/{self.max_steps} [{cfg.stages[i].name}] loss {res['loss']:.4f} | "
+                         + _fmt({k: v for k, v in res["per_task"].items() if v is not None})
+                         + f" | lr {res['lr']:.2e} | {rate:.0f} tok/s{extra}")
+            if self.step % cfg.train.eval_every == 0 or self.step == self.max_steps:
+                ev = self.evaluate()
+                self.record_eval(ev)
+                self.log(f"eval @ {self.step}: " + _fmt(ev))
+                if writer is not None:
+                    for t, v in ev.items():
+                        writer.add_scalar(f"eval/{t}", v, self.step)
+            save_every = cfg.output.save_every
+            if (save_every and self.step % save_every == 0) or self.step == self.max_steps:
+                self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return self.finish(time.perf_counter() - t_start, resumed_from)
+
+    def finish(self, wall: float, resumed_from: str | None) -> dict[str, Any]:
+        from mftk.train.plots import plot_losses
+
+        ckpt.save_adapter_outputs(self.model, self.tasks, self.out)
+        h = self.history
+        eval_after = {t: h["eval"][t][-1] for t in self.tasks}
+        metrics = {
+            "tasks": self.tasks,
+            "steps": self.step,
+            "eval_before": {t: self.eval_before[t] for t in self.tasks},
+            "eval_after": eval_after,
+            "final_train_loss": h["loss"][-1] if h["loss"] else None,
+            "train_tokens": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "tokens_per_second": self.tokens_seen / max(self.train_seconds, 1e-9),
+            "wall_seconds": wall,
+            "resumed_from": resumed_from,
+            "stages": self.stages,
+            "loss_mode": self.cfg.loss.mode,
+            "router_accuracy": h["router_accuracy"][-1] if h["router_accuracy"] else None,
+            "skipped": {d.name: dict(d.skipped) for d in self.data},
+            "samples": {d.name: {"train": len(d.train), "eval": len(d.eval)} for d in self.data},
+            "model": self.model_info,
+            "history": h,
+        }
+        with open(os.path.join(self.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        plot_losses(h, self.tasks, self.stages, os.path.join(self.out, "loss.png"))
+        self.log("eval after:  " + _fmt(eval_after))
+        self.log(f"wrote {self.out}/loss.png, metrics.json, adapters/, peft/ "
+                 f"({self.step} steps, {metrics['tokens_per_second']:.0f} tok/s, wall {wall:.1f}s)")
+        return metrics
+
+
+def _fmt(d: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in d.items())
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed
+        return None
+    return SummaryWriter(os.path.join(out, "tb"))

@@ -1,0 +1,220 @@
+"""Packing samples of different tasks into batches, and the resumable multi-task sampler.
+
+A packed row holds several samples back to back. Per token it carries:
+- `task_ids`: the sample's task (the adapter that token goes through); -1 on padding;
+- `position_ids`: restarting at 0 for every sample;
+- `targets`: the next-token label, shifted *inside each sample* (the last token of a sample has
+  no target), so no loss ever crosses a sample boundary; -100 where there is no loss;
+- `attention_mask`: an additive (B, 1, S, S) block-diagonal causal mask (0 = attend, dtype-min =
+  blocked). Hugging Face models take a 4D mask as-is, for the eager and the SDPA attention.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mftk.train.data import IGNORE, Sample
+
+
+@dataclass
+class Batch:
+    """input_ids, targets, task_ids, position_ids, seq_ids: (B, S) int64;
+    attention_mask: (B, 1, S, S) additive float; num_tokens: real (non-pad) tokens."""
+
+    input_ids: Tensor
+    targets: Tensor
+    task_ids: Tensor
+    position_ids: Tensor
+    seq_ids: Tensor
+    attention_mask: Tensor
+    num_tokens: int
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
+                "attention_mask": self.attention_mask}
+
+
+def shifted_targets(labels: list[int]) -> list[int]:
+    """targets[i] = labels[i + 1] within one sample; the last token predicts nothing."""
+    return list(labels[1:]) + [IGNORE]
+
+
+def block_causal_mask(seq_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """seq_ids: (B, S), equal ids = same sample (padding shares id -1, so it attends to itself).
+    returns (B, 1, S, S) additive mask: 0 where key j <= query i in the same sample, else min."""
+    s = seq_ids.shape[1]
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seq_ids.device).tril()
+    allowed = same & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def rows_to_batch(rows: list[list[Sample]], pad_id: int, dtype: torch.dtype = torch.float32,
+                  length: int | None = None) -> Batch:
+    """Lay out rows of samples (each row = samples packed back to back) as a padded Batch."""
+    s = length or max(sum(len(x) for x in row) for row in rows)
+    b = len(rows)
+    ids = torch.full((b, s), pad_id, dtype=torch.long)
+    tgt = torch.full((b, s), IGNORE, dtype=torch.long)
+    task = torch.full((b, s), -1, dtype=torch.long)
+    pos = torch.zeros((b, s), dtype=torch.long)
+    seq = torch.full((b, s), -1, dtype=torch.long)
+    n = 0
+    for r, row in enumerate(rows):
+        off = 0
+        for k, smp in enumerate(row):
+            L = len(smp)
+            if off + L > s:
+                raise ValueError(f"rows: row {r} holds {off + L} tokens, more than length {s}")
+            ids[r, off:off + L] = torch.tensor(smp.input_ids)
+            tgt[r, off:off + L] = torch.tensor(shifted_targets(smp.labels))
+            task[r, off:off + L] = smp.task
+            pos[r, off:off + L] = torch.arange(L)
+            seq[r, off:off + L] = k
+            off += L
+            n += L
+    return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n)
+
+
+def pack_rows(samples: list[Sample], seq_len: int, max_rows: int, packing: bool = True):
+    """Greedy in-order packing. returns (rows, number of samples consumed); a sample that does not
+    fit once max_rows are open stays for the next batch."""
+    rows: list[list[Sample]] = []
+    used: list[int] = []
+    for i, smp in enumerate(samples):
+        if len(smp) > seq_len:
+            raise ValueError(f"samples[{i}]: length {len(smp)} > seq_len {seq_len}")
+        if packing and rows and used[-1] + len(smp) <= seq_len:
+            rows[-1].append(smp)
+            used[-1] += len(smp)
+            continue
+        if len(rows) == max_rows:
+            return rows, i
+        rows.append([smp])
+        used.append(len(smp))
+    return rows, len(samples)
+
+
+class MultiTaskSampler:
+    """A deterministic, resumable stream of training samples drawn from several tasks.
+
+    Each draw picks a task with probability ∝ the stage's mix weight, then that task's next sample
+    in a per-epoch shuffled order. With probability `noise` the sample is corrupted:
+    - `random_tokens`: each prompt (non-answer) token is replaced by a uniformly random vocabulary
+      token with probability `noise_token_rate` (adversarial inputs, clean answers);
+    - `swap_answer`: the answer tokens are replaced by another random sample's answer of the same
+      task (a mislabelled sample).
+    The whole state (RNG, per-task order and cursor, the sample left over by the last batch) is in
+    state_dict(), so a resumed run draws exactly the same batches.
+    """
+
+    def __init__(self, tasks: list[list[Sample]], seed: int, vocab_size: int,
+                 noise_kind: str = "random_tokens", noise_token_rate: float = 0.2):
+        if not tasks or any(len(t) == 0 for t in tasks):
+            raise ValueError("tasks: every task needs at least one training sample")
+        self.tasks = tasks
+        self.vocab_size = vocab_size
+        self.noise_kind = noise_kind
+        self.noise_token_rate = noise_token_rate
+        self.rng = random.Random(seed)
+        self.orders = [self._shuffled(len(t)) for t in tasks]
+        self.cursors = [0] * len(tasks)
+        self.pending: Sample | None = None
+        self.weights = [float(len(t)) for t in tasks]
+        self.noise = 0.0
+        self.drawn = [0] * len(tasks)
+
+    def _shuffled(self, n: int) -> list[int]:
+        order = list(range(n))
+        self.rng.shuffle(order)
+        return order
+
+    def set_stage(self, mix: list[float], noise: float) -> None:
+        if len(mix) != len(self.tasks) or sum(mix) <= 0 or min(mix) < 0:
+            raise ValueError(f"mix: expected {len(self.tasks)} non-negative weights, got {mix}")
+        self.weights = list(mix)
+        self.noise = noise
+
+    def _next_index(self, t: int) -> int:
+        if self.cursors[t] == len(self.orders[t]):
+            self.orders[t] = self._shuffled(len(self.tasks[t]))
+            self.cursors[t] = 0
+        i = self.orders[t][self.cursors[t]]
+        self.cursors[t] += 1
+        return i
+
+    def _corrupt(self, smp: Sample) -> Sample:
+        ids, labels = list(smp.input_ids), list(smp.labels)
+        if self.noise_kind == "random_tokens":
+            for i, lab in enumerate(labels):
+                if lab == IGNORE and i > 0 and self.rng.random() < self.noise_token_rate:
+                    ids[i] = self.rng.randrange(self.vocab_size)
+        else:  # swap_answer
+            other = self.tasks[smp.task][self.rng.randrange(len(self.tasks[smp.task]))]
+            n_prompt = next((k for k, lab in enumerate(labels) if lab != IGNORE), len(labels))
+            ans = [x for x, lab in zip(other.input_ids, other.labels) if lab != IGNORE]
+            ids = ids[:n_prompt] + ans
+            labels = [IGNORE] * n_prompt + ans
+            ids, labels = ids[: len(smp)], labels[: len(smp)]
+        return Sample(smp.task, ids, labels)
+
+    def draw(self) -> Sample:
+        if self.pending is not None:
+            smp, self.pending = self.pending, None
+            return smp
+        t = self.rng.choices(range(len(self.tasks)), weights=self.weights)[0]
+        smp = self.tasks[t][self._next_index(t)]
+        self.drawn[t] += 1
+        if self.noise > 0 and self.rng.random() < self.noise:
+            smp = self._corrupt(smp)
+        return smp
+
+    def next_rows(self, batch_size: int, seq_len: int, packing: bool) -> list[list[Sample]]:
+        """Rows for one micro-batch: up to batch_size rows of at most seq_len tokens."""
+        pulled: list[Sample] = []
+        while True:
+            smp = self.draw()
+            pulled.append(smp)
+            rows, used = pack_rows(pulled, seq_len, batch_size, packing)
+            if used < len(pulled):  # the last one did not fit: keep it for the next batch
+                self.pending = pulled[-1]
+                return rows
+
+    def state_dict(self) -> dict:
+        pend = None
+        if self.pending is not None:
+            pend = [self.pending.task, self.pending.input_ids, self.pending.labels]
+        return {"rng": self.rng.getstate(), "orders": self.orders, "cursors": self.cursors,
+                "pending": pend, "weights": self.weights, "noise": self.noise, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(_as_rng_state(state["rng"]))
+        self.orders = [list(o) for o in state["orders"]]
+        self.cursors = list(state["cursors"])
+        p = state["pending"]
+        self.pending = None if p is None else Sample(int(p[0]), list(p[1]), list(p[2]))
+        self.weights = list(state["weights"])
+        self.noise = float(state["noise"])
+        self.drawn = list(state["drawn"])
+
+
+def _as_rng_state(s):
+    """random.Random state after a round trip through lists (JSON/torch.save keep tuples)."""
+    return (s[0], tuple(s[1]), s[2])
+
+
+def eval_batches(samples: list[Sample], batch_size: int, seq_len: int, packing: bool, pad_id: int,
+                 dtype: torch.dtype = torch.float32) -> list[Batch]:
+    """Fixed batches over a list of samples (in order), for evaluation."""
+    out, rest = [], list(samples)
+    while rest:
+        rows, used = pack_rows(rest, seq_len, batch_size, packing)
+        out.append(rows_to_batch(rows, pad_id, dtype))
+        rest = rest[used:]
+    return out
