@@ -64,6 +64,13 @@ def check_task_ids(task_ids: Tensor, num_tasks: int, name: str = "task_ids") -> 
             )
 
 
+def _has_cuda_plan() -> bool:
+    """True when mftk._C was built with csrc/cuda (a CUDA kernel registered for build_plan)."""
+    return _lib.HAS_CPU_OPS and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mftk::build_plan", "CUDA"
+    )
+
+
 def build_plan(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
     """Group tokens by task: a stable counting sort.
 
@@ -76,6 +83,8 @@ def build_plan(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
     ids = task_ids.reshape(-1).to(torch.int64)
     if ids.device.type == "cpu" and _lib.HAS_CPU_OPS:
         perm, offsets = torch.ops.mftk.build_plan(ids, num_tasks)
+    elif ids.device.type == "cuda" and _has_cuda_plan():
+        perm, offsets = torch.ops.mftk.build_plan(ids, num_tasks)  # csrc/cuda counting sort
     else:
         perm, offsets = _plan_torch(ids, num_tasks)
     return RoutingPlan(perm=perm, offsets=offsets, task_ids=ids, num_tasks=num_tasks)
