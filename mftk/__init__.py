@@ -2,8 +2,9 @@
 
 import torch  # noqa: F401  (loads libtorch before mftk._C)
 
-from mftk.ops import RoutingPlan, build_plan, multi_adapter_linear, set_debug
+from mftk.checkpoint import from_pretrained, load_adapters, save_adapters
 from mftk.nn import MultiAdapterLinear
+from mftk.ops import RoutingPlan, build_plan, multi_adapter_linear, set_debug
 from mftk.patch import (
     MftkConfig,
     adapter_parameters,
@@ -14,9 +15,8 @@ from mftk.patch import (
     task_names,
     unmerge,
 )
-from mftk.routing import RoutingState, clear_default_tasks, set_default_tasks, use_tasks
 from mftk.peft_io import export_peft, import_peft
-from mftk.checkpoint import from_pretrained, load_adapters, save_adapters
+from mftk.routing import RoutingState, clear_default_tasks, set_default_tasks, use_tasks
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
 """mftk's own multi-task adapter checkpoint: every task in one safetensors file, no pickle.
 
-    <dir>/mftk_adapters.safetensors   adapter_state_dict(model): per patched module
-                                      lora_a (T, R, D_in), lora_b (T, D_out, R), lora_scaling (T,)
-                                      float64, lora_rank (T,) int64, router_weight/bias if any
-    <dir>/mftk_config.json            MftkConfig: task names, rank, alpha, target modules, router
-                                      settings, base model name, per-task LoRA settings
+<dir>/mftk_adapters.safetensors   adapter_state_dict(model): per patched module
+                                  lora_a (T, R, D_in), lora_b (T, D_out, R), lora_scaling (T,)
+                                  float64, lora_rank (T,) int64, router_weight/bias if any
+<dir>/mftk_config.json            MftkConfig: task names, rank, alpha, target modules, router
+                                  settings, base model name, per-task LoRA settings
 """
 
 from __future__ import annotations
@@ -62,20 +62,30 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     model = unwrap(model)
     cfg, saved = get_config(model), read_config(path)
     if cfg.tasks != saved.tasks:
-        raise ValueError(f"path: checkpoint tasks {saved.tasks} differ from the model's {cfg.tasks}")
+        raise ValueError(
+            f"path: checkpoint tasks {saved.tasks} differ from the model's {cfg.tasks}"
+        )
     for k in _SETTINGS:
         if getattr(cfg, k) != getattr(saved, k):
-            raise ValueError(f"path: checkpoint {k}={getattr(saved, k)!r} differs from the model's {getattr(cfg, k)!r}")
+            raise ValueError(
+                f"path: checkpoint {k}={getattr(saved, k)!r} differs from the model's "
+                f"{getattr(cfg, k)!r}"
+            )
     own = adapter_state_dict(model)
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
         keys = set(f.keys())
         missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
         if missing or unexpected:
-            raise ValueError(f"path: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"path: checkpoint keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         loaded = {k: f.get_tensor(k) for k in own}
     for k, v in loaded.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"module {k.rsplit('.', 1)[0]!r}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+            raise ValueError(
+                f"module {k.rsplit('.', 1)[0]!r}: {k} has shape {tuple(v.shape)} in the file, "
+                f"{tuple(own[k].shape)} in the model"
+            )
     with torch.no_grad():
         for k, v in loaded.items():
             own[k].copy_(v)

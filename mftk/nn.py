@@ -39,7 +39,8 @@ class MultiAdapterLinear(nn.Module):
     s[t] = alpha / rank, or alpha / sqrt(rank) with use_rslora.
 
     Parameters: weight (D_out, D_in) and bias (D_out,) frozen; lora_a (T, R, D_in) and lora_b
-    (T, D_out, R) trainable; with router="softmax" also router_weight (T, D_in) and router_bias (T,).
+    (T, D_out, R) trainable; with router="softmax" also router_weight (T, D_in) and
+    router_bias (T,).
     Buffers: lora_scaling (T,) float64 (kept in float64 through .to(dtype)) and lora_rank (T,)
     int64, the rank each task really uses (an imported PEFT adapter of rank r < R is zero-padded,
     which is exact). A is Kaiming-uniform and B zero, so a fresh module equals the base linear.
@@ -47,7 +48,11 @@ class MultiAdapterLinear(nn.Module):
     forward(x, task_ids=None): x (..., D_in) -> (..., D_out). task_ids (...) int or a RoutingPlan
     picks hard routing. Without task_ids the routing comes from `mftk.use_tasks(model, ...)`; with
     neither, a router module routes softly and a module without a router raises.
-    dropout > 0 drops the adapter input only (as PEFT does) in training; the base sees x.
+    dropout > 0 (training only) drops the adapter input as PEFT does: the base sees x, the adapters
+    (and the router) see dropout(x); this costs one extra base-sized GEMM, so dropout=0 is the
+    fused fast path.
+    On the meta device (deferred init), call reset_adapters() after to_empty(): the adapters and
+    the scaling/rank buffers are not materialised with values.
     """
 
     def __init__(
@@ -73,7 +78,9 @@ class MultiAdapterLinear(nn.Module):
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
         b = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
-        self._setup(weight, b, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora)
+        self._setup(
+            weight, b, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora
+        )
         self._init_base()
         self.reset_adapters()
 
@@ -121,7 +128,9 @@ class MultiAdapterLinear(nn.Module):
             if router is None:
                 raise ValueError("top_k: only meaningful with router='softmax'")
             if not isinstance(top_k, int) or not 1 <= top_k <= num_tasks:
-                raise ValueError(f"top_k: expected an int in [1, num_tasks={num_tasks}], got {top_k!r}")
+                raise ValueError(
+                    f"top_k: expected an int in [1, num_tasks={num_tasks}], got {top_k!r}"
+                )
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
         if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
@@ -146,8 +155,12 @@ class MultiAdapterLinear(nn.Module):
             self.router_weight = None
             self.router_bias = None
         s = lora_scale(alpha, rank, self.use_rslora)
-        self.register_buffer("lora_scaling", torch.full((t,), s, dtype=torch.float64, device=weight.device))
-        self.register_buffer("lora_rank", torch.full((t,), rank, dtype=torch.int64, device=weight.device))
+        self.register_buffer(
+            "lora_scaling", torch.full((t,), s, dtype=torch.float64, device=weight.device)
+        )
+        self.register_buffer(
+            "lora_rank", torch.full((t,), rank, dtype=torch.int64, device=weight.device)
+        )
         self._mftk_routing = None  # a RoutingState, set by patch_model / use_tasks
 
     def _init_base(self) -> None:

@@ -111,10 +111,16 @@ def to_task_ids(model: nn.Module, task_ids: Any) -> Tensor:
     """
     n = _num_tasks(model)
     if isinstance(task_ids, Tensor):
-        if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        if (
+            task_ids.dtype.is_floating_point
+            or task_ids.dtype.is_complex
+            or task_ids.dtype == torch.bool
+        ):
             raise TypeError(f"task_ids: expected an integer tensor, got dtype {task_ids.dtype}")
         if task_ids.dim() > 2:
-            raise ValueError(f"task_ids: expected (B,) or (B, S), got shape {tuple(task_ids.shape)}")
+            raise ValueError(
+                f"task_ids: expected (B,) or (B, S), got shape {tuple(task_ids.shape)}"
+            )
         ids = task_ids.to(torch.int64)
         if ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
@@ -138,7 +144,8 @@ def to_task_ids(model: nn.Module, task_ids: Any) -> Tensor:
 
     if not isinstance(task_ids, (list, tuple)):
         raise TypeError(
-            f"task_ids: expected a tensor, a task name/index or a list, got {type(task_ids).__name__}"
+            f"task_ids: expected a tensor, a task name/index or a list, "
+            f"got {type(task_ids).__name__}"
         )
     try:
         ids = torch.tensor(conv(task_ids), dtype=torch.int64)
@@ -177,9 +184,15 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     if isinstance(target_modules, str) and target_modules == "all-linear":
         names = [n for n, m in mods if isinstance(m, nn.Linear)]
         if not names:
-            kinds = sorted({type(m).__name__ for _, m in mods if "conv1d" in type(m).__name__.lower()})
-            hint = f" (it has {kinds}: GPT-2 style Conv1D layers are not supported)" if kinds else ""
-            raise ValueError(f"target_modules: 'all-linear' found no nn.Linear besides lm_head{hint}")
+            kinds = sorted(
+                {type(m).__name__ for _, m in mods if "conv1d" in type(m).__name__.lower()}
+            )
+            hint = (
+                f" (it has {kinds}: GPT-2 style Conv1D layers are not supported)" if kinds else ""
+            )
+            raise ValueError(
+                f"target_modules: 'all-linear' found no nn.Linear besides lm_head{hint}"
+            )
         return names
     if isinstance(target_modules, str):
         matched = [(n, m) for n, m in mods if re.fullmatch(target_modules, n)]
@@ -188,7 +201,9 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
         keys = None
     else:
         if not target_modules or not all(isinstance(k, str) for k in target_modules):
-            raise ValueError(f"target_modules: expected 'all-linear' or a list of names, got {target_modules!r}")
+            raise ValueError(
+                f"target_modules: expected 'all-linear' or a list of names, got {target_modules!r}"
+            )
         matched, keys = [], list(target_modules)
         for k in keys:
             if k == "lm_head":
@@ -246,14 +261,21 @@ def patch_model(
         raise ValueError(f"tasks: expected a non-empty list of task names, got {tasks!r}")
     for t in tasks:
         if not isinstance(t, str) or not t or t == BASE:
-            raise ValueError(f"tasks: each task name must be a non-empty str other than {BASE!r}, got {t!r}")
+            raise ValueError(
+                f"tasks: each task name must be a non-empty str other than {BASE!r}, got {t!r}"
+            )
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks: duplicate task names in {list(tasks)}")
     if any(isinstance(m, MultiAdapterLinear) for m in model.modules()):
         raise ValueError("model: already patched by mftk (it has MultiAdapterLinear layers)")
     names = find_targets(model, target_modules)
-    kw = dict(router=router, top_k=top_k, temperature=temperature, dropout=dropout, use_rslora=use_rslora)
-    new = {n: MultiAdapterLinear.from_linear(model.get_submodule(n), len(tasks), rank, alpha, **kw) for n in names}
+    kw = dict(
+        router=router, top_k=top_k, temperature=temperature, dropout=dropout, use_rslora=use_rslora
+    )
+    new = {
+        n: MultiAdapterLinear.from_linear(model.get_submodule(n), len(tasks), rank, alpha, **kw)
+        for n in names
+    }
     for p in model.parameters():
         p.requires_grad_(False)
     for n, m in new.items():
@@ -261,12 +283,15 @@ def patch_model(
         for p in m.adapter_params():
             p.requires_grad_(True)
     first = next(iter(new.values()))
-    base = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    base = getattr(model, "name_or_path", None) or getattr(
+        getattr(model, "config", None), "_name_or_path", None
+    )
+    per_task = dict(r=rank, lora_alpha=first.alpha, use_rslora=bool(use_rslora))
     model.mftk_config = MftkConfig(
         tasks=list(tasks), rank=rank, alpha=first.alpha, target_modules=names, router=router,
         top_k=top_k, temperature=float(temperature), dropout=float(dropout),
         use_rslora=bool(use_rslora), base_model=base or None,
-        task_adapters={t: {"r": rank, "lora_alpha": first.alpha, "use_rslora": bool(use_rslora)} for t in tasks},
+        task_adapters={t: dict(per_task) for t in tasks},
     )  # fmt: skip
     clear_default_tasks(model)
     return model
@@ -331,7 +356,7 @@ def merge(model: nn.Module, task: str | int, keep_original: bool = True) -> nn.M
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo merge: put the original MultiAdapterLinear layers back (bit-exact). Returns the model."""
+    """Undo merge: put the original MultiAdapterLinear layers back, bit-exact. Returns model."""
     model = unwrap(model)
     merged = getattr(model, "_mftk_merged", None)
     if merged is None:

@@ -56,7 +56,10 @@ def _task(model: nn.Module, task: str | int) -> tuple[int, str]:
 
 
 def export_peft(
-    model: nn.Module, task: str | int, path: str | os.PathLike, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    task: str | int,
+    path: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
 ) -> None:
     """Write one task as a PEFT LoRA folder that `peft.PeftModel.from_pretrained(base, path)` loads.
 
@@ -67,14 +70,18 @@ def export_peft(
     model = unwrap(model)
     t, name = _task(model, task)
     cfg = get_config(model)
-    meta = cfg.task_adapters.get(name, {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora})
+    meta = cfg.task_adapters.get(
+        name, {"r": cfg.rank, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora}
+    )
     r0, alpha0, rs = int(meta["r"]), float(meta["lora_alpha"]), bool(meta["use_rslora"])
     tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, []
     for mod, m in adapter_layers(model):
         r = int(m.lora_rank[t])
         a, b = m.lora_a[t].detach(), m.lora_b[t].detach()
         if r < m.rank and (a[r:].any() or b[:, r:].any()):
-            raise ValueError(f"module {mod!r}: task {name!r} uses rank {r} but its padded rows are nonzero")
+            raise ValueError(
+                f"module {mod!r}: task {name!r} uses rank {r} but its padded rows are nonzero"
+            )
         s = float(m.lora_scaling[t])
         if r != r0:
             rank_pattern[mod] = r
@@ -100,10 +107,11 @@ def export_peft(
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "mftk_task": name,
     }
     os.makedirs(path, exist_ok=True)
-    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(
+        tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "mftk_task": name}
+    )
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -117,22 +125,30 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
     with open(cfg_path) as f:
         config = json.load(f)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"path: peft_type {config.get('peft_type')!r} is not supported, only 'LORA'")
+        raise ValueError(
+            f"path: peft_type {config.get('peft_type')!r} is not supported, only 'LORA'"
+        )
     for key, fine in _UNSUPPORTED.items():
         if key in config and config[key] not in fine:
             raise ValueError(f"path: adapter_config {key}={config[key]!r} is not supported by mftk")
     if config.get("init_lora_weights") not in (True, False, None, "gaussian"):
         # PiSSA/OLoRA/... folders store weights relative to a changed base; refuse them.
-        raise ValueError(f"path: init_lora_weights={config['init_lora_weights']!r} is not supported")
+        raise ValueError(
+            f"path: init_lora_weights={config['init_lora_weights']!r} is not supported"
+        )
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in load_file(w_path).items():
         m = _KEY.match(k)
         if m is None:
-            raise ValueError(f"path: unexpected tensor {k!r} in {WEIGHTS_NAME} (only lora_A/lora_B)")
+            raise ValueError(
+                f"path: unexpected tensor {k!r} in {WEIGHTS_NAME} (only lora_A/lora_B)"
+            )
         modules.setdefault(m.group(1), {})[m.group(2)] = v
     for mod, ab in modules.items():
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"module {mod!r}: the PEFT adapter has lora_{''.join(ab)} but not both")
+            raise ValueError(
+                f"module {mod!r}: the PEFT adapter has lora_{''.join(ab)} but not both"
+            )
     return config, modules
 
 
@@ -164,9 +180,15 @@ def import_peft(model: nn.Module, task: str | int, path: str | os.PathLike) -> N
         a, b = ab["A"], ab["B"]
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
-            raise ValueError(f"module {mod!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not (r, D_in) / (D_out, r)")
+            raise ValueError(
+                f"module {mod!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not "
+                "(r, D_in) / (D_out, r)"
+            )
         if r > m.rank:
-            raise ValueError(f"module {mod!r}: PEFT rank {r} exceeds the mftk rank {m.rank}; patch with rank >= {r}")
+            raise ValueError(
+                f"module {mod!r}: PEFT rank {r} exceeds the mftk rank {m.rank}; "
+                f"patch with rank >= {r}"
+            )
         if a.shape[1] != m.in_features or b.shape[0] != m.out_features:
             raise ValueError(
                 f"module {mod!r}: PEFT shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "

@@ -78,7 +78,7 @@ class RoutingState:
     def resolve(
         self, lead: torch.Size, device: torch.device, num_tasks: int, has_router: bool
     ) -> tuple[RoutingPlan | None, bool]:
-        """(plan for hard routing or None, soft routing?) for a forward with x.shape[:-1] == lead."""
+        """(plan for hard routing or None, soft?) for a forward whose x.shape[:-1] == lead."""
         if self.mode == "ids":
             key = (tuple(lead), device, num_tasks)
             if self._key != key:
@@ -123,6 +123,8 @@ def use_tasks(
     collect_router_logits: router layers append their logits (N, T) to the yielded state's
     `router_logits` list, in call order (see RoutingState.pop_router_logits).
     Yields the RoutingState shared by all patched layers; the previous routing returns on exit.
+    With activation checkpointing, call backward inside the block too: the recomputed forward
+    reads the routing again (outside the block it raises rather than route wrongly).
     """
     layers = [m for _, m in adapter_layers(model)]
     state = _state_for(model, task_ids, collect_router_logits)

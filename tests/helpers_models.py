@@ -58,8 +58,12 @@ def randomize_adapters(model: nn.Module, std: float = 0.1, seed: int = 1) -> Non
             for p in (m.lora_a, m.lora_b):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std * 3)
             if m.router_weight is not None:
-                m.router_weight.copy_(torch.randn(m.router_weight.shape, generator=g, dtype=torch.float64))
-                m.router_bias.copy_(torch.randn(m.router_bias.shape, generator=g, dtype=torch.float64))
+                m.router_weight.copy_(
+                    torch.randn(m.router_weight.shape, generator=g, dtype=torch.float64)
+                )
+                m.router_bias.copy_(
+                    torch.randn(m.router_bias.shape, generator=g, dtype=torch.float64)
+                )
 
 
 def tokens(batch: int, seq: int, seed: int = 2) -> torch.Tensor:

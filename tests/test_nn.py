@@ -70,7 +70,9 @@ def test_hard_forward_and_grads_vs_reference(rank, bias):
     for name, a, b in zip(("x", "lora_a", "lora_b"), got, want):
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), f"grad {name}: {max_err(a, b)}"
     (y * g).sum().backward()
-    assert m.weight.grad is None and (m.bias is None or m.bias.grad is None), "base must stay frozen"
+    assert m.weight.grad is None and (m.bias is None or m.bias.grad is None), (
+        "base must stay frozen"
+    )
 
 
 @pytest.mark.parametrize("top_k", [None, 2])
@@ -82,7 +84,9 @@ def test_soft_forward_grads_and_logits_vs_reference(top_k):
     (logits,) = ctx.pop_router_logits()
     y_ref, l_ref = _ref(m, x, soft=True)
     assert torch.allclose(y, y_ref, atol=1e-10, rtol=1e-10), max_err(y, y_ref)
-    assert logits.shape == (11, 4) and torch.allclose(logits, l_ref, atol=1e-10), max_err(logits, l_ref)
+    assert logits.shape == (11, 4) and torch.allclose(logits, l_ref, atol=1e-10), max_err(
+        logits, l_ref
+    )
     g, gl = torch.randn_like(y), torch.randn_like(logits)
     leaves = [x, m.lora_a, m.lora_b, m.router_weight, m.router_bias]
     got = torch.autograd.grad((y * g).sum() + (logits * gl).sum(), leaves)
@@ -113,7 +117,14 @@ def test_scaling_alpha_rslora_and_dtype_cast():
     assert mftk.MultiAdapterLinear(8, 8, 2, rank=4).lora_scaling[0] == 1.0  # alpha defaults to rank
     assert "rank=4" in repr(m) or "rank=3" in repr(m)
     r = repr(mftk.MultiAdapterLinear(8, 6, 2, 4, router="softmax", top_k=1, dropout=0.1))
-    for s in ("in_features=8", "out_features=6", "num_tasks=2", "router='softmax'", "top_k=1", "dropout=0.1"):
+    for s in (
+        "in_features=8",
+        "out_features=6",
+        "num_tasks=2",
+        "router='softmax'",
+        "top_k=1",
+        "dropout=0.1",
+    ):
         assert s in r, r
 
 
@@ -173,6 +184,15 @@ def test_compile_fullgraph_layer():
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
     assert torch.allclose(compiled(x, task_ids=ids), eager, atol=1e-5)
     # routing from the context: the plan is built inside the graph, still no graph break
+    from torch._dynamo.utils import counters
+
     with mftk.use_tasks(m, ids):
         y = compiled(x)
     assert torch.allclose(y, eager, atol=1e-5), max_err(y, eager)
+    graphs = counters["stats"]["unique_graphs"]
+    ids2 = torch.randint(-1, 3, (2, 5))
+    with mftk.use_tasks(m, ids2):  # a new context with new ids: no recompile
+        y2 = compiled(x)
+    assert counters["stats"]["unique_graphs"] == graphs
+    want = m(x, task_ids=ids2)
+    assert torch.allclose(y2, want, atol=1e-5), max_err(y2, want)

@@ -56,12 +56,16 @@ def test_patch_targets_and_freezing(arch):
     layers = dict(mftk.patch.adapter_layers(model))
     n_lin = sum(isinstance(m, nn.Linear) for m in base.modules()) - 1  # all but lm_head
     assert len(layers) == n_lin and "lm_head" not in layers
-    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, mftk.MultiAdapterLinear)
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(
+        model.lm_head, mftk.MultiAdapterLinear
+    )
     assert model.mftk_config.tasks == TASKS and model.mftk_config.target_modules == list(layers)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in mftk.adapter_parameters(model)}
     sd = mftk.adapter_state_dict(model)
-    assert set(sd) == {f"{n}.{k}" for n in layers for k in ("lora_a", "lora_b", "lora_scaling", "lora_rank")}
+    assert set(sd) == {
+        f"{n}.{k}" for n in layers for k in ("lora_a", "lora_b", "lora_scaling", "lora_rank")
+    }
     assert sd["model.layers.0.self_attn.q_proj.lora_a"].shape == (3, 4, model.config.hidden_size)
 
 
@@ -73,7 +77,9 @@ def test_per_sequence_tasks_equal_per_task_merged_copies(arch):
     for row, t in enumerate([2, 0, -1, 1]):
         ref = base if t < 0 else merged_copy(base, model, t)
         want = ref(ids[row : row + 1]).logits[0]
-        assert torch.allclose(got[row], want, atol=1e-9, rtol=1e-9), f"row {row}: {max_err(got[row], want)}"
+        assert torch.allclose(got[row], want, atol=1e-9, rtol=1e-9), (
+            f"row {row}: {max_err(got[row], want)}"
+        )
     assert not torch.allclose(got[0], got[1], atol=1e-3), "tasks must differ"
 
 
@@ -90,7 +96,9 @@ def test_per_token_tasks_and_gradients_vs_reference(arch):
     g = torch.randn_like(out)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     got = torch.autograd.grad(out, [model.get_parameter(n) for n in names], g)
-    exp = torch.autograd.grad(want, [ref.get_parameter(n.replace("_proj.", "_proj.m.")) for n in names], g)
+    exp = torch.autograd.grad(
+        want, [ref.get_parameter(n.replace("_proj.", "_proj.m.")) for n in names], g
+    )
     for n, a, b in zip(names, got, exp):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9), f"grad {n}: {max_err(a, b)}"
     loss = (_logits(model, ids, task_ids) * g).sum()
@@ -166,8 +174,13 @@ def test_task_names_ids_and_errors():
 
 def test_target_module_lists_and_errors():
     base = tiny_llama()
-    model = mftk.patch_model(copy.deepcopy(base), ["a"], rank=2, target_modules=["v_proj", "q_proj"])
-    assert [n.rsplit(".", 1)[1] for n in model.mftk_config.target_modules] == ["q_proj", "v_proj"] * 2  # model order
+    model = mftk.patch_model(
+        copy.deepcopy(base), ["a"], rank=2, target_modules=["v_proj", "q_proj"]
+    )
+    assert [n.rsplit(".", 1)[1] for n in model.mftk_config.target_modules] == [
+        "q_proj",
+        "v_proj",
+    ] * 2  # model order
     with pytest.raises(ValueError, match="already patched"):
         mftk.patch_model(model, ["a"])
     for tm, msg in [
@@ -202,6 +215,11 @@ def test_merge_then_unmerge_is_exact():
     assert torch.equal(_logits(model, ids, ["sql", "sql"]), before)
     with pytest.raises(ValueError, match="not merged"):
         mftk.unmerge(model)
+    mftk.merge(model, -1, keep_original=False)  # base only, originals dropped
+    assert torch.equal(model(ids).logits, base(ids).logits)
+    with pytest.raises(ValueError, match="keep_original=False"):
+        mftk.unmerge(model)
+    _, model = _patched("qwen2")
     with pytest.raises(ValueError, match="unknown task"):
         mftk.merge(model, "nope")
 
@@ -212,7 +230,10 @@ def test_save_load_adapters_round_trip(tmp_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.lora_scaling[1] = 0.37  # per-task scaling survives
     mftk.save_adapters(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mftk_adapters.safetensors", "mftk_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mftk_adapters.safetensors",
+        "mftk_config.json",
+    ]
     loaded = mftk.from_pretrained(copy.deepcopy(base), tmp_path)
     ids = tokens(2, 6)
     for t in (["code", "docs"], None):
@@ -236,7 +257,9 @@ def test_compiled_patched_model_has_no_graph_break_in_mftk():
     eager = _logits(model, ids, task_ids)
     with mftk.use_tasks(model, task_ids):
         explain = torch._dynamo.explain(model)(ids)
-    reasons = [str(b.reason) + "".join(str(f) for f in (b.user_stack or [])) for b in explain.break_reasons]
+    reasons = [
+        str(b.reason) + "".join(str(f) for f in (b.user_stack or [])) for b in explain.break_reasons
+    ]
     assert not [r for r in reasons if "mftk" in r], reasons
     compiled = torch.compile(model, backend="aot_eager")
     with mftk.use_tasks(compiled, task_ids):
