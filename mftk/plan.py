@@ -48,8 +48,9 @@ memory-efficient SDPA keep only the logsumexp), GQA k/v, a SwiGLU MLP of width i
 upcasts, no dropout masks, and a frozen base whose linear inputs are still saved because the
 adapters need them for dA. tests/test_plan.py checks it byte-for-byte against the tensors autograd
 saves for an mftk-patched bf16 Llama layer. --attention sdpa (packed sequences with a block-
-diagonal mask) adds 4(q - k) (transformers' repeat_kv expands k, v) and 2s (the bf16 additive
-mask each layer saves); the bool mask itself, b*s^2 bytes, is made once per step.
+diagonal mask) adds 4(q - k) (transformers' repeat_kv copies k, v to all heads; a view when
+there is a single kv head) and 2s (the bf16 additive mask each layer saves); the bool mask
+itself, b*s^2 bytes, is made once per step.
 With activation checkpointing each layer keeps only its input (2h per token) and recomputes
 A_layer in its backward. Kept for the whole step as well: the final norm (4h + 4 + 2h), RoPE
 cos/sin (4 * head_dim), input ids, labels, position and task ids, and the routing plan (40).
@@ -414,7 +415,8 @@ def layer_activation_bytes(
     total = 2 * (4 * h + 4) + 4 * h + 2 * q + 4 * k + 2 * q + 4 * a + mlp
     total += lin * adapter_saved_bytes_per_linear(o.rank, o.tasks, o.router, router_logits)
     if o.attention == "sdpa":
-        total += 4 * (q - k) + 2 * o.seq_len
+        # repeat_kv's expand + reshape copies k and v to all heads unless there is one kv head
+        total += (4 * (q - k) if 1 < info.kv_heads < info.heads else 0) + 2 * o.seq_len
     return total
 
 

@@ -1,0 +1,477 @@
+"""`mftk plan`: parameter counts against the meta-device model and the published 33B figures,
+every memory row and FLOP count against hand arithmetic on a small config, the per-layer activation
+formula against the bytes autograd really saves, 4-bit constants, the largest micro-batch, the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from mftk import plan as P
+
+# A small Llama with awkward sizes: 5 heads of 8, 1 kv head, vocab 101, 3 layers.
+TINY = dict(
+    hidden_size=40, intermediate_size=72, num_hidden_layers=3, num_attention_heads=5,
+    num_key_value_heads=1, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=False,
+)  # fmt: skip
+H, I, L, A, KV, V, HD = 40, 72, 3, 5, 8, 101, 8  # KV: kv_heads * head_dim
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    d = tmp_path_factory.mktemp("tiny")
+    LlamaConfig(**TINY).to_json_file(str(d / "config.json"))
+    return str(d / "config.json")
+
+
+@pytest.fixture(scope="module")
+def ds33b():
+    info, meta = P.inspect_model(P.load_config("deepseek-coder-33b"), "deepseek-coder-33b")
+    P.count_adapters(info, meta, rank=16, tasks=4, router=False)
+    return info
+
+
+def _info(path: str, rank: int, tasks: int, router: bool = False) -> P.ModelInfo:
+    info, meta = P.inspect_model(P.load_config(path))
+    P.count_adapters(info, meta, rank, tasks, router)
+    return info
+
+
+# (D_out, D_in) of the 7 linears of one tiny layer: q, k, v, o, gate, up, down
+TINY_LINEARS = [(40, 40), (8, 40), (8, 40), (40, 40), (72, 40), (72, 40), (40, 72)]
+
+
+# ------------------------------------------------------------------------------ parameter counts
+
+
+def test_33b_parameter_count_matches_published(ds33b):
+    h, i, L_, v, kv = 7168, 19200, 62, 32256, 1024
+    closed_form = L_ * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + 2 * v * h + h
+    assert ds33b.num_params == closed_form == 33_342_991_360
+    assert abs(ds33b.num_params - 33.34e9) / 33.34e9 < 1e-3
+    assert (ds33b.hidden, ds33b.intermediate, ds33b.num_layers) == (7168, 19200, 62)
+    assert (ds33b.heads, ds33b.kv_heads, ds33b.vocab) == (56, 8, 32256)
+
+
+def test_33b_adapter_fraction_and_rank_for_0_3_percent(ds33b):
+    p = P.plan(ds33b, P.PlanOptions(gpus=8, gpu_mem_gib=40, rank=16, tasks=4))
+    a = p["adapters"]
+    # per unit of rank, one task: sum over 62 layers of D_in + D_out of q, k, v, o, gate, up, down
+    per_rank = 62 * (2 * (7168 + 7168) + 2 * (7168 + 1024) + 3 * (7168 + 19200))
+    assert a["params_per_rank_per_task"] == per_rank == 7_697_920  # REFERENCES.md: 7.70 M
+    assert a["params_per_task"] == 16 * per_rank
+    assert a["fraction_per_task"] == pytest.approx(16 * per_rank / 33_342_991_360)
+    assert round(a["rank_for_0.3pct_per_task"]) == 13  # REFERENCES.md: r ~ 13 for 0.3%
+    assert a["trainable_params"] == 4 * 16 * per_rank
+    assert "patch_model" in a["source"]
+
+
+def test_counts_match_the_meta_model_and_patch_model(tiny_path):
+    from transformers import AutoModelForCausalLM
+
+    import mftk
+
+    cfg = P.load_config(tiny_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n_meta = sum(p.numel() for p in model.parameters())
+    mftk.patch_model(model, tasks=["a", "b"], rank=3, router="softmax")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info = _info(tiny_path, rank=3, tasks=2, router=True)
+    per_layer = sum(o * i for o, i in TINY_LINEARS) + 2 * H
+    assert info.num_params == n_meta == L * per_layer + 2 * V * H + H == 45_800
+    lora = 2 * 3 * L * sum(o + i for o, i in TINY_LINEARS)
+    routers = 2 * L * sum(i + 1 for _, i in TINY_LINEARS)
+    assert sum(p.numel for p in info.adapters) == n_train == lora + routers
+
+
+def test_fallback_count_equals_patch_model_count(tiny_path, monkeypatch):
+    real = _info(tiny_path, rank=5, tasks=3, router=True)
+    monkeypatch.setitem(sys.modules, "mftk.patch", None)  # import fails -> shape-based count
+    fallback = _info(tiny_path, rank=5, tasks=3, router=True)
+    assert "no mftk.patch" in fallback.adapter_source
+    assert sorted((t.shape, t.layer) for t in fallback.adapters) == sorted(
+        (t.shape, t.layer) for t in real.adapters
+    )
+
+
+def test_shipped_config_by_alias_and_by_path(tmp_path):
+    from importlib.resources import files
+
+    a = P.load_config("deepseek-ai/deepseek-coder-33b-base")
+    path = tmp_path / "config.json"
+    path.write_text((files("mftk") / "configs" / "deepseek-coder-33b.json").read_text())
+    b = P.load_config(str(tmp_path))  # a folder holding config.json
+    assert a.to_dict() == b.to_dict()
+    assert a.tie_word_embeddings is False and a.architectures == ["LlamaForCausalLM"]
+
+
+# --------------------------------------------------------------------------- memory, by hand
+
+
+def _shard(shape, g):
+    return math.ceil(shape[0] / g) * math.prod(shape[1:])
+
+
+def test_memory_rows_by_hand_bf16(tiny_path):
+    G, T, R, s, b = 3, 2, 3, 16, 2
+    n = b * s
+    info = _info(tiny_path, rank=R, tasks=T)
+    o = P.PlanOptions(gpus=G, gpu_mem_gib=1, seq_len=s, micro_batch=b, rank=R, tasks=T)
+    mem = P.memory_rows(info, o)
+    rows = {k: v for k, _, v in mem["rows"]}
+    layer_shapes = [(o_, i_) for o_, i_ in TINY_LINEARS] + [(H,), (H,)]
+    base = L * sum(_shard(sh, G) for sh in layer_shapes) + 2 * _shard((V, H), G) + _shard((H,), G)
+    assert base == 15_682
+    assert rows["base_weights"] == 2 * base
+    # lora_a (T, R, in), lora_b (T, out, R): dim 0 is T = 2 < G = 3 -> one task's rows per rank
+    ad = L * sum(_shard((T, R, i_), G) + _shard((T, o_, R), G) for o_, i_ in TINY_LINEARS)
+    assert ad == L * R * sum(o_ + i_ for o_, i_ in TINY_LINEARS) == 5328
+    assert (rows["adapter_params"], rows["adapter_grads"], rows["adapter_adamw"]) == (
+        4 * ad, 4 * ad, 8 * ad,
+    )  # fmt: skip
+    assert rows["fsdp_root"] == 2 * (2 * V * H + H)
+    layer_bytes = 2 * (sum(o_ * i_ for o_, i_ in TINY_LINEARS) + 2 * H)
+    layer_adapters = T * R * sum(o_ + i_ for o_, i_ in TINY_LINEARS)
+    assert rows["fsdp_layer_buffers"] == 3 * (layer_bytes + 2 * layer_adapters) + 6 * layer_adapters
+    assert rows["activations"] == L * 2 * H * n  # checkpoints
+    assert rows["activations_other"] == n * ((4 * H + 4) + 2 * H + 4 * HD + 40)
+    a_layer = 16 * H + 4 * KV + 8 * I + 4 * A + 8 + 7 * 4 * R
+    assert mem["details"]["layer_activation_bytes_per_token"] == a_layer == 1360
+    loss = 10 * V * n
+    bwd = a_layer * n + 4 * H * n + max(6 * I * n, n * (10 * H + 4 * KV + 4 * A)) + 2 * V * n
+    assert rows["peak_transient"] == max(loss, bwd) == 69_568
+    assert mem["allocated"] == pytest.approx(338_196)
+    assert mem["total"] == pytest.approx(1.1 * 338_196)
+    assert mem["budget"] == (1 - 1.0 - 0.5) * 2**30 and not mem["fits"]
+
+    o.activation_checkpointing = False
+    mem = P.memory_rows(info, o)
+    rows = {k: v for k, _, v in mem["rows"]}
+    assert rows["activations"] == L * a_layer * n
+    assert rows["peak_transient"] == max(loss, bwd - a_layer * n)
+
+
+def test_memory_rows_by_hand_nf4_one_gpu_and_sdpa(tiny_path):
+    T, R, s, b = 2, 3, 16, 2
+    n = b * s
+    info = _info(tiny_path, rank=R, tasks=T)
+    for dq in (True, False):
+        o = P.PlanOptions(gpus=1, seq_len=s, micro_batch=b, rank=R, tasks=T, quantize="nf4",
+                          double_quant=dq, attention="sdpa")  # fmt: skip
+        rows = {k: v for k, _, v in P.memory_rows(info, o)["rows"]}
+        packed = L * sum(math.ceil(o_ * i_ / 2) for o_, i_ in TINY_LINEARS)
+        bf16 = 2 * (L * 2 * H + 2 * V * H + H)
+        assert rows["base_weights"] == packed + bf16
+        consts = 0
+        for o_, i_ in TINY_LINEARS:
+            blocks = math.ceil(o_ * i_ / 64)
+            if dq:  # uint8 absmax, fp32 absmax per 256 blocks, 256-entry code, offset, nf4 code
+                consts += blocks + 4 * math.ceil(blocks / 256) + 1024 + 4 + 64
+            else:  # fp32 absmax per block, nf4 code
+                consts += 4 * blocks + 64
+        assert rows["quant_constants"] == L * consts
+        assert rows["dequant_workspace"] == 2 * 72 * 40
+        assert "fsdp_root" not in rows and "fsdp_layer_buffers" not in rows
+        ad = T * R * L * sum(o_ + i_ for o_, i_ in TINY_LINEARS)
+        assert rows["adapter_params"] == 4 * ad
+        # sdpa with a packing mask: a bf16 (b, 1, s, s) mask per layer; with one kv head,
+        # repeat_kv is a view (no copy of k, v)
+        a_layer = 16 * H + 4 * KV + 8 * I + 4 * A + 8 + 7 * 4 * R + 2 * s
+        assert rows["activations_other"] == n * ((4 * H + 4) + 2 * H + 4 * HD + 40) + b * s * s
+        bwd = a_layer * n + 4 * H * n + max(6 * I * n, n * (10 * H + 4 * KV + 4 * A)) + 2 * V * n
+        assert rows["peak_transient"] == max(10 * V * n, bwd)
+
+
+def test_nf4_bits_per_param_match_qlora():
+    n = 7168 * 19200  # DeepSeek-33B's gate_proj
+    dq = P.quant_constant_bytes(n, double_quant=True) * 8 / n
+    no_dq = P.quant_constant_bytes(n, double_quant=False) * 8 / n
+    assert dq == pytest.approx(8 / 64 + 32 / (64 * 256), rel=1e-3)  # ~0.127 bit (QLoRA)
+    assert dq == pytest.approx(0.127, abs=5e-4)
+    assert no_dq == pytest.approx(0.5, rel=1e-3)  # fp32 absmax per 64 weights
+
+
+def test_quant_constants_equal_bitsandbytes_quant_state():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    for numel, dq in ((64 * 300 + 17, True), (4096, False), (40 * 72, True)):
+        w = torch.randn(numel, dtype=torch.bfloat16)
+        _, qs = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
+        got = (
+            qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
+        )
+        if dq:
+            s2 = qs.state2
+            got += s2.absmax.numel() * s2.absmax.element_size()
+            got += s2.code.numel() * s2.code.element_size() + qs.offset.numel() * 4
+        assert got == P.quant_constant_bytes(numel, dq), (numel, dq)
+
+
+# ------------------------------------------------------------ activations vs what autograd saves
+
+
+def _saved_bytes(layer, x, pe, mask, skip) -> int:
+    """Bytes of the distinct storages autograd saves in one layer forward, except `skip` and int64
+    tensors (the routing plan, built once per forward and shared by all layers)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip and t.dtype != torch.int64:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, position_embeddings=pe, attention_mask=mask)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kv_heads", [1, 5])  # 1: repeat_kv is a view; 5 of 10 heads: a copy
+@pytest.mark.parametrize("router", [False, True])
+@pytest.mark.parametrize("attention", ["flash", "sdpa"])
+def test_layer_activation_formula_equals_autograd_saved_bytes(
+    tmp_path, router, attention, kv_heads
+):
+    """A middle layer of an mftk-patched bf16 Llama: per-token saved bytes == A_layer exactly.
+
+    "flash" is measured as SDPA without a mask (transformers then keeps GQA: enable_gqa), which
+    saves what flash-attn saves (q, k, v, out, logsumexp). Measured at batch 1 and 3 and
+    differenced, which cancels per-call constants such as the (T,) scalings; parameters, buffers,
+    the layer input and the tables shared by all layers (RoPE, mask) are excluded.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import mftk
+
+    T, R, s = 3, 4, 12
+    heads = 5 if kv_heads == 1 else 10  # head_dim 8 or 4
+    path = str(tmp_path / "config.json")
+    LlamaConfig(
+        **{**TINY, "num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    ).to_json_file(path)
+    cfg = P.load_config(path)
+    cfg._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    mftk.patch_model(model, tasks=["a", "b", "c"], rank=R, router="softmax" if router else None)
+    skip = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
+    per_batch = {}
+    for b in (1, 3):
+        x = torch.randn(b, s, H, dtype=torch.bfloat16, requires_grad=True)
+        pe = model.model.rotary_emb(x, torch.arange(s)[None].expand(b, s))
+        mask = None
+        if attention == "sdpa":  # a packing mask: two documents, causal within each
+            doc = torch.tensor([0] * 5 + [1] * (s - 5))
+            allowed = (doc[:, None] == doc[None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
+            mask = allowed[None, None].expand(b, 1, s, s).contiguous()
+        ext = skip | {t.untyped_storage().data_ptr() for t in (x, *pe)}
+        if mask is not None:
+            ext.add(mask.untyped_storage().data_ptr())
+        layer = model.model.layers[1]
+        if router:
+            per_batch[b] = _saved_bytes(layer, x, pe, mask, ext)
+        else:
+            with mftk.use_tasks(model, torch.randint(0, T, (b, s))):
+                per_batch[b] = _saved_bytes(layer, x, pe, mask, ext)
+    measured = (per_batch[3] - per_batch[1]) / (2 * s)
+    info = _info(path, rank=R, tasks=T, router=router)
+    o = P.PlanOptions(rank=R, tasks=T, router=router, attention=attention, seq_len=s)
+    assert measured == P.layer_activation_bytes(info, o, router_logits=False), per_batch
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+@pytest.mark.parametrize("router", [False, True])
+def test_step_flops_by_hand(tiny_path, ckpt, router):
+    T, R, s, b = 2, 3, 16, 2
+    n = b * s
+    info = _info(tiny_path, rank=R, tasks=T, router=router)
+    o = P.PlanOptions(seq_len=s, micro_batch=b, rank=R, tasks=T, router=router,
+                      activation_checkpointing=ckpt, mfu=0.5, peak_tflops=100.0)  # fmt: skip
+    f = P.step_flops(info, o)
+    p_lin = L * sum(o_ * i_ for o_, i_ in TINY_LINEARS)
+    io = L * sum(o_ + i_ for o_, i_ in TINY_LINEARS)
+    d_in = L * sum(i_ for _, i_ in TINY_LINEARS)
+    c = 1 if ckpt else 0
+    assert f["base_linears"] == (4 + 2 * c) * p_lin * n  # fwd + dx (+ recompute), no dW
+    assert f["lm_head"] == 4 * H * V * n
+    assert f["attention"] == (3 + c) * 2 * s * H * L * n  # causal: 2*s*q per token per layer
+    r_eff = T * R if router else R
+    assert f["adapters"] == (6 + 2 * c) * r_eff * io * n
+    assert f["router"] == ((6 + 2 * c) * T * d_in * n if router else 0)
+    parts = ("base_linears", "lm_head", "attention", "adapters", "router")
+    assert f["total"] == sum(f[k] for k in parts)
+    assert f["model_flops"] == f["total"] - f["recompute"]
+    if not ckpt:
+        assert f["recompute"] == 0
+    p = P.plan(info, o)
+    assert p["step"]["seconds_per_micro_step"] == pytest.approx(f["total"] / (0.5 * 100e12))
+
+
+# ------------------------------------------------------------------------- largest micro-batch
+
+
+def test_largest_micro_batch_is_monotonic_and_tight(ds33b):
+    prev = -1
+    for mem in (24, 32, 40, 48, 64, 80, 141):
+        o = P.PlanOptions(gpus=8, gpu_mem_gib=mem, rank=16, tasks=4)
+        m = P.largest_micro_batch(ds33b, o)
+        assert m >= prev
+        prev = m
+        if m > 0:
+            assert P.memory_rows(ds33b, o, m)["fits"]
+        assert not P.memory_rows(ds33b, o, m + 1)["fits"]
+    assert prev > 1
+    totals = [P.memory_rows(ds33b, o, b)["total"] for b in range(1, 6)]
+    assert all(x < y for x, y in zip(totals, totals[1:]))
+    shorter = P.PlanOptions(gpus=8, gpu_mem_gib=40, seq_len=2048, rank=16, tasks=4)
+    assert P.largest_micro_batch(ds33b, shorter) >= P.largest_micro_batch(
+        ds33b, P.PlanOptions(gpus=8, gpu_mem_gib=40, seq_len=4096, rank=16, tasks=4)
+    )
+
+
+def test_33b_answers(ds33b):
+    """DeepSeek-Coder-33B: bf16 on 8 x A100-40G needs checkpointing; nf4 fits 1x80G and 8x40G."""
+    bf16 = P.plan(ds33b, P.PlanOptions(gpus=8, gpu_mem_gib=40, rank=16, tasks=4))
+    assert bf16["memory"]["fits"] and bf16["largest_micro_batch"] >= 1
+    assert not bf16["memory_other_checkpointing"]["fits"]  # 62 x ~1 GiB of activations
+    base = {r["key"]: r["bytes"] for r in bf16["memory"]["rows"]}["base_weights"]
+    assert base / 2**30 == pytest.approx(33.34e9 * 2 / 8 / 2**30, rel=2e-3)  # 7.8 GiB per GPU
+    one = P.plan(ds33b, P.PlanOptions(gpus=1, gpu_mem_gib=80, quantize="nf4", rank=16, tasks=4))
+    eight = P.plan(ds33b, P.PlanOptions(gpus=8, gpu_mem_gib=40, quantize="nf4", rank=16, tasks=4))
+    assert one["memory"]["fits"] and eight["memory"]["fits"]
+    assert eight["largest_micro_batch"] > bf16["largest_micro_batch"]
+    # nf4 with double quant: 4.127 bits per linear weight, the rest bf16
+    rows = {r["key"]: r["bytes"] for r in one["memory"]["rows"]}
+    lin = sum(t.numel for t in ds33b.params if t.quantized)
+    assert (rows["base_weights"] + rows["quant_constants"]) * 8 / lin == pytest.approx(
+        4.127 + 16 * (ds33b.num_params - lin) / lin, abs=2e-3
+    )
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def _cli(argv, capsys):
+    from mftk.cli import main
+
+    rc = main(["plan", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_json_parses(tiny_path, capsys):
+    argv = ["--model", tiny_path, "--gpus", "3", "--gpu-mem-gb", "1", "--seq-len", "16",
+            "--micro-batch", "2", "--rank", "3", "--tasks", "2", "--json"]  # fmt: skip
+    rc, out, _ = _cli(argv, capsys)
+    assert rc == 0
+    p = json.loads(out)
+    assert p["model"]["params"] == 45_800
+    assert p["memory"]["allocated"] == pytest.approx(338_196)
+    assert {r["key"] for r in p["memory"]["rows"]} >= {"base_weights", "activations", "fsdp_root"}
+    assert isinstance(p["largest_micro_batch"], int)
+
+
+def test_cli_text_report(tiny_path, capsys):
+    rc, out, _ = _cli(["--model", tiny_path, "--gpus", "2", "--router", "--quantize", "nf4",
+                       "--seq-len", "32", "--gpu", "h100"], capsys)  # fmt: skip
+    assert rc == 0
+    for s in ("per-GPU memory", "fits: YES", "largest micro-batch that fits",
+              "without checkpointing", "4-bit constants (double quant)", "989 TFLOP/s",
+              "tokens/s per GPU"):  # fmt: skip
+        assert s in out, s
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model", "no-such-model"], "neither a shipped config"),
+        (["--model", "deepseek-coder-33b", "--gpus", "0"], "--gpus: must be >= 1"),
+        (["--model", "deepseek-coder-33b", "--rank", "x"], "--rank: expected an integer"),
+        (["--model", "deepseek-coder-33b", "--mfu", "1.5"], "--mfu: must be a fraction"),
+        (
+            ["--model", "deepseek-coder-33b", "--gpu-mem-gb", "-4"],
+            "--gpu-mem-gb: must be a positive",
+        ),
+        (["--model", "deepseek-coder-33b", "--quantize", "int3"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error(argv, needle, capsys):
+    try:
+        rc, _, err = _cli(argv, capsys)
+    except SystemExit as e:  # argparse errors
+        rc, err = e.code, capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+
+
+def test_bad_config_files_and_options(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        P.load_config(str(bad))
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"model_type": "no-such-arch"}))
+    with pytest.raises(ValueError, match="model_type 'no-such-arch'"):
+        P.load_config(str(odd))
+    bad = (("gpus", 0), ("tasks", 0), ("micro_batch", 1.5), ("mfu", 0.0), ("quantize", "int8"),
+           ("attention", "eager"), ("headroom", 1.0))  # fmt: skip
+    for key, value in bad:
+        with pytest.raises(ValueError, match=key):
+            P.PlanOptions(**{key: value}).check()
+    with pytest.raises(ValueError, match="gpu: unknown GPU"):
+        P.PlanOptions(gpu="tpu").check()
+
+
+# ------------------------------------------------------------------------------ GPU (cuda only)
+
+
+@pytest.mark.cuda
+def test_plan_vs_cuda_max_memory_allocated():
+    """A 2-layer, full-width DeepSeek-33B on one GPU (no FSDP), bf16 base and adapters, activation
+    checkpointing: forward + backward peak vs the plan's allocated bytes, within 15%.
+
+    The op needs one dtype, so the adapters are bf16 here: the plan's fp32 params + grads + AdamW
+    (16 bytes/param) are replaced by bf16 params + grads (4 bytes/param) before comparing."""
+    from transformers import AutoModelForCausalLM
+
+    import mftk
+
+    cfg = P.load_config("deepseek-coder-33b")
+    cfg.num_hidden_layers = 2
+    cfg._attn_implementation = "sdpa"
+    T, R, s = 4, 16, 4096
+    info, meta = P.inspect_model(cfg)
+    P.count_adapters(info, meta, R, T, False)
+    o = P.PlanOptions(gpus=1, gpu_mem_gib=80, seq_len=s, micro_batch=1, rank=R, tasks=T)
+    mem = P.memory_rows(info, o)
+    rows = {k: v for k, _, v in mem["rows"]}
+    n_ad = sum(t.numel for t in info.adapters)
+    expected = mem["allocated"] - rows["adapter_params"] - rows["adapter_grads"]
+    expected += -rows["adapter_adamw"] + 4 * n_ad
+
+    torch.cuda.empty_cache()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    mftk.patch_model(model, tasks=[f"t{i}" for i in range(T)], rank=R)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (1, s), device="cuda")
+    tasks = torch.randint(0, T, (1, s), device="cuda")
+    for step in range(2):  # the second step runs with the grads of the first allocated
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with mftk.use_tasks(model, tasks):
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    assert abs(peak - expected) / expected < 0.15, (peak / 2**30, expected / 2**30)
