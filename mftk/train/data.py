@@ -130,9 +130,7 @@ def _read_jsonl(path: str, task: TaskConfig, fmt: str, bos: str, eos: str):
                 if kind == "chat_rounds":
                     if "chat_rounds" not in rec:
                         raise ValueError("missing key 'chat_rounds'")
-                    segs = _chat_segments(rec["chat_rounds"], eos)
-                    if bos:
-                        segs.insert(0, (bos, False))
+                    segs = _chat_segments(rec["chat_rounds"], eos)  # "<s>role\n" opens each turn
                 else:
                     for key in (task.completion,) + (() if task.prompt_template else (task.prompt,)):
                         if key not in rec:

@@ -23,9 +23,11 @@ from mftk.train.data import IGNORE
 
 
 def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
-    """logits: (B, S, V); targets: (B, S) with -100 = no loss. returns ℓ: (B, S) fp32, 0 where
+    """logits: (B, S, V); targets: (B, S) with -100 = no loss. returns ℓ: (B, S) fp32 (fp64 for fp64), 0 where
     ignored (targets are already shifted, see packing.shifted_targets)."""
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+    z = logits.reshape(-1, logits.shape[-1])
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 stays
+    flat = F.cross_entropy(z, targets.reshape(-1),
                            ignore_index=IGNORE, reduction="none")
     return flat.view(targets.shape)
 
@@ -85,11 +87,12 @@ def router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[str, Te
     keep = ids >= 0
     bal, sup, acc = [], [], []
     for logits in router_logits:
-        z = logits.reshape(-1, logits.shape[-1]).float()[keep]
+        z = logits.reshape(-1, logits.shape[-1])[keep]
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         t = z.shape[-1]
         p = z.softmax(-1)
         top = z.argmax(-1)
-        f = torch.bincount(top, minlength=t).float() / max(len(top), 1)
+        f = torch.bincount(top, minlength=t).to(p.dtype) / max(len(top), 1)
         bal.append(t * (f * p.mean(0)).sum())
         sup.append(F.cross_entropy(z, ids[keep]))
         acc.append((top == ids[keep]).float().mean())

@@ -1,0 +1,134 @@
+"""Trainer config: validated up front, every error names its key (with a suggestion where possible)."""
+
+import copy
+import os
+
+import pytest
+
+from mftk.train.config import ConfigError, config_from_dict, load_config
+
+
+@pytest.fixture
+def base(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    (tmp_path / "a" / "y.jsonl").write_text('{"prompt": "p", "completion": "c"}\n')
+    (tmp_path / "b.csv").write_text("code,verdict\nx,ok\n")
+    raw = {
+        "tasks": [
+            {"name": "gen", "data": "./a/*.jsonl", "loss_weight": 0.6},
+            {"name": "bugs", "data": ["b.csv"], "loss_weight": 0.4, "completion": "verdict",
+             "prompt": "code"},
+        ],
+        "model": {"tiny": {}},
+        "train": {"steps": 10},
+        "loss": {"mode": "balanced"},
+    }
+    return raw, str(tmp_path)
+
+
+def err(raw, base_dir):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, base_dir)
+    return str(e.value)
+
+
+def test_valid_config_resolves_globs_and_defaults(base):
+    raw, d = base
+    cfg = config_from_dict(raw, d)
+    assert [os.path.basename(f) for f in cfg.tasks[0].files] == ["x.jsonl", "y.jsonl"]
+    assert cfg.tasks[1].files == [os.path.join(d, "b.csv")]
+    assert cfg.train.steps == 10 and len(cfg.stages) == 1 and cfg.stages[0].steps == 10
+    assert cfg.output.dir == os.path.join(d, "out")
+    assert cfg.loss.mode == "balanced" and cfg.data.packing is True
+
+
+@pytest.mark.parametrize(
+    "path, key, expect",
+    [
+        ((), "trian", "trian: unknown key; did you mean 'train'?"),
+        (("tasks", 0), "loss_wieght", "tasks[0].loss_wieght: unknown key; did you mean 'loss_weight'?"),
+        (("train",), "learning_rate", "train.learning_rate: unknown key"),
+        (("loss",), "focal_gama", "loss.focal_gama: unknown key; did you mean 'focal_gamma'?"),
+    ],
+)
+def test_unknown_key_named_with_suggestion(base, path, key, expect):
+    raw, d = base
+    raw = copy.deepcopy(raw)
+    node = raw
+    for p in path:
+        node = node[p]
+    node[key] = 1
+    assert expect in err(raw, d)
+
+
+def test_missing_data_file_names_pattern(base):
+    raw, d = base
+    raw["tasks"][1]["data"] = ["b.csv", "nope/*.csv"]
+    msg = err(raw, d)
+    assert msg.startswith("tasks[1].data[1]: no file matches 'nope/*.csv'")
+
+
+@pytest.mark.parametrize(
+    "mutate, expect",
+    [
+        (lambda r: r["train"].update(lr=-1), "train.lr: must be > 0"),
+        (lambda r: r["train"].update(lr="fast"), "train.lr: expected a number"),
+        (lambda r: r["train"].update(batch_size=1.5), "train.batch_size: expected an integer"),
+        (lambda r: r.update(loss={"mode": "balance"}), "loss.mode: 'balance' is not one of"),
+        (lambda r: r.update(loss={"mode": "balance"}), "did you mean 'balanced'?"),
+        (lambda r: r["tasks"][0].update(loss_weight=0), "tasks[0].loss_weight: must be > 0"),
+        (lambda r: r["tasks"][1].update(name="gen"), "tasks[1].name: duplicate task name 'gen'"),
+        (lambda r: r["tasks"][0].update(format="parquet"), "tasks[0].format"),
+        (lambda r: r.update(tasks=[]), "tasks: needs at least one task"),
+        (lambda r: r.pop("tasks"), "tasks: required key is missing"),
+        (lambda r: r["tasks"][0].pop("name"), "tasks[0].name: required key is missing"),
+        (lambda r: r.update(model={"tiny": {}, "path": "/x"}), "model: give exactly one of"),
+        (lambda r: r.update(model={"path": "/does/not/exist"}), "model.path: /does/not/exist is not"),
+        (lambda r: r.update(data={"packing": "yes"}), "data.packing: expected true/false"),
+        (lambda r: r.update(data={"eval_fraction": 1.5}), "data.eval_fraction: must be in (0, 1)"),
+        (lambda r: r.update(adapter={"top_k": 1}), "adapter.top_k: only applies with adapter.router"),
+        (lambda r: r.update(adapter={"router": "softmx"}), "did you mean 'softmax'?"),
+        (lambda r: r.update(stages=[{"steps": 4, "mix": {"gne": 1}}]),
+         "stages[0].mix.gne: unknown task; did you mean 'gen'?"),
+        (lambda r: r.update(stages=[{"steps": 4, "noise": 1.5}]), "stages[0].noise: must be in [0, 1)"),
+        (lambda r: r.update(stages=[{"steps": 4}]), "train.steps: 10 != the stages' total 4"),
+        (lambda r: r.update(stages=[{"name": "x"}]), "stages[0].steps: required key is missing"),
+        (lambda r: r["train"].pop("steps"), "train.steps: required when no stages are given"),
+        (lambda r: r.update(train=[1]), "train: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(base, mutate, expect):
+    raw, d = base
+    raw = copy.deepcopy(raw)
+    mutate(raw)
+    assert expect in err(raw, d)
+
+
+def test_stages_sum_to_steps(base):
+    raw, d = base
+    raw["train"].pop("steps")
+    raw["stages"] = [{"steps": 3, "name": "warm"}, {"steps": 4, "mix": {"gen": 1}, "noise": 0.05}]
+    cfg = config_from_dict(raw, d)
+    assert cfg.train.steps == 7 and [s.name for s in cfg.stages] == ["warm", "stage2"]
+
+
+def test_load_config_file_and_yaml_errors(base, tmp_path):
+    import yaml
+
+    raw, d = base
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    assert load_config(str(p)).task_names == ["gen", "bugs"]
+    p.write_text("tasks: [\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_example_config_is_valid():
+    here = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny", "config.yaml")
+    cfg = load_config(here)
+    assert cfg.task_names == ["completion", "bugs", "docstrings"]
+    assert len(cfg.tasks[0].files) == 2 and cfg.tasks[1].files[0].endswith(".csv")
