@@ -95,6 +95,6 @@ def router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[str, Te
         f = torch.bincount(top, minlength=t).to(p.dtype) / max(len(top), 1)
         bal.append(t * (f * p.mean(0)).sum())
         sup.append(F.cross_entropy(z, ids[keep]))
-        acc.append((top == ids[keep]).float().mean())
+        acc.append((top == ids[keep]).to(p.dtype).mean())
     return {"balance": torch.stack(bal).mean(), "supervision": torch.stack(sup).mean(),
             "accuracy": torch.stack(acc).mean().detach()}
