@@ -319,7 +319,9 @@ class Trainer:
                 self.log(f"step {self.step}/{self.max_steps} [{cfg.stages[i].name}] loss {res['loss']:.4f} | "
                          + _fmt({k: v for k, v in res["per_task"].items() if v is not None})
                          + f" | lr {res['lr']:.2e} | {rate:.0f} tok/s{extra}")
-            if self.step % cfg.train.eval_every == 0 or self.step == self.max_steps:
+            # evaluations (and CoBa updates) follow the configured schedule, not --max-steps, so
+            # that a stopped-and-resumed run matches an uninterrupted one exactly
+            if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                 ev = self.evaluate()
                 self.record_eval(ev)
                 self.log(f"eval @ {self.step}: " + _fmt(ev))
@@ -337,8 +339,15 @@ class Trainer:
     def finish(self, wall: float, resumed_from: str | None) -> dict[str, Any]:
         from mftk.train.plots import plot_losses
 
-        ckpt.save_adapter_outputs(self.model, self.tasks, self.out)
         h = self.history
+        if not h["eval_step"] or h["eval_step"][-1] != self.step:  # stopped early by --max-steps
+            ev = self.evaluate()
+            h["eval_step"].append(self.step)
+            for t in self.tasks:
+                h["eval"][t].append(ev[t])
+            if "router_accuracy" in ev:
+                h["router_accuracy"].append(ev["router_accuracy"])
+        ckpt.save_adapter_outputs(self.model, self.tasks, self.out)
         eval_after = {t: h["eval"][t][-1] for t in self.tasks}
         metrics = {
             "tasks": self.tasks,
