@@ -1,4 +1,4 @@
-"""Trainer config: validated up front, every error names its key (with a suggestion where possible)."""
+"""Trainer config: validated up front; every error names its key, with a suggestion if possible."""
 
 import copy
 import os
@@ -17,8 +17,13 @@ def base(tmp_path):
     raw = {
         "tasks": [
             {"name": "gen", "data": "./a/*.jsonl", "loss_weight": 0.6},
-            {"name": "bugs", "data": ["b.csv"], "loss_weight": 0.4, "completion": "verdict",
-             "prompt": "code"},
+            {
+                "name": "bugs",
+                "data": ["b.csv"],
+                "loss_weight": 0.4,
+                "completion": "verdict",
+                "prompt": "code",
+            },
         ],
         "model": {"tiny": {}},
         "train": {"steps": 10},
@@ -47,7 +52,11 @@ def test_valid_config_resolves_globs_and_defaults(base):
     "path, key, expect",
     [
         ((), "trian", "trian: unknown key; did you mean 'train'?"),
-        (("tasks", 0), "loss_wieght", "tasks[0].loss_wieght: unknown key; did you mean 'loss_weight'?"),
+        (
+            ("tasks", 0),
+            "loss_wieght",
+            "tasks[0].loss_wieght: unknown key; did you mean 'loss_weight'?",
+        ),
         (("train",), "learning_rate", "train.learning_rate: unknown key"),
         (("loss",), "focal_gama", "loss.focal_gama: unknown key; did you mean 'focal_gamma'?"),
     ],
@@ -84,14 +93,25 @@ def test_missing_data_file_names_pattern(base):
         (lambda r: r.pop("tasks"), "tasks: required key is missing"),
         (lambda r: r["tasks"][0].pop("name"), "tasks[0].name: required key is missing"),
         (lambda r: r.update(model={"tiny": {}, "path": "/x"}), "model: give exactly one of"),
-        (lambda r: r.update(model={"path": "/does/not/exist"}), "model.path: /does/not/exist is not"),
+        (
+            lambda r: r.update(model={"path": "/does/not/exist"}),
+            "model.path: /does/not/exist is not",
+        ),
         (lambda r: r.update(data={"packing": "yes"}), "data.packing: expected true/false"),
         (lambda r: r.update(data={"eval_fraction": 1.5}), "data.eval_fraction: must be in (0, 1)"),
-        (lambda r: r.update(adapter={"top_k": 1}), "adapter.top_k: only applies with adapter.router"),
+        (
+            lambda r: r.update(adapter={"top_k": 1}),
+            "adapter.top_k: only applies with adapter.router",
+        ),
         (lambda r: r.update(adapter={"router": "softmx"}), "did you mean 'softmax'?"),
-        (lambda r: r.update(stages=[{"steps": 4, "mix": {"gne": 1}}]),
-         "stages[0].mix.gne: unknown task; did you mean 'gen'?"),
-        (lambda r: r.update(stages=[{"steps": 4, "noise": 1.5}]), "stages[0].noise: must be in [0, 1)"),
+        (
+            lambda r: r.update(stages=[{"steps": 4, "mix": {"gne": 1}}]),
+            "stages[0].mix.gne: unknown task; did you mean 'gen'?",
+        ),
+        (
+            lambda r: r.update(stages=[{"steps": 4, "noise": 1.5}]),
+            "stages[0].noise: must be in [0, 1)",
+        ),
         (lambda r: r.update(stages=[{"steps": 4}]), "train.steps: 10 != the stages' total 4"),
         (lambda r: r.update(stages=[{"name": "x"}]), "stages[0].steps: required key is missing"),
         (lambda r: r["train"].pop("steps"), "train.steps: required when no stages are given"),

@@ -9,8 +9,12 @@ from mftk.train.data import IGNORE, DataError, build_task_data, load_examples, s
 from mftk.train.tiny_model import train_tokenizer
 
 TEXT = [
-    "def add(a, b):\n    return a + b\n", "<s>human\nWrite a docstring\n<s>bot\n", "Is there a bug?",
-    "Return the sum of a and b.", "system user assistant ok bug: off by one", "code verdict",
+    "def add(a, b):\n    return a + b\n",
+    "<s>human\nWrite a docstring\n<s>bot\n",
+    "Is there a bug?",
+    "Return the sum of a and b.",
+    "system user assistant ok bug: off by one",
+    "code verdict",
 ] * 20
 
 
@@ -24,8 +28,15 @@ def write_jsonl(path, records):
 
 
 def make_cfg(tmp_path, tasks, **data):
-    return config_from_dict({"tasks": tasks, "model": {"tiny": {}}, "train": {"steps": 1},
-                             "data": {"eval_fraction": 0.3, **data}}, str(tmp_path))
+    return config_from_dict(
+        {
+            "tasks": tasks,
+            "model": {"tiny": {}},
+            "train": {"steps": 1},
+            "data": {"eval_fraction": 0.3, **data},
+        },
+        str(tmp_path),
+    )
 
 
 def decode_loss_part(tok, sample):
@@ -33,8 +44,10 @@ def decode_loss_part(tok, sample):
 
 
 def test_prompt_completion_masks_prompt(tmp_path, tok):
-    write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"def add(a, b):\n    {i}", "completion": "return a + b"}
-                                       for i in range(5)])
+    write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"prompt": f"def add(a, b):\n    {i}", "completion": "return a + b"} for i in range(5)],
+    )
     cfg = make_cfg(tmp_path, [{"name": "gen", "data": "a.jsonl"}])
     (td,) = build_task_data(cfg, tok)
     assert len(td.train) + len(td.eval) == 5
@@ -44,45 +57,77 @@ def test_prompt_completion_masks_prompt(tmp_path, tok):
         assert decode_loss_part(tok, s) == "return a + b</s>"
         n_prompt = len(tok("<s>" + "def add(a, b):\n    0", add_special_tokens=False)["input_ids"])
         assert all(lab == IGNORE for lab in s.labels[:n_prompt])
-        assert [x for x, lab in zip(s.input_ids, s.labels) if lab != IGNORE] == \
-            [lab for lab in s.labels if lab != IGNORE]
+        assert [x for x, lab in zip(s.input_ids, s.labels) if lab != IGNORE] == [
+            lab for lab in s.labels if lab != IGNORE
+        ]
 
 
 def test_chat_rounds_only_bot_turns_carry_loss(tmp_path, tok):
     recs = [
-        {"chat_rounds": [{"role": "system", "content": "be brief"},
-                         {"role": "human", "content": "Write a docstring"},
-                         {"role": "bot", "content": "Return the sum."},
-                         {"role": "human", "content": "again"},
-                         {"role": "bot", "content": "ok"}]},
-        {"chat_rounds": [{"role": "user", "content": "Write a docstring"},
-                         {"role": "assistant", "content": "Return a."}]},
+        {
+            "chat_rounds": [
+                {"role": "system", "content": "be brief"},
+                {"role": "human", "content": "Write a docstring"},
+                {"role": "bot", "content": "Return the sum."},
+                {"role": "human", "content": "again"},
+                {"role": "bot", "content": "ok"},
+            ]
+        },
+        {
+            "chat_rounds": [
+                {"role": "user", "content": "Write a docstring"},
+                {"role": "assistant", "content": "Return a."},
+            ]
+        },
     ] * 2
     write_jsonl(tmp_path / "c.jsonl", recs)
-    cfg = make_cfg(tmp_path, [{"name": "doc", "data": "c.jsonl", "format": "chat_rounds"}],
-                   eval_fraction=0.25)
+    cfg = make_cfg(
+        tmp_path, [{"name": "doc", "data": "c.jsonl", "format": "chat_rounds"}], eval_fraction=0.25
+    )
     trains, evals, _ = load_examples(cfg, "<s>", "</s>")
     samples, dropped = tokenize(trains[0] + evals[0], tok, 256)
     assert dropped == 0
     by_text = {tok.decode(s.input_ids): s for s in samples}
-    two = by_text["<s>system\nbe brief\n<s>human\nWrite a docstring\n<s>bot\nReturn the sum.</s>"
-                  "<s>human\nagain\n<s>bot\nok</s>"]
+    two = by_text[
+        "<s>system\nbe brief\n<s>human\nWrite a docstring\n<s>bot\nReturn the sum.</s>"
+        "<s>human\nagain\n<s>bot\nok</s>"
+    ]
     assert decode_loss_part(tok, two) == "Return the sum.</s>ok</s>"
     one = by_text["<s>human\nWrite a docstring\n<s>bot\nReturn a.</s>"]
     assert decode_loss_part(tok, one) == "Return a.</s>"
 
 
 def test_csv_template_and_columns(tmp_path, tok):
-    (tmp_path / "b.csv").write_text('code,verdict\n"def f(a):\n    return a",ok\nx,bug: off by one\ny,ok\n')
-    cfg = make_cfg(tmp_path, [{"name": "bugs", "data": "*.csv", "prompt_template": "Is there a bug?\n{code}\n",
-                               "completion": "verdict"}])
+    (tmp_path / "b.csv").write_text(
+        'code,verdict\n"def f(a):\n    return a",ok\nx,bug: off by one\ny,ok\n'
+    )
+    cfg = make_cfg(
+        tmp_path,
+        [
+            {
+                "name": "bugs",
+                "data": "*.csv",
+                "prompt_template": "Is there a bug?\n{code}\n",
+                "completion": "verdict",
+            }
+        ],
+    )
     trains, evals, _ = load_examples(cfg, "<s>", "</s>")
     exs = sorted(trains[0] + evals[0], key=lambda e: e.where)
     assert [e.where.rsplit(":", 1)[1] for e in exs] == ["2", "4", "5"]  # line of each record start
-    assert exs[0].segments == [("<s>Is there a bug?\ndef f(a):\n    return a\n", False), ("ok</s>", True)]
-    cfg2 = make_cfg(tmp_path, [{"name": "bugs", "data": "*.csv", "prompt": "code", "completion": "verdict"}])
+    assert exs[0].segments == [
+        ("<s>Is there a bug?\ndef f(a):\n    return a\n", False),
+        ("ok</s>", True),
+    ]
+    cfg2 = make_cfg(
+        tmp_path, [{"name": "bugs", "data": "*.csv", "prompt": "code", "completion": "verdict"}]
+    )
     tr2, ev2, _ = load_examples(cfg2, "", "</s>")
-    assert sorted(e.segments[0][0] for e in tr2[0] + ev2[0]) == ["def f(a):\n    return a", "x", "y"]
+    assert sorted(e.segments[0][0] for e in tr2[0] + ev2[0]) == [
+        "def f(a):\n    return a",
+        "x",
+        "y",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -113,21 +158,34 @@ def test_malformed_jsonl_line_reported_with_file_and_line(tmp_path, tok, line, r
 
 def test_malformed_csv(tmp_path):
     (tmp_path / "b.csv").write_text("code,verdict\nx,ok\ny,ok,extra\nz,\nw,ok\n")
-    cfg = make_cfg(tmp_path, [{"name": "bugs", "data": "b.csv", "prompt": "code", "completion": "verdict"}])
+    cfg = make_cfg(
+        tmp_path, [{"name": "bugs", "data": "b.csv", "prompt": "code", "completion": "verdict"}]
+    )
     with pytest.raises(DataError, match=r"b\.csv:3: expected 2 fields, got 3"):
         load_examples(cfg, "", "</s>")
-    cfg = make_cfg(tmp_path, [{"name": "bugs", "data": "b.csv", "prompt": "code", "completion": "verdict"}],
-                   skip_bad_lines=True)
+    cfg = make_cfg(
+        tmp_path,
+        [{"name": "bugs", "data": "b.csv", "prompt": "code", "completion": "verdict"}],
+        skip_bad_lines=True,
+    )
     trains, evals, skipped = load_examples(cfg, "", "</s>")
     assert len(trains[0]) + len(evals[0]) == 2 and sum(skipped[0].values()) == 2
-    bad = make_cfg(tmp_path, [{"name": "bugs", "data": "b.csv", "prompt": "source", "completion": "verdict"}])
+    bad = make_cfg(
+        tmp_path, [{"name": "bugs", "data": "b.csv", "prompt": "source", "completion": "verdict"}]
+    )
     with pytest.raises(DataError, match=r"b\.csv:1: missing column 'source'"):
         load_examples(bad, "", "</s>")
 
 
 def test_truncation_drops_samples_without_answer(tmp_path, tok):
-    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "def add(a, b): " * 20, "completion": "ok"},
-                                       {"prompt": "a", "completion": "return a + b"}, {"prompt": "b", "completion": "ok"}])
+    write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"prompt": "def add(a, b): " * 20, "completion": "ok"},
+            {"prompt": "a", "completion": "return a + b"},
+            {"prompt": "b", "completion": "ok"},
+        ],
+    )
     cfg = make_cfg(tmp_path, [{"name": "gen", "data": "a.jsonl"}], seq_len=16)
     trains, evals, _ = load_examples(cfg, "<s>", "</s>")
     samples, dropped = tokenize(trains[0] + evals[0], tok, 16)
@@ -139,6 +197,9 @@ def test_split_is_deterministic_and_disjoint():
     tr, ev = split_eval(items, 0.2, 100, seed=3)
     assert len(ev) == 10 and sorted(tr + ev) == items
     assert split_eval(items, 0.2, 100, seed=3) == (tr, ev)
-    assert split_eval(items, 0.2, 4, seed=3)[1] != ev and len(split_eval(items, 0.2, 4, seed=3)[1]) == 4
+    assert (
+        split_eval(items, 0.2, 4, seed=3)[1] != ev
+        and len(split_eval(items, 0.2, 4, seed=3)[1]) == 4
+    )
     with pytest.raises(ValueError, match="at least 2 records"):
         split_eval([1], 0.5, 10, 0)

@@ -29,10 +29,16 @@ def example_raw(cache_dir, out, **over):
     raw["model"]["cache_dir"] = cache_dir
     raw["data"]["eval_max_samples"] = 12
     raw["train"].update(eval_every=10, log_every=10, warmup_steps=2, threads=1)
-    raw["stages"] = [{"name": "multitask", "steps": 30},
-                     {"name": "focus", "steps": 10, "mix": {"completion": 1, "bugs": 1, "docstrings": 2},
-                      "loss_weights": {"docstrings": 1.5}},
-                     {"name": "adversarial", "steps": 10, "noise": 0.05}]
+    raw["stages"] = [
+        {"name": "multitask", "steps": 30},
+        {
+            "name": "focus",
+            "steps": 10,
+            "mix": {"completion": 1, "bugs": 1, "docstrings": 2},
+            "loss_weights": {"docstrings": 1.5},
+        },
+        {"name": "adversarial", "steps": 10, "noise": 0.05},
+    ]
     raw["output"] = {"dir": str(out), "save_every": 25}
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(raw.get(k), dict):
@@ -54,7 +60,11 @@ def test_example_end_to_end(cache_dir, tmp_path):
     out = tmp_path / "out"
     assert m["steps"] == 50
     for t in ("completion", "bugs", "docstrings"):
-        assert m["eval_after"][t] < m["eval_before"][t] - 0.05, (t, m["eval_before"], m["eval_after"])
+        assert m["eval_after"][t] < m["eval_before"][t] - 0.05, (
+            t,
+            m["eval_before"],
+            m["eval_after"],
+        )
         assert (out / "peft" / t / "adapter_config.json").is_file()
         assert (out / "peft" / t / "adapter_model.safetensors").is_file()
     assert (out / "loss.png").stat().st_size > 10_000
@@ -90,8 +100,10 @@ def test_example_end_to_end(cache_dir, tmp_path):
 
 def test_resume_reproduces_uninterrupted_run(cache_dir, tmp_path):
     over = dict(
-        stages=[{"name": "a", "steps": 6}, {"name": "b", "steps": 5, "noise": 0.3,
-                                              "mix": {"bugs": 1, "docstrings": 1}}],
+        stages=[
+            {"name": "a", "steps": 6},
+            {"name": "b", "steps": 5, "noise": 0.3, "mix": {"bugs": 1, "docstrings": 1}},
+        ],
         train={"eval_every": 2, "grad_accum": 2, "batch_size": 3},
         adapter={"dropout": 0.1},
         loss={"mode": "coba", "coba": {"warmup_steps": 0, "history_length": 3}},
@@ -115,15 +127,23 @@ def test_resume_reproduces_uninterrupted_run(cache_dir, tmp_path):
 
 
 def test_stages_switch_task_mix(cache_dir, tmp_path):
-    over = dict(stages=[{"name": "only_bugs", "steps": 4, "mix": {"bugs": 1}},
-                        {"name": "only_docs", "steps": 4, "mix": {"docstrings": 1}}],
-                train={"eval_every": 100})
+    over = dict(
+        stages=[
+            {"name": "only_bugs", "steps": 4, "mix": {"bugs": 1}},
+            {"name": "only_docs", "steps": 4, "mix": {"docstrings": 1}},
+        ],
+        train={"eval_every": 100},
+    )
     _, m, logs = run(example_raw(cache_dir, tmp_path / "o", **over))
     tr = m["history"]["train"]
     assert all(v is None for v in tr["completion"])
-    assert all(v is not None for v in tr["bugs"][:4]) and all(v is None for v in tr["docstrings"][:4])
+    assert all(v is not None for v in tr["bugs"][:4]) and all(
+        v is None for v in tr["docstrings"][:4]
+    )
     # (step 5 may still hold the sample left over from the previous stage's last batch)
-    assert all(v is None for v in tr["bugs"][5:]) and all(v is not None for v in tr["docstrings"][4:])
+    assert all(v is None for v in tr["bugs"][5:]) and all(
+        v is not None for v in tr["docstrings"][4:]
+    )
     assert m["history"]["stage"] == [0] * 4 + [1] * 4
     assert any("stage 2/2 'only_docs' from step 4" in x for x in logs)
 
@@ -135,9 +155,17 @@ def test_local_hf_model_dir(tmp_path):
 
     texts = [open(f).read() for f in [os.path.join(EXAMPLE, "data", "bugs", "bugs.csv")]]
     tok = train_tokenizer(texts, 300)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     raw = example_raw("unused", tmp_path / "out", stages=[{"steps": 3}])
@@ -151,8 +179,12 @@ def test_local_hf_model_dir(tmp_path):
 
 
 def test_router_mode_learns_to_route(cache_dir, tmp_path):
-    over = dict(adapter={"router": "softmax"}, stages=[{"steps": 12}],
-                train={"eval_every": 12, "lr": 0.01}, loss={"router_supervision": 1.0})
+    over = dict(
+        adapter={"router": "softmax"},
+        stages=[{"steps": 12}],
+        train={"eval_every": 12, "lr": 0.01},
+        loss={"router_supervision": 1.0},
+    )
     _, m, logs = run(example_raw(cache_dir, tmp_path / "r", **over))
     acc = m["history"]["router_accuracy"]
     assert len(acc) == 2 and acc[-1] > acc[0] and acc[-1] > 0.5, acc

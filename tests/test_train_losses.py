@@ -53,8 +53,9 @@ def hand_loss(mode, logits, targets, task_ids, weights, gamma=2.0):
     return num / den
 
 
-@pytest.mark.parametrize("mode, gamma", [("token", 0), ("balanced", 0), ("coba", 0), ("focal", 2.0),
-                                         ("focal", 0.5)])
+@pytest.mark.parametrize(
+    "mode, gamma", [("token", 0), ("balanced", 0), ("coba", 0), ("focal", 2.0), ("focal", 0.5)]
+)
 def test_loss_modes_match_hand_computation(batch, mode, gamma):
     logits, targets, task_ids, weights = batch
     got, means, counts = mft_loss(logits, targets, task_ids, weights, mode, gamma)
@@ -127,7 +128,7 @@ def coba_reference(history, hist_len, tau):
     n = h.shape[1]
     slopes, mslopes = [], []
     for k in range(1, len(h)):
-        win = lnorm[max(0, k + 1 - hist_len): k + 1]
+        win = lnorm[max(0, k + 1 - hist_len) : k + 1]
         x = np.arange(len(win))
         slopes.append([np.polyfit(x, win[:, i], 1)[0] for i in range(n)])
         mslopes.append(np.polyfit(x, win.max(1), 1)[0])
@@ -159,8 +160,14 @@ def test_coba_weights_on_synthetic_history(seed):
     rng = np.random.default_rng(seed)
     steps = np.arange(12)
     # task 0 converges fast, task 1 slowly, task 2 plateaus then diverges (overfits)
-    hist = np.stack([3.0 * np.exp(-0.3 * steps), 2.0 * np.exp(-0.05 * steps),
-                     1.5 * np.exp(-0.2 * np.minimum(steps, 5)) + 0.06 * np.maximum(steps - 5, 0)], 1)
+    hist = np.stack(
+        [
+            3.0 * np.exp(-0.3 * steps),
+            2.0 * np.exp(-0.05 * steps),
+            1.5 * np.exp(-0.2 * np.minimum(steps, 5)) + 0.06 * np.maximum(steps - 5, 0),
+        ],
+        1,
+    )
     hist = hist * (1 + 0.01 * rng.normal(size=hist.shape))
     c = CoBa(3, history_length=4, warmup_steps=5, tau=5.0)
     for k, row in enumerate(hist):

@@ -38,8 +38,14 @@ def test_block_causal_mask():
     seq = torch.tensor([[0, 0, 1, 1, 1, -1]])
     m = block_causal_mask(seq, torch.float64)[0, 0]
     allowed = (m == 0).int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
-                       [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 1]]
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1],
+    ]
     assert m.min() == torch.finfo(torch.float64).min
 
 
@@ -57,8 +63,15 @@ def test_pack_rows_greedy_and_leftover():
 def tiny_patched(attn: str, dtype=torch.float64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn).to(dtype).eval()
     mftk.patch_model(model, tasks=["a", "b", "c"], rank=4, alpha=8)
     with torch.no_grad():  # B starts at zero: make every task's adapter matter
@@ -76,8 +89,10 @@ def per_token_loss(model, batch):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_equals_unpacked_loss(attn):
     rng = random.Random(1)
-    samples = [rand_sample(rng, t, n, p) for t, n, p in
-               [(0, 7, 3), (2, 5, 1), (1, 9, 4), (0, 4, 2), (2, 11, 5), (1, 3, 1)]]
+    samples = [
+        rand_sample(rng, t, n, p)
+        for t, n, p in [(0, 7, 3), (2, 5, 1), (1, 9, 4), (0, 4, 2), (2, 11, 5), (1, 3, 1)]
+    ]
     model = tiny_patched(attn)
     rows, used = pack_rows(samples, seq_len=24, max_rows=4)
     assert used == len(samples) and len(rows) < len(samples)  # really packed
@@ -89,15 +104,19 @@ def test_packed_equals_unpacked_loss(attn):
         off = 0
         for smp in row:
             lu, _ = per_token_loss(model, rows_to_batch([[smp]], 0, torch.float64))
-            want[r, off:off + len(smp)] = lu[0]
+            want[r, off : off + len(smp)] = lu[0]
             off += len(smp)
     err = (lp - want).abs().max().item()
     # HF's LlamaRMSNorm computes in float32 even for a float64 model, hence a float32 tolerance
     assert err < 1e-5, f"packed vs unpacked per-token loss: max err {err}"
     weights = torch.tensor([1.0, 2.0, 0.5])
-    loss_p, means_p, counts_p = mft_loss(logits_p, packed.targets, packed.task_ids, weights, "balanced")
-    assert counts_p.tolist() == [sum(1 for s in samples if s.task == t for lab in s.labels[1:]
-                                     if lab != IGNORE) for t in range(3)]
+    loss_p, means_p, counts_p = mft_loss(
+        logits_p, packed.targets, packed.task_ids, weights, "balanced"
+    )
+    assert counts_p.tolist() == [
+        sum(1 for s in samples if s.task == t for lab in s.labels[1:] if lab != IGNORE)
+        for t in range(3)
+    ]
     # negative control: one causal mask over the whole row lets samples see each other
     leaky = rows_to_batch(rows, 0, torch.float64)
     leaky.attention_mask = block_causal_mask(torch.zeros_like(leaky.seq_ids), torch.float64)
@@ -118,7 +137,10 @@ def test_task_routing_matters_per_token():
 
 def make_tasks(sizes, seed=0):
     rng = random.Random(seed)
-    return [[rand_sample(rng, t, rng.randrange(4, 12), 2) for _ in range(n)] for t, n in enumerate(sizes)]
+    return [
+        [rand_sample(rng, t, rng.randrange(4, 12), 2) for _ in range(n)]
+        for t, n in enumerate(sizes)
+    ]
 
 
 def flat(rows):
@@ -164,7 +186,9 @@ def test_stage_mix_switches_tasks():
 
 def test_noise_random_tokens_corrupts_prompts_only():
     tasks = make_tasks([50])
-    s = MultiTaskSampler(tasks, seed=0, vocab_size=VOCAB, noise_kind="random_tokens", noise_token_rate=0.5)
+    s = MultiTaskSampler(
+        tasks, seed=0, vocab_size=VOCAB, noise_kind="random_tokens", noise_token_rate=0.5
+    )
     s.set_stage([1], 0.5)
     originals = {tuple(x.labels): x for x in tasks[0]}
     n_noisy = 0

@@ -19,49 +19,155 @@ import random
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_PER_TASK = 320
 
-NAMES = ["x", "y", "a", "b", "n", "m", "value", "other", "left", "right", "count", "total",
-         "size", "item", "num", "key", "first", "second", "base", "step"]
+NAMES = [
+    "x",
+    "y",
+    "a",
+    "b",
+    "n",
+    "m",
+    "value",
+    "other",
+    "left",
+    "right",
+    "count",
+    "total",
+    "size",
+    "item",
+    "num",
+    "key",
+    "first",
+    "second",
+    "base",
+    "step",
+]
 LISTS = ["items", "values", "nums", "data", "xs", "scores", "words", "parts", "rows", "costs"]
 SUFFIX = ["", "_all", "_of", "_values", "_pair", "_fast", "_simple", "_safe"]
 
 # family: (function name, params kind, body, docstring, [(buggy body, bug kind), ...])
 # params kind "2": two scalars {a}, {b}; "1": one scalar {a}; "L": one list {xs}
 FAMILIES = [
-    ("add", "2", "return {a} + {b}", "Return the sum of {a} and {b}.",
-     [("return {a} - {b}", "wrong operator")]),
-    ("subtract", "2", "return {a} - {b}", "Return {a} minus {b}.",
-     [("return {b} - {a}", "swapped operands")]),
-    ("multiply", "2", "return {a} * {b}", "Return the product of {a} and {b}.",
-     [("return {a} + {b}", "wrong operator")]),
-    ("larger", "2", "return {a} if {a} > {b} else {b}", "Return the larger of {a} and {b}.",
-     [("return {a} if {a} < {b} else {b}", "flipped comparison")]),
-    ("smaller", "2", "return {a} if {a} < {b} else {b}", "Return the smaller of {a} and {b}.",
-     [("return {a} if {a} > {b} else {b}", "flipped comparison")]),
-    ("square", "1", "return {a} * {a}", "Return {a} squared.",
-     [("return {a} * 2", "wrong operator")]),
-    ("is_even", "1", "return {a} % 2 == 0", "Return True if {a} is even.",
-     [("return {a} % 2 == 1", "wrong constant")]),
-    ("negate", "1", "return -{a}", "Return {a} with its sign flipped.",
-     [("return {a}", "missing operation")]),
-    ("total", "L", "result = 0\n    for v in {xs}:\n        result += v\n    return result",
-     "Return the sum of the numbers in {xs}.",
-     [("result = 0\n    for v in {xs}:\n        result = v\n    return result", "overwrites accumulator"),
-      ("result = 0\n    for v in {xs}:\n        result += v\n    return v", "returns wrong variable")]),
-    ("count_positive", "L", "return sum(1 for v in {xs} if v > 0)",
-     "Return how many numbers in {xs} are positive.",
-     [("return sum(1 for v in {xs} if v < 0)", "flipped comparison")]),
-    ("last", "L", "return {xs}[len({xs}) - 1]", "Return the last element of {xs}.",
-     [("return {xs}[len({xs})]", "off by one")]),
-    ("first", "L", "return {xs}[0]", "Return the first element of {xs}.",
-     [("return {xs}[1]", "off by one")]),
-    ("reverse", "L", "return {xs}[::-1]", "Return the elements of {xs} in reverse order.",
-     [("return {xs}[::1]", "missing operation")]),
-    ("indices", "L", "return list(range(len({xs})))", "Return the list of valid indices of {xs}.",
-     [("return list(range(len({xs}) + 1))", "off by one")]),
-    ("average", "L", "return sum({xs}) / len({xs})", "Return the mean of the numbers in {xs}.",
-     [("return sum({xs}) / (len({xs}) - 1)", "off by one")]),
-    ("double_all", "L", "return [2 * v for v in {xs}]", "Return a list with every element of {xs} doubled.",
-     [("return [2 + v for v in {xs}]", "wrong operator")]),
+    (
+        "add",
+        "2",
+        "return {a} + {b}",
+        "Return the sum of {a} and {b}.",
+        [("return {a} - {b}", "wrong operator")],
+    ),
+    (
+        "subtract",
+        "2",
+        "return {a} - {b}",
+        "Return {a} minus {b}.",
+        [("return {b} - {a}", "swapped operands")],
+    ),
+    (
+        "multiply",
+        "2",
+        "return {a} * {b}",
+        "Return the product of {a} and {b}.",
+        [("return {a} + {b}", "wrong operator")],
+    ),
+    (
+        "larger",
+        "2",
+        "return {a} if {a} > {b} else {b}",
+        "Return the larger of {a} and {b}.",
+        [("return {a} if {a} < {b} else {b}", "flipped comparison")],
+    ),
+    (
+        "smaller",
+        "2",
+        "return {a} if {a} < {b} else {b}",
+        "Return the smaller of {a} and {b}.",
+        [("return {a} if {a} > {b} else {b}", "flipped comparison")],
+    ),
+    (
+        "square",
+        "1",
+        "return {a} * {a}",
+        "Return {a} squared.",
+        [("return {a} * 2", "wrong operator")],
+    ),
+    (
+        "is_even",
+        "1",
+        "return {a} % 2 == 0",
+        "Return True if {a} is even.",
+        [("return {a} % 2 == 1", "wrong constant")],
+    ),
+    (
+        "negate",
+        "1",
+        "return -{a}",
+        "Return {a} with its sign flipped.",
+        [("return {a}", "missing operation")],
+    ),
+    (
+        "total",
+        "L",
+        "result = 0\n    for v in {xs}:\n        result += v\n    return result",
+        "Return the sum of the numbers in {xs}.",
+        [
+            (
+                "result = 0\n    for v in {xs}:\n        result = v\n    return result",
+                "overwrites accumulator",
+            ),
+            (
+                "result = 0\n    for v in {xs}:\n        result += v\n    return v",
+                "returns wrong variable",
+            ),
+        ],
+    ),
+    (
+        "count_positive",
+        "L",
+        "return sum(1 for v in {xs} if v > 0)",
+        "Return how many numbers in {xs} are positive.",
+        [("return sum(1 for v in {xs} if v < 0)", "flipped comparison")],
+    ),
+    (
+        "last",
+        "L",
+        "return {xs}[len({xs}) - 1]",
+        "Return the last element of {xs}.",
+        [("return {xs}[len({xs})]", "off by one")],
+    ),
+    (
+        "first",
+        "L",
+        "return {xs}[0]",
+        "Return the first element of {xs}.",
+        [("return {xs}[1]", "off by one")],
+    ),
+    (
+        "reverse",
+        "L",
+        "return {xs}[::-1]",
+        "Return the elements of {xs} in reverse order.",
+        [("return {xs}[::1]", "missing operation")],
+    ),
+    (
+        "indices",
+        "L",
+        "return list(range(len({xs})))",
+        "Return the list of valid indices of {xs}.",
+        [("return list(range(len({xs}) + 1))", "off by one")],
+    ),
+    (
+        "average",
+        "L",
+        "return sum({xs}) / len({xs})",
+        "Return the mean of the numbers in {xs}.",
+        [("return sum({xs}) / (len({xs}) - 1)", "off by one")],
+    ),
+    (
+        "double_all",
+        "L",
+        "return [2 * v for v in {xs}]",
+        "Return a list with every element of {xs} doubled.",
+        [("return [2 + v for v in {xs}]", "wrong operator")],
+    ),
 ]
 
 
@@ -113,7 +219,9 @@ def docstring_records(rng: random.Random) -> list[dict]:
 
 def main() -> None:
     rng = random.Random(1234)
-    paths = {name: os.path.join(HERE, "data", name) for name in ("completion", "bugs", "docstrings")}
+    paths = {
+        name: os.path.join(HERE, "data", name) for name in ("completion", "bugs", "docstrings")
+    }
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
     recs = completion_records(rng)

@@ -40,8 +40,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(root: str, step: int, model: torch.nn.Module, tasks: list[str],
-                    state: dict[str, Any], keep_last: int = 2) -> str:
+def save_checkpoint(
+    root: str,
+    step: int,
+    model: torch.nn.Module,
+    tasks: list[str],
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> str:
     """Write checkpoint `root/step-<step>` atomically; delete all but the newest keep_last."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{step:06d}")

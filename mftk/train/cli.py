@@ -7,12 +7,23 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config: tasks, model, adapter, data, train, loss, stages, output")
-    parser.add_argument("--output", "-o", default=None, help="output dir (default: output.dir of the config)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="stop after N steps (the lr schedule still spans the configured steps)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in the output dir")
+    parser.add_argument(
+        "config", help="YAML config: tasks, model, adapter, data, train, loss, stages, output"
+    )
+    parser.add_argument(
+        "--output", "-o", default=None, help="output dir (default: output.dir of the config)"
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after N steps (the lr schedule still spans the configured steps)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in the output dir",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
 
 
@@ -26,8 +37,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load_config(args.config)
-        trainer = Trainer(cfg, output_dir=args.output, max_steps=args.max_steps, resume=args.resume,
-                          progress=False if args.no_progress else None)
+        trainer = Trainer(
+            cfg,
+            output_dir=args.output,
+            max_steps=args.max_steps,
+            resume=args.resume,
+            progress=False if args.no_progress else None,
+        )
         trainer.train()
     except (ConfigError, DataError) as err:
         print(f"mftk train: error: {err}", file=sys.stderr)

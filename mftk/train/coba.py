@@ -10,8 +10,7 @@ At each update (every evaluation), with N tasks and the validation losses L_i(k)
    ACS = softmax_i( −T · α_i(k) / Σ_k' |α_i(k')| )          absolute convergence: a task whose loss
                                                             turned upward (diverging) weighs less;
    DF  = min(1, T · softmax_k'( τ · (−T · α_max(k') / Σ_k'' |α_max(k'')|) )[last])
-                                                            divergence factor: ≈ 1 while the
-                                                            worst loss still falls, → 0 when it rises;
+         divergence factor: ≈ 1 while the worst loss still falls, → 0 when it rises;
 4. w = softmax( N · (DF · RCS + (1 − DF) · ACS) ), floored at 1/(10N) and renormalised.
 Until `warmup_steps` training steps have passed (or fewer than 2 slopes exist) w is uniform.
 The trainer multiplies w by the static loss weights and uses the `balanced` loss.
@@ -48,8 +47,9 @@ def _safe_div(a: float, b: float) -> float:
 class CoBa:
     """Stateful CoBa weights; update() after each validation, weights() before each step."""
 
-    def __init__(self, num_tasks: int, history_length: int = 5, warmup_steps: int = 100,
-                 tau: float = 5.0):
+    def __init__(
+        self, num_tasks: int, history_length: int = 5, warmup_steps: int = 100, tau: float = 5.0
+    ):
         self.n = num_tasks
         self.history_length = history_length
         self.warmup_steps = warmup_steps
@@ -67,18 +67,19 @@ class CoBa:
         if self.initial is None:
             self.initial = [max(v, 1e-12) for v in val_losses]
         self.history.append([v / i for v, i in zip(val_losses, self.initial)])
-        window = self.history[-self.history_length:]
+        window = self.history[-self.history_length :]
         if len(window) >= 2:
             self.slopes.append([slope([h[i] for h in window]) for i in range(self.n)])
             self.max_slopes.append(slope([max(h) for h in window]))
-        self.current = self.compute() if step >= self.warmup_steps and self.slopes else \
-            [1.0 / self.n] * self.n
+        self.current = (
+            self.compute() if step >= self.warmup_steps and self.slopes else [1.0 / self.n] * self.n
+        )
         return self.current
 
     def compute(self) -> list[float]:
         n = self.n
-        sl = self.slopes[-self.history_length:]
-        ms = self.max_slopes[-self.history_length:]
+        sl = self.slopes[-self.history_length :]
+        ms = self.max_slopes[-self.history_length :]
         t = len(sl)
         a = sl[-1]
         rcs = softmax([n * _safe_div(ai, sum(abs(x) for x in a)) for ai in a])
@@ -96,8 +97,13 @@ class CoBa:
         return list(self.current)
 
     def state_dict(self) -> dict:
-        return {"initial": self.initial, "history": self.history, "slopes": self.slopes,
-                "max_slopes": self.max_slopes, "current": self.current}
+        return {
+            "initial": self.initial,
+            "history": self.history,
+            "slopes": self.slopes,
+            "max_slopes": self.max_slopes,
+            "current": self.current,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.initial = state["initial"]

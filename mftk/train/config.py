@@ -261,7 +261,9 @@ def _check(cond: bool, where: str, msg: str) -> None:
 
 def _choice(value: Any, allowed: tuple, where: str) -> None:
     if value not in allowed:
-        raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}{_suggest(str(value), list(allowed))}")
+        raise ConfigError(
+            f"{where}: {value!r} is not one of {list(allowed)}{_suggest(str(value), list(allowed))}"
+        )
 
 
 def _resolve(path: str, base: str) -> str:
@@ -274,8 +276,11 @@ def _validate(cfg: Config) -> None:
     seen = set()
     for i, t in enumerate(cfg.tasks):
         w = f"tasks[{i}]"
-        _check(t.name.strip() != "" and t.name.replace("_", "").replace("-", "").isalnum(),
-               f"{w}.name", f"{t.name!r} must be a non-empty identifier (letters, digits, _ or -)")
+        _check(
+            t.name.strip() != "" and t.name.replace("_", "").replace("-", "").isalnum(),
+            f"{w}.name",
+            f"{t.name!r} must be a non-empty identifier (letters, digits, _ or -)",
+        )
         _check(t.name not in seen, f"{w}.name", f"duplicate task name {t.name!r}")
         seen.add(t.name)
         _check(t.loss_weight > 0, f"{w}.loss_weight", f"must be > 0, got {t.loss_weight}")
@@ -285,19 +290,30 @@ def _validate(cfg: Config) -> None:
         for j, pattern in enumerate(t.data):
             matched = sorted(glob.glob(_resolve(pattern, cfg.base_dir), recursive=True))
             matched = [m for m in matched if os.path.isfile(m)]
-            _check(len(matched) > 0, f"{w}.data[{j}]",
-                   f"no file matches {pattern!r} (resolved to {_resolve(pattern, cfg.base_dir)})")
+            _check(
+                len(matched) > 0,
+                f"{w}.data[{j}]",
+                f"no file matches {pattern!r} (resolved to {_resolve(pattern, cfg.base_dir)})",
+            )
             files.extend(matched)
         t.files = files
     m = cfg.model
-    _check((m.path is None) != (m.tiny is None), "model",
-           "give exactly one of model.path (a local HF model dir) or model.tiny (built-in config)")
+    _check(
+        (m.path is None) != (m.tiny is None),
+        "model",
+        "give exactly one of model.path (a local HF model dir) or model.tiny (built-in config)",
+    )
     if m.path is not None:
         m.path = _resolve(m.path, cfg.base_dir)
-        _check(os.path.isfile(os.path.join(m.path, "config.json")), "model.path",
-               f"{m.path} is not a Hugging Face model dir (no config.json)")
+        _check(
+            os.path.isfile(os.path.join(m.path, "config.json")),
+            "model.path",
+            f"{m.path} is not a Hugging Face model dir (no config.json)",
+        )
     _choice(m.dtype, DTYPES, "model.dtype")
-    _choice(m.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation")
+    _choice(
+        m.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation"
+    )
     _check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
     _check(m.pretrain.steps >= 0, "model.pretrain.steps", "must be >= 0")
     _check(m.pretrain.lr > 0, "model.pretrain.lr", "must be > 0")
@@ -314,7 +330,9 @@ def _validate(cfg: Config) -> None:
         _check(1 <= a.top_k <= len(cfg.tasks), "adapter.top_k", f"must be in [1, {len(cfg.tasks)}]")
     d = cfg.data
     _check(d.seq_len >= 8, "data.seq_len", f"must be >= 8, got {d.seq_len}")
-    _check(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
+    _check(
+        0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}"
+    )
     _check(d.eval_max_samples >= 1, "data.eval_max_samples", "must be >= 1")
     _choice(d.noise_kind, NOISE_KINDS, "data.noise_kind")
     _check(0 < d.noise_token_rate <= 1, "data.noise_token_rate", "must be in (0, 1]")
@@ -352,8 +370,11 @@ def _validate(cfg: Config) -> None:
             if key == "mix":
                 _check(sum(table.values()) > 0, f"{w}.mix", "weights must not all be zero")
     if tr.steps is not None:
-        _check(tr.steps == cfg.total_steps, "train.steps",
-               f"{tr.steps} != the stages' total {cfg.total_steps}; drop train.steps or fix it")
+        _check(
+            tr.steps == cfg.total_steps,
+            "train.steps",
+            f"{tr.steps} != the stages' total {cfg.total_steps}; drop train.steps or fix it",
+        )
     tr.steps = cfg.total_steps
     o = cfg.output
     o.dir = _resolve(o.dir, cfg.base_dir)

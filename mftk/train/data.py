@@ -132,11 +132,19 @@ def _read_jsonl(path: str, task: TaskConfig, fmt: str, bos: str, eos: str):
                         raise ValueError("missing key 'chat_rounds'")
                     segs = _chat_segments(rec["chat_rounds"], eos)  # "<s>role\n" opens each turn
                 else:
-                    for key in (task.completion,) + (() if task.prompt_template else (task.prompt,)):
+                    for key in (task.completion,) + (
+                        () if task.prompt_template else (task.prompt,)
+                    ):
                         if key not in rec:
                             raise ValueError(f"missing key '{key}'")
-                    prompt = _format(task.prompt_template, rec) if task.prompt_template else rec[task.prompt]
-                    segs = _pc_segments(prompt, rec[task.completion], task.prompt, task.completion, bos, eos)
+                    prompt = (
+                        _format(task.prompt_template, rec)
+                        if task.prompt_template
+                        else rec[task.prompt]
+                    )
+                    segs = _pc_segments(
+                        prompt, rec[task.completion], task.prompt, task.completion, bos, eos
+                    )
             except ValueError as err:
                 yield where, err
                 continue
@@ -147,7 +155,9 @@ def _format(template: str, row: dict) -> str:
     try:
         return template.format(**row)
     except KeyError as err:
-        raise ValueError(f"prompt_template needs field {err.args[0]!r}, not in the record") from None
+        raise ValueError(
+            f"prompt_template needs field {err.args[0]!r}, not in the record"
+        ) from None
 
 
 def _read_csv(path: str, task: TaskConfig, bos: str, eos: str):
@@ -181,16 +191,21 @@ def _read_csv(path: str, task: TaskConfig, bos: str, eos: str):
                 continue
             rec = dict(zip(header, row))
             try:
-                prompt = _format(task.prompt_template, rec) if task.prompt_template else rec[task.prompt]
-                segs = _pc_segments(prompt, rec[task.completion], task.prompt, task.completion, bos, eos)
+                prompt = (
+                    _format(task.prompt_template, rec) if task.prompt_template else rec[task.prompt]
+                )
+                segs = _pc_segments(
+                    prompt, rec[task.completion], task.prompt, task.completion, bos, eos
+                )
             except ValueError as err:
                 yield where, err
                 continue
             yield where, segs
 
 
-def read_examples(task: TaskConfig, task_index: int, bos: str, eos: str,
-                  skip_bad_lines: bool = False) -> tuple[list[Example], Counter]:
+def read_examples(
+    task: TaskConfig, task_index: int, bos: str, eos: str, skip_bad_lines: bool = False
+) -> tuple[list[Example], Counter]:
     """All records of one task's files as Examples; returns (examples, skipped-reason counts)."""
     out: list[Example] = []
     skipped: Counter = Counter()
@@ -198,7 +213,11 @@ def read_examples(task: TaskConfig, task_index: int, bos: str, eos: str,
         fmt = task.format
         if fmt == "auto":
             fmt = "csv" if path.lower().endswith(".csv") else "auto"
-        reader = _read_csv(path, task, bos, eos) if fmt == "csv" else _read_jsonl(path, task, fmt, bos, eos)
+        reader = (
+            _read_csv(path, task, bos, eos)
+            if fmt == "csv"
+            else _read_jsonl(path, task, fmt, bos, eos)
+        )
         for where, item in reader:
             if isinstance(item, Exception):
                 if not skip_bad_lines:
@@ -258,14 +277,18 @@ def split_eval(items: list, fraction: float, max_eval: int, seed: int) -> tuple[
     return [items[i] for i in tr], [items[i] for i in ev]
 
 
-def load_examples(cfg: Config, bos: str, eos: str) -> tuple[list[list[Example]], list[list[Example]], list[Counter]]:
+def load_examples(
+    cfg: Config, bos: str, eos: str
+) -> tuple[list[list[Example]], list[list[Example]], list[Counter]]:
     """Per task: (train examples, eval examples, skipped counts), split before tokenizing.
     bos, eos: the tokenizer's special strings (see special_strings)."""
     trains, evals, skips = [], [], []
     for i, task in enumerate(cfg.tasks):
         exs, skipped = read_examples(task, i, bos, eos, cfg.data.skip_bad_lines)
         try:
-            tr, ev = split_eval(exs, cfg.data.eval_fraction, cfg.data.eval_max_samples, cfg.train.seed + i)
+            tr, ev = split_eval(
+                exs, cfg.data.eval_fraction, cfg.data.eval_max_samples, cfg.train.seed + i
+            )
         except ValueError as err:
             raise DataError(f"tasks[{i}].data: {err}") from None
         trains.append(tr)
@@ -284,7 +307,9 @@ def build_task_data(cfg: Config, tokenizer: Any, examples=None) -> list[TaskData
         tr, d1 = tokenize(trains[i], tokenizer, cfg.data.seq_len)
         ev, d2 = tokenize(evals[i], tokenizer, cfg.data.seq_len)
         if not tr or not ev:
-            raise DataError(f"tasks[{i}] ({task.name}): no sample fits data.seq_len={cfg.data.seq_len}")
+            raise DataError(
+                f"tasks[{i}] ({task.name}): no sample fits data.seq_len={cfg.data.seq_len}"
+            )
         skipped = Counter(skips[i])
         if d1 + d2:
             skipped["no answer token within seq_len"] += d1 + d2
@@ -302,5 +327,7 @@ def describe(tasks: list[TaskData]) -> str:
     for t in tasks:
         n_tok = sum(len(s) for s in t.train)
         extra = f", skipped {sum(t.skipped.values())}" if t.skipped else ""
-        parts.append(f"{t.name}: {len(t.train)} train / {len(t.eval)} eval samples, {n_tok} tokens{extra}")
+        parts.append(
+            f"{t.name}: {len(t.train)} train / {len(t.eval)} eval samples, {n_tok} tokens{extra}"
+        )
     return "; ".join(parts)

@@ -48,10 +48,17 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 class Trainer:
-    """Builds model, data and optimizer from a Config; train() runs (or resumes) and returns metrics."""
+    """Model, data and optimizer from a Config; train() runs (or resumes) and returns metrics."""
 
-    def __init__(self, cfg: Config, output_dir: str | None = None, max_steps: int | None = None,
-                 resume: bool = False, progress: bool | None = None, log=None):
+    def __init__(
+        self,
+        cfg: Config,
+        output_dir: str | None = None,
+        max_steps: int | None = None,
+        resume: bool = False,
+        progress: bool | None = None,
+        log=None,
+    ):
         self.cfg = cfg
         self.out = os.path.abspath(output_dir or cfg.output.dir)
         self.max_steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
@@ -94,7 +101,8 @@ class Trainer:
         pre_texts = [ex.text() for exs in examples[0] for ex in exs]
         cache = cfg.model.cache_dir or os.path.join(self.out, "cache")
         self.model, self.tokenizer, self.model_info = load_model_and_tokenizer(
-            cfg.model, texts, pre_texts, cfg.data.seq_len, cfg.train.seed, cache, self.log)
+            cfg.model, texts, pre_texts, cfg.data.seq_len, cfg.train.seed, cache, self.log
+        )
         self.data = build_task_data(cfg, self.tokenizer, examples)
         self.log(f"data: {describe(self.data)}")
         self.pad_id = self.tokenizer.pad_token_id
@@ -103,25 +111,52 @@ class Trainer:
         self.dtype = DTYPES[cfg.model.dtype]
         a = cfg.adapter
         torch.manual_seed(cfg.train.seed)
-        mftk.patch_model(self.model, tasks=self.tasks, rank=a.rank, alpha=a.alpha,
-                         target_modules=a.target_modules, router=a.router, top_k=a.top_k,
-                         dropout=a.dropout)
+        mftk.patch_model(
+            self.model,
+            tasks=self.tasks,
+            rank=a.rank,
+            alpha=a.alpha,
+            target_modules=a.target_modules,
+            router=a.router,
+            top_k=a.top_k,
+            dropout=a.dropout,
+        )
         self.params = list(mftk.adapter_parameters(self.model))
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps))
-        self.sampler = MultiTaskSampler([d.train for d in self.data], cfg.train.seed,
-                                        len(self.tokenizer), cfg.data.noise_kind,
-                                        cfg.data.noise_token_rate)
+            self.opt, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps)
+        )
+        self.sampler = MultiTaskSampler(
+            [d.train for d in self.data],
+            cfg.train.seed,
+            len(self.tokenizer),
+            cfg.data.noise_kind,
+            cfg.data.noise_token_rate,
+        )
         all_eval = [s for d in self.data for s in d.eval]
-        self.eval_set = eval_batches(all_eval, cfg.train.batch_size, cfg.data.seq_len,
-                                     cfg.data.packing, self.pad_id, self.dtype)
+        self.eval_set = eval_batches(
+            all_eval,
+            cfg.train.batch_size,
+            cfg.data.seq_len,
+            cfg.data.packing,
+            self.pad_id,
+            self.dtype,
+        )
         c = cfg.loss.coba
         self.coba = CoBa(len(self.tasks), c.history_length, c.warmup_steps, c.tau)
         self.history: dict[str, Any] = {
-            "step": [], "loss": [], "lr": [], "tokens": [], "stage": [],
-            "train": {t: [] for t in self.tasks}, "eval_step": [], "eval": {t: [] for t in self.tasks},
-            "router_accuracy": [], "task_weights": [],
+            "step": [],
+            "loss": [],
+            "lr": [],
+            "tokens": [],
+            "stage": [],
+            "train": {t: [] for t in self.tasks},
+            "eval_step": [],
+            "eval": {t: [] for t in self.tasks},
+            "router_accuracy": [],
+            "task_weights": [],
         }
         self.step = 0
         self.tokens_seen = 0
@@ -165,8 +200,9 @@ class Trainer:
         acc, acc_n = 0.0, 0
         for batch in self.eval_set:
             logits, rl = self.forward(batch, train=False)
-            means, cnt = task_token_means(token_losses(logits, batch.targets), batch.targets,
-                                          batch.task_ids, n)
+            means, cnt = task_token_means(
+                token_losses(logits, batch.targets), batch.targets, batch.task_ids, n
+            )
             sums += (means * cnt).double()
             counts += cnt.double()
             if rl is not None:
@@ -197,11 +233,15 @@ class Trainer:
             rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
             batch = rows_to_batch(rows, self.pad_id, self.dtype)
             logits, rl = self.forward(batch, train=True)
-            loss, means, cnt = mft_loss(logits, batch.targets, batch.task_ids, weights,
-                                        cfg.loss.mode, cfg.loss.focal_gamma)
+            loss, means, cnt = mft_loss(
+                logits, batch.targets, batch.task_ids, weights, cfg.loss.mode, cfg.loss.focal_gamma
+            )
             if rl is not None:
-                loss = loss + cfg.loss.router_balance * rl["balance"] \
+                loss = (
+                    loss
+                    + cfg.loss.router_balance * rl["balance"]
                     + cfg.loss.router_supervision * rl["supervision"]
+                )
                 racc.append(float(rl["accuracy"]))
             (loss / cfg.train.grad_accum).backward()
             total += loss.item() / cfg.train.grad_accum
@@ -214,20 +254,34 @@ class Trainer:
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        per_task = {t: (float(sums[i] / counts[i]) if counts[i] > 0 else None)
-                    for i, t in enumerate(self.tasks)}
-        return {"loss": total, "per_task": per_task, "tokens": tokens, "lr": lr,
-                "router_accuracy": sum(racc) / len(racc) if racc else None,
-                "weights": weights.tolist()}
+        per_task = {
+            t: (float(sums[i] / counts[i]) if counts[i] > 0 else None)
+            for i, t in enumerate(self.tasks)
+        }
+        return {
+            "loss": total,
+            "per_task": per_task,
+            "tokens": tokens,
+            "lr": lr,
+            "router_accuracy": sum(racc) / len(racc) if racc else None,
+            "weights": weights.tolist(),
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "sampler": self.sampler.state_dict(),
-                "coba": self.coba.state_dict(), "rng": ckpt.rng_state(), "history": self.history,
-                "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
-                "eval_before": getattr(self, "eval_before", None)}
+        return {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "coba": self.coba.state_dict(),
+            "rng": ckpt.rng_state(),
+            "history": self.history,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "eval_before": getattr(self, "eval_before", None),
+        }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.step = st["step"]
@@ -242,8 +296,14 @@ class Trainer:
         ckpt.set_rng_state(st["rng"])
 
     def save(self) -> str:
-        path = ckpt.save_checkpoint(os.path.join(self.out, "checkpoints"), self.step, self.model,
-                                    self.tasks, self.state_dict(), self.cfg.output.keep_last)
+        path = ckpt.save_checkpoint(
+            os.path.join(self.out, "checkpoints"),
+            self.step,
+            self.model,
+            self.tasks,
+            self.state_dict(),
+            self.cfg.output.keep_last,
+        )
         self.log(f"checkpoint -> {path}")
         return path
 
@@ -271,8 +331,14 @@ class Trainer:
         writer = _tensorboard(self.out)
         from tqdm import tqdm
 
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.progress,
-                   dynamic_ncols=True, desc="train", file=sys.stderr)
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            disable=not self.progress,
+            dynamic_ncols=True,
+            desc="train",
+            file=sys.stderr,
+        )
         self.model.train()
         stage = -1
         window_tokens, window_t = 0, time.perf_counter()
@@ -284,8 +350,10 @@ class Trainer:
                 self.sampler.set_stage(self.stage_mix(i), st.noise)
                 if len(self.stages) > 1 or self.step == 0:
                     mix = dict(zip(self.tasks, [round(x, 3) for x in self.stage_mix(i)]))
-                    self.log(f"stage {i + 1}/{len(self.stages)} '{st.name}' from step {self.step}: "
-                             f"{st.steps} steps, mix {mix}, noise {st.noise}")
+                    self.log(
+                        f"stage {i + 1}/{len(self.stages)} '{st.name}' from step {self.step}: "
+                        f"{st.steps} steps, mix {mix}, noise {st.noise}"
+                    )
             t0 = time.perf_counter()
             res = self.train_step(i)
             self.train_seconds += time.perf_counter() - t0
@@ -302,8 +370,10 @@ class Trainer:
             for t in self.tasks:
                 h["train"][t].append(res["per_task"][t])
             tps = self.tokens_seen / max(self.train_seconds, 1e-9)
-            bar.set_postfix_str(f"tok/s {tps:.0f} | " + " ".join(
-                f"{t[:10]} {v:.3f}" for t, v in res["per_task"].items() if v is not None))
+            bar.set_postfix_str(
+                f"tok/s {tps:.0f} | "
+                + " ".join(f"{t[:10]} {v:.3f}" for t, v in res["per_task"].items() if v is not None)
+            )
             bar.update(1)
             if writer is not None:
                 writer.add_scalar("train/loss", res["loss"], self.step)
@@ -315,10 +385,17 @@ class Trainer:
                 now = time.perf_counter()
                 rate = window_tokens / max(now - window_t, 1e-9)
                 window_tokens, window_t = 0, now
-                extra = f" | router acc {res['router_accuracy']:.3f}" if res["router_accuracy"] is not None else ""
-                self.log(f"step {self.step}/{self.max_steps} [{cfg.stages[i].name}] loss {res['loss']:.4f} | "
-                         + _fmt({k: v for k, v in res["per_task"].items() if v is not None})
-                         + f" | lr {res['lr']:.2e} | {rate:.0f} tok/s{extra}")
+                extra = (
+                    f" | router acc {res['router_accuracy']:.3f}"
+                    if res["router_accuracy"] is not None
+                    else ""
+                )
+                self.log(
+                    f"step {self.step}/{self.max_steps} [{cfg.stages[i].name}] "
+                    f"loss {res['loss']:.4f} | "
+                    + _fmt({k: v for k, v in res["per_task"].items() if v is not None})
+                    + f" | lr {res['lr']:.2e} | {rate:.0f} tok/s{extra}"
+                )
             # evaluations (and CoBa updates) follow the configured schedule, not --max-steps, so
             # that a stopped-and-resumed run matches an uninterrupted one exactly
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
@@ -372,8 +449,10 @@ class Trainer:
             json.dump(metrics, f, indent=1)
         plot_losses(h, self.tasks, self.stages, os.path.join(self.out, "loss.png"))
         self.log("eval after:  " + _fmt(eval_after))
-        self.log(f"wrote {self.out}/loss.png, metrics.json, adapters/, peft/ "
-                 f"({self.step} steps, {metrics['tokens_per_second']:.0f} tok/s, wall {wall:.1f}s)")
+        self.log(
+            f"wrote {self.out}/loss.png, metrics.json, adapters/, peft/ "
+            f"({self.step} steps, {metrics['tokens_per_second']:.0f} tok/s, wall {wall:.1f}s)"
+        )
         return metrics
 
 

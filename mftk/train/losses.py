@@ -23,12 +23,11 @@ from mftk.train.data import IGNORE
 
 
 def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
-    """logits: (B, S, V); targets: (B, S) with -100 = no loss. returns ℓ: (B, S) fp32 (fp64 for fp64), 0 where
-    ignored (targets are already shifted, see packing.shifted_targets)."""
+    """logits: (B, S, V); targets: (B, S) with -100 = no loss (already shifted, see
+    packing.shifted_targets). returns ℓ: (B, S) fp32 (fp64 for fp64 logits), 0 where ignored."""
     z = logits.reshape(-1, logits.shape[-1])
     z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 -> fp32, fp64 stays
-    flat = F.cross_entropy(z, targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="none")
+    flat = F.cross_entropy(z, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
     return flat.view(targets.shape)
 
 
@@ -44,7 +43,9 @@ def task_token_means(tok_loss: Tensor, targets: Tensor, task_ids: Tensor, num_ta
     return means, counts
 
 
-def combine(mode: str, means: Tensor, counts: Tensor, weights: Tensor, gamma: float = 2.0) -> Tensor:
+def combine(
+    mode: str, means: Tensor, counts: Tensor, weights: Tensor, gamma: float = 2.0
+) -> Tensor:
     """The scalar loss from per-task token means (see the module docstring for each mode).
 
     means, counts, weights: (T,). mode: token | balanced | focal | coba (coba = balanced; the
@@ -63,8 +64,14 @@ def combine(mode: str, means: Tensor, counts: Tensor, weights: Tensor, gamma: fl
     raise ValueError(f"mode: expected token|balanced|focal|coba, got {mode!r}")
 
 
-def mft_loss(logits: Tensor, targets: Tensor, task_ids: Tensor, weights: Tensor, mode: str,
-             gamma: float = 2.0) -> tuple[Tensor, Tensor, Tensor]:
+def mft_loss(
+    logits: Tensor,
+    targets: Tensor,
+    task_ids: Tensor,
+    weights: Tensor,
+    mode: str,
+    gamma: float = 2.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """logits: (B, S, V); targets, task_ids: (B, S); weights: (T,).
     returns (loss scalar, per-task token means (T,), per-task answer-token counts (T,))."""
     means, counts = task_token_means(token_losses(logits, targets), targets, task_ids, len(weights))
@@ -96,5 +103,8 @@ def router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[str, Te
         bal.append(t * (f * p.mean(0)).sum())
         sup.append(F.cross_entropy(z, ids[keep]))
         acc.append((top == ids[keep]).to(p.dtype).mean())
-    return {"balance": torch.stack(bal).mean(), "supervision": torch.stack(sup).mean(),
-            "accuracy": torch.stack(acc).mean().detach()}
+    return {
+        "balance": torch.stack(bal).mean(),
+        "supervision": torch.stack(sup).mean(),
+        "accuracy": torch.stack(acc).mean().detach(),
+    }

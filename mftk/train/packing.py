@@ -34,8 +34,11 @@ class Batch:
     num_tokens: int
 
     def model_inputs(self) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids,
-                "attention_mask": self.attention_mask}
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": self.attention_mask,
+        }
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -55,8 +58,12 @@ def block_causal_mask(seq_ids: Tensor, dtype: torch.dtype = torch.float32) -> Te
     return mask[:, None]
 
 
-def rows_to_batch(rows: list[list[Sample]], pad_id: int, dtype: torch.dtype = torch.float32,
-                  length: int | None = None) -> Batch:
+def rows_to_batch(
+    rows: list[list[Sample]],
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+    length: int | None = None,
+) -> Batch:
     """Lay out rows of samples (each row = samples packed back to back) as a padded Batch."""
     s = length or max(sum(len(x) for x in row) for row in rows)
     b = len(rows)
@@ -72,11 +79,11 @@ def rows_to_batch(rows: list[list[Sample]], pad_id: int, dtype: torch.dtype = to
             L = len(smp)
             if off + L > s:
                 raise ValueError(f"rows: row {r} holds {off + L} tokens, more than length {s}")
-            ids[r, off:off + L] = torch.tensor(smp.input_ids)
-            tgt[r, off:off + L] = torch.tensor(shifted_targets(smp.labels))
-            task[r, off:off + L] = smp.task
-            pos[r, off:off + L] = torch.arange(L)
-            seq[r, off:off + L] = k
+            ids[r, off : off + L] = torch.tensor(smp.input_ids)
+            tgt[r, off : off + L] = torch.tensor(shifted_targets(smp.labels))
+            task[r, off : off + L] = smp.task
+            pos[r, off : off + L] = torch.arange(L)
+            seq[r, off : off + L] = k
             off += L
             n += L
     return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n)
@@ -114,8 +121,14 @@ class MultiTaskSampler:
     state_dict(), so a resumed run draws exactly the same batches.
     """
 
-    def __init__(self, tasks: list[list[Sample]], seed: int, vocab_size: int,
-                 noise_kind: str = "random_tokens", noise_token_rate: float = 0.2):
+    def __init__(
+        self,
+        tasks: list[list[Sample]],
+        seed: int,
+        vocab_size: int,
+        noise_kind: str = "random_tokens",
+        noise_token_rate: float = 0.2,
+    ):
         if not tasks or any(len(t) == 0 for t in tasks):
             raise ValueError("tasks: every task needs at least one training sample")
         self.tasks = tasks
@@ -190,8 +203,15 @@ class MultiTaskSampler:
         pend = None
         if self.pending is not None:
             pend = [self.pending.task, self.pending.input_ids, self.pending.labels]
-        return {"rng": self.rng.getstate(), "orders": self.orders, "cursors": self.cursors,
-                "pending": pend, "weights": self.weights, "noise": self.noise, "drawn": self.drawn}
+        return {
+            "rng": self.rng.getstate(),
+            "orders": self.orders,
+            "cursors": self.cursors,
+            "pending": pend,
+            "weights": self.weights,
+            "noise": self.noise,
+            "drawn": self.drawn,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.setstate(_as_rng_state(state["rng"]))
@@ -209,8 +229,14 @@ def _as_rng_state(s):
     return (s[0], tuple(s[1]), s[2])
 
 
-def eval_batches(samples: list[Sample], batch_size: int, seq_len: int, packing: bool, pad_id: int,
-                 dtype: torch.dtype = torch.float32) -> list[Batch]:
+def eval_batches(
+    samples: list[Sample],
+    batch_size: int,
+    seq_len: int,
+    packing: bool,
+    pad_id: int,
+    dtype: torch.dtype = torch.float32,
+) -> list[Batch]:
     """Fixed batches over a list of samples (in order), for evaluation."""
     out, rest = [], list(samples)
     while rest:

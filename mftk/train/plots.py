@@ -20,7 +20,9 @@ def ema(values: list[float | None], beta: float = 0.9) -> list[float | None]:
     return out
 
 
-def plot_losses(history: dict[str, Any], tasks: list[str], stages: list[dict[str, Any]], path: str) -> None:
+def plot_losses(
+    history: dict[str, Any], tasks: list[str], stages: list[dict[str, Any]], path: str
+) -> None:
     """history: {"step": [...], "train": {task: [loss|None per step]}, "eval_step": [...],
     "eval": {task: [...]}}; stages: [{"name", "start", "end"}]. Writes a PNG to path."""
     import matplotlib
@@ -35,15 +37,36 @@ def plot_losses(history: dict[str, Any], tasks: list[str], stages: list[dict[str
         ys = ema(history["train"][task])
         pts = [(s, y) for s, y in zip(history["step"], ys) if y is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=c, lw=1.2, alpha=0.8,
-                    label=f"{task} train")
-        ax.plot(history["eval_step"], history["eval"][task], "o--", color=c, ms=3.5, lw=1,
-                label=f"{task} eval")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                color=c,
+                lw=1.2,
+                alpha=0.8,
+                label=f"{task} train",
+            )
+        ax.plot(
+            history["eval_step"],
+            history["eval"][task],
+            "o--",
+            color=c,
+            ms=3.5,
+            lw=1,
+            label=f"{task} eval",
+        )
     if len(stages) > 1:
         for st in stages:
             ax.axvline(st["start"], color="grey", ls=":", lw=0.8)
-            ax.text(st["start"], 1.0, f" {st['name']}", transform=ax.get_xaxis_transform(),
-                    va="top", ha="left", fontsize=7, color="grey")
+            ax.text(
+                st["start"],
+                1.0,
+                f" {st['name']}",
+                transform=ax.get_xaxis_transform(),
+                va="top",
+                ha="left",
+                fontsize=7,
+                color="grey",
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.set_yscale("log")

@@ -44,11 +44,20 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
 
 
 def tiny_config(overrides: dict[str, Any] | None, vocab_size: int, max_positions: int, tokenizer):
@@ -57,15 +66,31 @@ def tiny_config(overrides: dict[str, Any] | None, vocab_size: int, max_positions
     params = dict(TINY_DEFAULTS)
     for key, value in (overrides or {}).items():
         if key not in TINY_DEFAULTS:
-            raise ConfigError(f"model.tiny.{key}: unknown key; expected one of {sorted(TINY_DEFAULTS)}")
+            raise ConfigError(
+                f"model.tiny.{key}: unknown key; expected one of {sorted(TINY_DEFAULTS)}"
+            )
         params[key] = value
-    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_positions,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, **params)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **params,
+    )
 
 
-def pretrain_base(model, tokenizer, texts: list[str], steps: int, lr: float, batch_size: int,
-                  seq_len: int, seed: int, log=print) -> list[float]:
+def pretrain_base(
+    model,
+    tokenizer,
+    texts: list[str],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    log=print,
+) -> list[float]:
     """Causal-LM training of all weights on texts, concatenated (eos-separated) and chunked."""
     ids: list[int] = []
     for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
@@ -76,7 +101,9 @@ def pretrain_base(model, tokenizer, texts: list[str], steps: int, lr: float, bat
     chunks = torch.tensor(ids[: n_chunks * seq_len]).view(n_chunks, seq_len)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * (1 - s / steps)
+    )
     model.train()
     losses = []
     t0 = time.perf_counter()
@@ -90,23 +117,38 @@ def pretrain_base(model, tokenizer, texts: list[str], steps: int, lr: float, bat
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
-            log(f"pretrain step {step + 1}/{steps}  loss {losses[-1]:.3f}  "
-                f"({time.perf_counter() - t0:.1f}s)")
+            log(
+                f"pretrain step {step + 1}/{steps}  loss {losses[-1]:.3f}  "
+                f"({time.perf_counter() - t0:.1f}s)"
+            )
     model.eval()
     return losses
 
 
-def load_model_and_tokenizer(mcfg: ModelConfig, texts: list[str], pretrain_texts: list[str],
-                             seq_len: int, seed: int, cache_dir: str, log=print):
+def load_model_and_tokenizer(
+    mcfg: ModelConfig,
+    texts: list[str],
+    pretrain_texts: list[str],
+    seq_len: int,
+    seed: int,
+    cache_dir: str,
+    log=print,
+):
     """(model, tokenizer, info). texts: all task text (tokenizer training); pretrain_texts: the
     training split's text (base pretraining). Frozen-base training happens elsewhere."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     dtype = DTYPES[mcfg.dtype]
     if mcfg.path is not None:
         tok = AutoTokenizer.from_pretrained(mcfg.path)
-        model = AutoModelForCausalLM.from_pretrained(mcfg.path, dtype=dtype,
-                                                     attn_implementation=mcfg.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            mcfg.path, dtype=dtype, attn_implementation=mcfg.attn_implementation
+        )
         return model, tok, {"source": mcfg.path}
 
     key = _hash({"texts": _hash(texts), "vocab": mcfg.vocab_size})
@@ -118,9 +160,18 @@ def load_model_and_tokenizer(mcfg: ModelConfig, texts: list[str], pretrain_texts
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     config = tiny_config(mcfg.tiny, len(tok), seq_len, tok)
     pre = mcfg.pretrain
-    mkey = _hash({"tok": key, "config": config.to_dict(), "steps": pre.steps, "lr": pre.lr,
-                  "bs": pre.batch_size, "seq": seq_len, "seed": seed,
-                  "text": _hash(pretrain_texts) if pre.steps else None})
+    mkey = _hash(
+        {
+            "tok": key,
+            "config": config.to_dict(),
+            "steps": pre.steps,
+            "lr": pre.lr,
+            "bs": pre.batch_size,
+            "seq": seq_len,
+            "seed": seed,
+            "text": _hash(pretrain_texts) if pre.steps else None,
+        }
+    )
     base_dir = os.path.join(cache_dir, f"base-{mkey}")
     info: dict[str, Any] = {"source": "tiny", "cache": base_dir}
     if not os.path.isfile(os.path.join(base_dir, "config.json")):
@@ -128,10 +179,14 @@ def load_model_and_tokenizer(mcfg: ModelConfig, texts: list[str], pretrain_texts
         model = LlamaForCausalLM(config)
         if pre.steps:
             t0 = time.perf_counter()
-            losses = pretrain_base(model, tok, pretrain_texts, pre.steps, pre.lr, pre.batch_size,
-                                   seq_len, seed, log)
-            info["pretrain"] = {"first_loss": losses[0], "last_loss": losses[-1],
-                                "seconds": time.perf_counter() - t0}
+            losses = pretrain_base(
+                model, tok, pretrain_texts, pre.steps, pre.lr, pre.batch_size, seq_len, seed, log
+            )
+            info["pretrain"] = {
+                "first_loss": losses[0],
+                "last_loss": losses[-1],
+                "seconds": time.perf_counter() - t0,
+            }
             with open(os.path.join(cache_dir, f"pretrain-{mkey}.json"), "w") as f:
                 json.dump(info["pretrain"], f)
         _atomic_save(model.save_pretrained, base_dir)
@@ -140,8 +195,9 @@ def load_model_and_tokenizer(mcfg: ModelConfig, texts: list[str], pretrain_texts
         if os.path.isfile(path):
             with open(path) as f:
                 info["pretrain"] = {**json.load(f), "cached": True}
-    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=dtype,
-                                             attn_implementation=mcfg.attn_implementation)
+    model = LlamaForCausalLM.from_pretrained(
+        base_dir, dtype=dtype, attn_implementation=mcfg.attn_implementation
+    )
     return model, tok, info
 
 
