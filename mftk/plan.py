@@ -600,6 +600,7 @@ def plan(info: ModelInfo, o: PlanOptions) -> dict[str, Any]:
             "head_dim": info.head_dim,
             "vocab": info.vocab,
             "target_linears_per_layer": _linears_per_layer(info),
+            "gated_mlp": info.gated_mlp,
         },
         "adapters": {
             "source": info.adapter_source,
@@ -731,6 +732,12 @@ def format_plan(p: dict[str, Any]) -> str:
             f"micro-step ~ {st['allgather_seconds']:.2f} s at {st['bus_gbs']:g} GB/s bus "
             "bandwidth (hidden behind compute when shorter)"
         )
+    if m["target_linears_per_layer"] != LLAMA_LAYER_LINEARS or not m["gated_mlp"]:
+        lines.append(
+            f"  note: the activation formula assumes a Llama-style layer (7 linears, gated MLP); "
+            f"this model has {m['target_linears_per_layer']} linears per layer, so activations "
+            "are a rough estimate"
+        )
     if a["dim0_padding_params_per_gpu"] > 0.1 * a["trainable_params"] / o["gpus"]:
         lines.append(
             f"  note: FSDP2's dim-0 sharding of the (T, ...) adapter tensors over {o['gpus']} GPUs "
@@ -850,7 +857,7 @@ def make_plan(model: str, options: PlanOptions) -> dict[str, Any]:
     """Load `model` (shipped name or config.json path), build it on meta, and plan it."""
     options.check()
     config = load_config(model)
-    info, meta = inspect_model(config, name=model if model in SHIPPED else "")
+    info, meta = inspect_model(config, name=model)
     count_adapters(info, meta, options.rank, options.tasks, options.router)
     return plan(info, options)
 

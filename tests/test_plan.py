@@ -92,6 +92,24 @@ def test_counts_match_the_meta_model_and_patch_model(tiny_path):
     assert sum(p.numel for p in info.adapters) == n_train == lora + routers
 
 
+def test_any_hf_config_qwen2_with_bias_and_tied_embeddings(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=77,
+                      tie_word_embeddings=True)  # fmt: skip
+    cfg.to_json_file(str(tmp_path / "config.json"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    info = _info(str(tmp_path), rank=2, tasks=3)
+    assert info.num_params == sum(p.numel() for p in model.parameters())  # tied: counted once
+    # q (48x48 + bias), k and v (24x48 + bias), o (48x48), gate/up/down (48x80), 2 norms
+    layer = (48 * 48 + 48) + 2 * (24 * 48 + 24) + 48 * 48 + 3 * 48 * 80 + 2 * 48
+    assert info.num_params == 2 * layer + 77 * 48 + 48 == 40_992
+    p = P.plan(info, P.PlanOptions(gpus=2, gpu_mem_gib=4, seq_len=8, rank=2, tasks=3))
+    assert p["model"]["root_params"] == 77 * 48 + 48 and p["memory"]["fits"]
+
+
 def test_fallback_count_equals_patch_model_count(tiny_path, monkeypatch):
     real = _info(tiny_path, rank=5, tasks=3, router=True)
     monkeypatch.setitem(sys.modules, "mftk.patch", None)  # import fails -> shape-based count
