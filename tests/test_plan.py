@@ -221,7 +221,8 @@ def test_quant_constants_equal_bitsandbytes_quant_state():
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     for numel, dq in ((64 * 300 + 17, True), (4096, False), (40 * 72, True)):
         w = torch.randn(numel, dtype=torch.bfloat16)
-        _, qs = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
+        packed, qs = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
+        assert packed.numel() * packed.element_size() == math.ceil(numel / 2)
         got = (
             qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
         )
