@@ -17,7 +17,9 @@
 3. prints the table and writes benchmarks/results/gpu-<card>.md with card, commit and versions,
    and which mftk strategy won per shape (the input for triton_ops.STRATEGY_TABLE).
 
-Needs a CUDA GPU; without one it exits with status 2 and says so.
+Needs a CUDA GPU; without one it exits with status 2 and says so. `--smoke` runs the same
+pipeline on tiny shapes on the CPU under TRITON_INTERPRET=1 (wall-clock timer, no memory stats), to
+check the script itself where there is no GPU; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ PROVIDERS = {
     "hard": ["base", "mftk-addmm", "mftk-fused", "loop", "grouped_mm", "peft"],
     "soft": ["base", "mftk-addmm", "mftk-fused", "loop", "dense"],
 }
+SMOKE_SHAPES = [Shape("smoke 48x40", 64, 48, 40, 3, 16)]
 ROTATE = 4
+DEV = "cuda"
 
 
 @dataclass
@@ -89,7 +93,7 @@ class Inputs:
 def make_inputs(shape: Shape, dtype: torch.dtype) -> Inputs:
     import mftk
 
-    dev = "cuda"
+    dev = DEV
     g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*size, scale=1.0, grad=False):
@@ -116,7 +120,7 @@ def _peft_layer(inp: Inputs, shape: Shape):
     import peft
     from torch import nn
 
-    base = nn.Sequential(nn.Linear(shape.d_in, shape.d_out, device="cuda", dtype=inp.weight.dtype))
+    base = nn.Sequential(nn.Linear(shape.d_in, shape.d_out, device=DEV, dtype=inp.weight.dtype))
     with torch.no_grad():
         base[0].weight.copy_(inp.weight)
         base[0].bias.copy_(inp.bias)
@@ -125,7 +129,7 @@ def _peft_layer(inp: Inputs, shape: Shape):
     for t in range(1, shape.tasks):
         model.peft_config[f"t{t}"] = cfg
         model.inject_adapter(model.model, f"t{t}")
-    layer = model.model[0].to(device="cuda", dtype=inp.weight.dtype)
+    layer = model.model[0].to(device=DEV, dtype=inp.weight.dtype)
     with torch.no_grad():
         for t in range(shape.tasks):
             layer.lora_A[f"t{t}"].weight.copy_(inp.lora_a[t])
@@ -166,9 +170,24 @@ def forward_fn(provider: str, routing: str, inp: Inputs, shape: Shape) -> tuple[
 
 
 def bench(fn: Callable) -> float:
+    """Median ms of fn."""
+    if DEV == "cpu":  # --smoke: a plain timer (do_bench needs CUDA events)
+        import time
+
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[1]
     import triton
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_provider(provider: str, routing: str, inp: Inputs, shape: Shape) -> dict:
@@ -211,12 +230,15 @@ def time_provider(provider: str, routing: str, inp: Inputs, shape: Shape) -> dic
 
             out["fwd"] = bench(mixed)
             out["note"] = "fwd: mixed-adapter loop; bwd: one LoRA"
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fwd_bwd()
-        torch.cuda.synchronize()
-        out["peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        _sync()
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            out["peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        else:
+            out["peak_mb"] = float("nan")
         return out
     finally:
         triton_ops.set_strategy(None)
@@ -230,21 +252,22 @@ def check_correctness(shape: Shape, dtype: torch.dtype, n_check: int = 1024) -> 
     from mftk.ops import triton_ops
 
     n = min(n_check, shape.n)
+    torch.manual_seed(0)
     lines = []
     for routing, top_k in (("hard", None), ("soft", None), ("soft", 2)):
         case = make_case(n, shape.d_in, shape.d_out, shape.tasks, shape.rank, routing, dtype, top_k)
         for f in ("x", "weight", "bias", "lora_a", "lora_b", "router_weight", "router_bias"):
             t = getattr(case, f)
             if t is not None:
-                setattr(case, f, t.detach().cuda().requires_grad_(t.requires_grad))
-        case.scaling = case.scaling.cuda()
+                setattr(case, f, t.detach().to(DEV).requires_grad_(t.requires_grad))
+        case.scaling = case.scaling.to(DEV)
         if case.task_ids is not None:
-            case.task_ids = case.task_ids.cuda()
+            case.task_ids = case.task_ids.to(DEV)
         c64, cdt = case.to(torch.float64), case.to(dtype)
         for c in (c64, cdt):
             for leaf in c.leaves():
                 leaf.requires_grad_(True)
-        g = torch.randn(n, shape.d_out, dtype=torch.float64, device="cuda")
+        g = torch.randn(n, shape.d_out, dtype=torch.float64, device=DEV)
         y64, gr64, _ = run(c64, reference_fn, g)
         ysd, grsd, _ = run(cdt, reference_fn, g)
         for strategy in triton_ops.STRATEGIES:
@@ -259,9 +282,10 @@ def check_correctness(shape: Shape, dtype: torch.dtype, n_check: int = 1024) -> 
                 )
             finally:
                 triton_ops.set_strategy(None)
-            assert_close("y", y, y64, ysd, dtype)
+            where = f"{shape.name} {routing} top_k={top_k} {strategy}"
+            assert_close(f"{where}: y", y, y64, ysd, dtype)
             for i, (gk, gr, gs) in enumerate(zip(grads, gr64, grsd)):
-                assert_close(f"grad[{i}]", gk, gr, gs, dtype)
+                assert_close(f"{where}: grad of leaf {i}", gk, gr, gs, dtype)
             lines.append(f"{shape.name}: {routing} top_k={top_k} {strategy}: ok")
     return lines
 
@@ -273,7 +297,9 @@ def _git_commit() -> str:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, cwd=HERE,
+            capture_output=True,
+            text=True,
+            cwd=HERE,
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
@@ -286,8 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES, or all")
     ap.add_argument("--routing", default="hard,soft")
     ap.add_argument("--skip-check", action="store_true", help="skip the correctness step")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run under the interpreter")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    global DEV
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        DEV = "cpu"
+    elif not torch.cuda.is_available():
         print(
             "gpu_suite: no CUDA GPU is visible (torch.cuda.is_available() is False); this suite "
             "only runs on a GPU. CPU benchmarks: pytest benchmarks/ --benchmark-only",
@@ -298,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import mftk
 
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    table = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = table if args.shapes == "all" else [table[int(i)] for i in args.shapes.split(",")]
     routings = args.routing.split(",")
     dtype = torch.bfloat16
-    card = torch.cuda.get_device_name()
+    card = "cpu-smoke" if args.smoke else torch.cuda.get_device_name()
     print(f"gpu_suite on {card}, torch {torch.__version__}, triton {triton.__version__}")
     checks = []
     if not args.skip_check:
@@ -318,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     res[provider] = time_provider(provider, routing, inp, shape)
                 except Exception as e:  # a baseline this torch/GPU lacks (e.g. _grouped_mm)
                     res[provider] = {"error": f"{type(e).__name__}: {str(e)[:80]}"}
-                torch.cuda.empty_cache()
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
             base = res["base"]["fwd+bwd"]
             for provider, r in res.items():
                 if "error" in r:
@@ -336,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                 best = min(ok, key=ok.get)
                 winners.append(f"| {shape.name} | {routing} | {best} | {ok[best] / base:.3f} |")
         del inp
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gpu-{slug}.md")

@@ -81,3 +81,60 @@ def multi_adapter_linear_ref(
         for t in range(num_tasks):
             y = y + (p[:, t : t + 1] * s[t]) * ((x @ lora_a[t].t()) @ lora_b[t].t())
     return y, logits
+
+
+# --- baselines for benchmarks: how others compute the same thing -----------------------------
+
+
+def grouped_mm_hard(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    bias: Tensor | None,
+    scaling: float | Tensor,
+    perm: Tensor,
+    offsets: Tensor,
+) -> Tensor:
+    """Hard routing through torch._grouped_mm on tokens gathered in plan order (autograd by torch).
+
+    perm (N,), offsets (T + 1,): a routing plan (mftk.build_plan). returns y (N, D_out).
+    """
+    num_tasks = lora_a.shape[0]
+    s = scaling_vector(scaling, num_tasks, x)
+    y = torch.nn.functional.linear(x, weight, bias)
+    routed = int(offsets[-1])
+    if routed == 0:
+        return y
+    idx = perm[:routed]
+    ends = offsets[1:].to(torch.int32)
+    xs = x.index_select(0, idx)
+    shrink = torch._grouped_mm(xs, lora_a.transpose(1, 2), offs=ends)  # (routed, R)
+    row_scale = torch.repeat_interleave(s, (offsets[1:] - offsets[:-1]), output_size=routed)
+    delta = torch._grouped_mm(shrink * row_scale[:, None], lora_b.transpose(1, 2), offs=ends)
+    return y.index_add(0, idx, delta)
+
+
+def soft_dense_torch(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    bias: Tensor | None,
+    scaling: float | Tensor,
+    router_weight: Tensor,
+    router_bias: Tensor | None = None,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """Soft routing as plain torch GEMMs over the concatenated adapters (autograd by torch).
+
+    The rank-T*R LoRA view: y = x W^T + b + ((x A_cat^T) * coef) B_cat^T. returns y (N, D_out).
+    """
+    num_tasks, rank, d_in = lora_a.shape
+    s = scaling_vector(scaling, num_tasks, x)
+    p, _ = router_probs(x, router_weight, router_bias, top_k, temperature)
+    coef = (p * s).repeat_interleave(rank, dim=1)
+    shrink = x @ lora_a.reshape(num_tasks * rank, d_in).t()
+    b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_tasks * rank)
+    return torch.nn.functional.linear(x, weight, bias) + (shrink * coef) @ b_cat.t()
