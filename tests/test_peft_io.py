@@ -117,6 +117,13 @@ def test_several_peft_adapters_equal_peft_mixed_batch(tmp_path):
     got = _mftk_logits(model, ids, rows)
     assert torch.allclose(got, want, **TOL), max_err(got, want)
     assert not torch.allclose(got[0], got[2], atol=1e-3), "the two adapters must differ"
+    # mixed-adapter generate with the KV cache: PEFT's loop over adapters vs one mftk call
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    mask = torch.ones_like(ids)
+    want = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=rows, **gen)
+    with mftk.use_tasks(model, rows):
+        got = model.generate(ids, attention_mask=mask, **gen)
+    assert torch.equal(got, want)
 
 
 def test_mismatches_raise_naming_the_module(tmp_path):
