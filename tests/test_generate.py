@@ -50,6 +50,20 @@ def test_mixed_generate_equals_per_task_generate_row_by_row(model):
     assert len(set(new)) > 2, f"tasks should generate different tokens: {new}"
 
 
+def test_left_padded_mixed_generate_equals_per_task_generate(model):
+    prompt = tokens(3, 6, seed=15)
+    mask = torch.ones_like(prompt)
+    prompt[0, :2], mask[0, :2] = 0, 0  # left padding, as for HF batched generation
+    prompt[2, :4], mask[2, :4] = 0, 0
+    rows = ["sql", "docs", "code"]
+    with mftk.use_tasks(model, rows):
+        mixed = model.generate(prompt, attention_mask=mask, **GEN)
+    for r, task in enumerate(rows):
+        with mftk.use_tasks(model, task):  # one name: every row gets that task
+            alone = model.generate(prompt, attention_mask=mask, **GEN)
+        assert torch.equal(mixed[r], alone[r]), f"row {r} (task {task})"
+
+
 def test_kv_cache_generate_equals_no_cache_decoding(model):
     prompt = tokens(3, 4, seed=12)
     task_ids = torch.tensor([2, 0, 1])
