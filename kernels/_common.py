@@ -108,9 +108,7 @@ def row_block(cols: int) -> int:
 
 
 @triton.jit
-def group_of_block(
-    off_ptr, pid, G, NUM_OFF, N_ROWS, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr
-):
+def group_of_block(off_ptr, pid, G, NUM_OFF, N_ROWS, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     """Map row-block `pid` to (group, first row, end row) of a grouped row range.
 
     Group g spans rows [off[g], off[g + 1]) (or [off[g], N_ROWS) for g + 1 == NUM_OFF). Blocks are

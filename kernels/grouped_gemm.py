@@ -25,21 +25,67 @@ from mftk.kernels._common import dot_meta, gemm_configs, group_of_block, pow2
 @triton.jit
 def _grouped_gemm_fwd_kernel(
     # pointers
-    a_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, coef_ptr, scale_ptr, h2_ptr, e2_ptr, out_ptr,
-    perm_ptr, off_ptr,
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    h_ptr,
+    e_ptr,
+    coef_ptr,
+    scale_ptr,
+    h2_ptr,
+    e2_ptr,
+    out_ptr,
+    perm_ptr,
+    off_ptr,
     # sizes
-    N_ROWS, N_COLS, K, J, J2, G, NUM_OFF, NUM_E,
+    N_ROWS,
+    N_COLS,
+    K,
+    J,
+    J2,
+    G,
+    NUM_OFF,
+    NUM_E,
     # strides
-    stride_am, stride_ak, stride_wg, stride_wn, stride_wk,
-    stride_hm, stride_ht, stride_hj, stride_eg, stride_en, stride_ej, stride_cm, stride_ct,
-    stride_h2m, stride_h2j, stride_e2n, stride_e2j, stride_om, stride_on,
+    stride_am,
+    stride_ak,
+    stride_wg,
+    stride_wn,
+    stride_wk,
+    stride_hm,
+    stride_ht,
+    stride_hj,
+    stride_eg,
+    stride_en,
+    stride_ej,
+    stride_cm,
+    stride_ct,
+    stride_h2m,
+    stride_h2j,
+    stride_e2n,
+    stride_e2j,
+    stride_om,
+    stride_on,
     # meta-parameters
-    GATHER_A: tl.constexpr, SCATTER_OUT: tl.constexpr, HAS_BASE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EXTRA: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_EXTRA2: tl.constexpr, ACCUMULATE: tl.constexpr,
-    OP_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
-    BLOCK_J2: tl.constexpr, BLOCK_G: tl.constexpr, GROUP_M: tl.constexpr,
+    GATHER_A: tl.constexpr,
+    SCATTER_OUT: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EXTRA: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_EXTRA2: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_J2: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # EXTRA: 0 no adapter range, 1 the row group's own adapter (hard), 2 all adapters (soft).
     pid = tl.program_id(0)
@@ -75,11 +121,13 @@ def _grouped_gemm_fwd_kernel(
             kmask = kk < K
             a = tl.load(
                 a_ptr + arow[:, None] * stride_am + kk[None, :] * stride_ak,
-                mask=rmask[:, None] & kmask[None, :], other=0.0,
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
             )  # [BLOCK_M, BLOCK_K]
             w = tl.load(
                 w_base + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
-                mask=cmask[None, :] & kmask[:, None], other=0.0,
+                mask=cmask[None, :] & kmask[:, None],
+                other=0.0,
             )  # [BLOCK_K, BLOCK_N]
             acc = tl.dot(
                 a.to(OP_DTYPE), w.to(OP_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
@@ -96,7 +144,8 @@ def _grouped_gemm_fwd_kernel(
         for t in range(t_lo, t_hi):
             h = tl.load(
                 h_ptr + rows[:, None] * stride_hm + t * stride_ht + js[None, :] * stride_hj,
-                mask=rmask[:, None] & jmask[None, :], other=0.0,
+                mask=rmask[:, None] & jmask[None, :],
+                other=0.0,
             ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_J]
             if HAS_COEF:
                 c = tl.load(coef_ptr + rows * stride_cm + t * stride_ct, mask=rmask, other=0.0)
@@ -104,9 +153,9 @@ def _grouped_gemm_fwd_kernel(
             if HAS_SCALE:
                 h = h * tl.load(scale_ptr + t).to(ACC_DTYPE)
             e = tl.load(
-                e_ptr + t * stride_eg + cols[None, :] * stride_en
-                + js[:, None] * stride_ej,
-                mask=cmask[None, :] & jmask[:, None], other=0.0,
+                e_ptr + t * stride_eg + cols[None, :] * stride_en + js[:, None] * stride_ej,
+                mask=cmask[None, :] & jmask[:, None],
+                other=0.0,
             )  # [BLOCK_J, BLOCK_N]
             acc = tl.dot(
                 h.to(OP_DTYPE), e.to(OP_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
@@ -116,11 +165,13 @@ def _grouped_gemm_fwd_kernel(
         j2mask = js2 < J2
         h2 = tl.load(
             h2_ptr + rows[:, None] * stride_h2m + js2[None, :] * stride_h2j,
-            mask=rmask[:, None] & j2mask[None, :], other=0.0,
+            mask=rmask[:, None] & j2mask[None, :],
+            other=0.0,
         )  # [BLOCK_M, BLOCK_J2]
         e2 = tl.load(
             e2_ptr + cols[None, :] * stride_e2n + js2[:, None] * stride_e2j,
-            mask=cmask[None, :] & j2mask[:, None], other=0.0,
+            mask=cmask[None, :] & j2mask[:, None],
+            other=0.0,
         )  # [BLOCK_J2, BLOCK_N]
         acc = tl.dot(
             h2.to(OP_DTYPE), e2.to(OP_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
@@ -185,19 +236,46 @@ def grouped_gemm_fwd(
         return (n_m * triton.cdiv(n_cols, meta["BLOCK_N"]),)
 
     _grouped_gemm_fwd_kernel[grid](
-        a if has_base else dummy, w if has_base else dummy, bias if bias is not None else dummy,
-        h if h is not None else dummy, e if e is not None else dummy,
-        coef if coef is not None else dummy, scale if scale is not None else dummy,
-        h2 if h2 is not None else dummy, e2 if e2 is not None else dummy, out,
-        perm if perm is not None else offsets, offsets,
-        n_rows, n_cols, k, j, j2, num_groups, offsets.shape[0], num_e,
-        *_strides(a, 2), *sw,
-        *_strides(h, 3), *_strides(e, 3), *_strides(coef, 2),
-        *_strides(h2, 2), *_strides(e2, 2), *out.stride(),
-        GATHER_A=gather_a, SCATTER_OUT=scatter_out, HAS_BASE=has_base,
-        HAS_BIAS=bias is not None, EXTRA=extra, HAS_COEF=coef is not None,
-        HAS_SCALE=scale is not None, HAS_EXTRA2=h2 is not None, ACCUMULATE=accumulate,
+        a if has_base else dummy,
+        w if has_base else dummy,
+        bias if bias is not None else dummy,
+        h if h is not None else dummy,
+        e if e is not None else dummy,
+        coef if coef is not None else dummy,
+        scale if scale is not None else dummy,
+        h2 if h2 is not None else dummy,
+        e2 if e2 is not None else dummy,
+        out,
+        perm if perm is not None else offsets,
+        offsets,
+        n_rows,
+        n_cols,
+        k,
+        j,
+        j2,
+        num_groups,
+        offsets.shape[0],
+        num_e,
+        *_strides(a, 2),
+        *sw,
+        *_strides(h, 3),
+        *_strides(e, 3),
+        *_strides(coef, 2),
+        *_strides(h2, 2),
+        *_strides(e2, 2),
+        *out.stride(),
+        GATHER_A=gather_a,
+        SCATTER_OUT=scatter_out,
+        HAS_BASE=has_base,
+        HAS_BIAS=bias is not None,
+        EXTRA=extra,
+        HAS_COEF=coef is not None,
+        HAS_SCALE=scale is not None,
+        HAS_EXTRA2=h2 is not None,
+        ACCUMULATE=accumulate,
         **dot_meta(dtype),
-        BLOCK_J=pow2(j), BLOCK_J2=pow2(j2), BLOCK_G=pow2(num_groups, 1),
+        BLOCK_J=pow2(j),
+        BLOCK_J2=pow2(j2),
+        BLOCK_G=pow2(num_groups, 1),
     )
     return out

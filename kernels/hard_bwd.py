@@ -18,16 +18,41 @@ from mftk.kernels._common import dot_meta, group_of_block, interpreting, pow2, r
 @triton.jit
 def _hard_bwd_kernel(
     # pointers
-    dy_ptr, b_ptr, s_ptr, shrink_ptr, ds_ptr, db_ptr, perm_ptr, off_ptr,
+    dy_ptr,
+    b_ptr,
+    s_ptr,
+    shrink_ptr,
+    ds_ptr,
+    db_ptr,
+    perm_ptr,
+    off_ptr,
     # sizes
-    N_ROWS, D_OUT, R, T,
+    N_ROWS,
+    D_OUT,
+    R,
+    T,
     # strides
-    stride_dym, stride_dyn, stride_bt, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsm, stride_dsr, stride_dbt, stride_dbn, stride_dbr,
+    stride_dym,
+    stride_dyn,
+    stride_bt,
+    stride_bn,
+    stride_br,
+    stride_sm,
+    stride_sr,
+    stride_dsm,
+    stride_dsr,
+    stride_dbt,
+    stride_dbn,
+    stride_dbr,
     # meta-parameters
     FUSE_DB: tl.constexpr,
-    OP_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     # BLOCK_K tiles D_out, the reduced dimension of dS.
     g, row0, row_end = group_of_block(off_ptr, tl.program_id(0), T, T + 1, N_ROWS, BLOCK_M, BLOCK_G)
@@ -41,10 +66,14 @@ def _hard_bwd_kernel(
     s_g = tl.load(s_ptr + g).to(ACC_DTYPE)
     b_base = b_ptr + g.to(tl.int64) * stride_bt
     if FUSE_DB:
-        h = tl.load(
-            shrink_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
-            mask=rmask[:, None] & rkmask[None, :], other=0.0,
-        ).to(ACC_DTYPE) * s_g  # [BLOCK_M, BLOCK_R] = H rows of this block
+        h = (
+            tl.load(
+                shrink_ptr + rows[:, None] * stride_sm + rs[None, :] * stride_sr,
+                mask=rmask[:, None] & rkmask[None, :],
+                other=0.0,
+            ).to(ACC_DTYPE)
+            * s_g
+        )  # [BLOCK_M, BLOCK_R] = H rows of this block
         ht = tl.trans(h).to(OP_DTYPE)  # [BLOCK_R, BLOCK_M]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     ns = tl.arange(0, BLOCK_K)
@@ -53,24 +82,30 @@ def _hard_bwd_kernel(
         nmask = nn < D_OUT
         dy = tl.load(
             dy_ptr + tok[:, None] * stride_dym + nn[None, :] * stride_dyn,
-            mask=rmask[:, None] & nmask[None, :], other=0.0,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_M, BLOCK_K]
         b = tl.load(
             b_base + nn[:, None] * stride_bn + rs[None, :] * stride_br,
-            mask=nmask[:, None] & rkmask[None, :], other=0.0,
+            mask=nmask[:, None] & rkmask[None, :],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_R]
         acc = tl.dot(dy, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if FUSE_DB:
             # [BLOCK_R, BLOCK_K] partial dB of this row block
             part = tl.dot(ht, dy, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             tl.atomic_add(
-                db_ptr + g.to(tl.int64) * stride_dbt + nn[None, :] * stride_dbn
+                db_ptr
+                + g.to(tl.int64) * stride_dbt
+                + nn[None, :] * stride_dbn
                 + rs[:, None] * stride_dbr,
-                part, mask=rkmask[:, None] & nmask[None, :],
+                part,
+                mask=rkmask[:, None] & nmask[None, :],
             )
     tl.store(
         ds_ptr + rows[:, None] * stride_dsm + rs[None, :] * stride_dsr,
-        (acc * s_g).to(ds_ptr.dtype.element_ty), mask=rmask[:, None] & rkmask[None, :],
+        (acc * s_g).to(ds_ptr.dtype.element_ty),
+        mask=rmask[:, None] & rkmask[None, :],
     )
 
 
@@ -95,12 +130,27 @@ def hard_bwd_ds(
     block_m = 32 if r > 32 or interpreting() else 64
     grid = (triton.cdiv(n, block_m) + t,)
     _hard_bwd_kernel[grid](
-        grad_y, lora_b, scaling, shrink, ds, db, perm, offsets,
-        n, d_out, r, t,
-        *grad_y.stride(), *lora_b.stride(), *shrink.stride(), *ds.stride(),
+        grad_y,
+        lora_b,
+        scaling,
+        shrink,
+        ds,
+        db,
+        perm,
+        offsets,
+        n,
+        d_out,
+        r,
+        t,
+        *grad_y.stride(),
+        *lora_b.stride(),
+        *shrink.stride(),
+        *ds.stride(),
         *(db.stride() if grad_b_acc is not None else (0, 0, 0)),
-        FUSE_DB=grad_b_acc is not None, **dot_meta(grad_y.dtype),
-        BLOCK_M=block_m, BLOCK_R=pow2(r), BLOCK_G=pow2(t, 1),
+        FUSE_DB=grad_b_acc is not None,
+        **dot_meta(grad_y.dtype),
+        BLOCK_M=block_m,
+        BLOCK_R=pow2(r),
+        BLOCK_G=pow2(t, 1),
     )
     return ds
-

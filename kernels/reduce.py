@@ -23,17 +23,44 @@ from mftk.kernels._common import acc_dtype, dot_meta, pow2, reduce_configs
 @triton.jit
 def _grouped_reduce_bwd_kernel(
     # pointers
-    l_ptr, r_ptr, coef_ptr, scale_ptr, out_ptr, perm_ptr, off_ptr,
+    l_ptr,
+    r_ptr,
+    coef_ptr,
+    scale_ptr,
+    out_ptr,
+    perm_ptr,
+    off_ptr,
     # sizes
-    P, Q, NUM_OFF, N_ROWS, SPLIT,
+    P,
+    Q,
+    NUM_OFF,
+    N_ROWS,
+    SPLIT,
     # strides
-    stride_lm, stride_lg, stride_lp, stride_rm, stride_rg, stride_rq, stride_cm, stride_cg,
-    stride_og, stride_op, stride_oq,
+    stride_lm,
+    stride_lg,
+    stride_lp,
+    stride_rm,
+    stride_rg,
+    stride_rq,
+    stride_cm,
+    stride_cg,
+    stride_og,
+    stride_op,
+    stride_oq,
     # meta-parameters
-    ALL_ROWS: tl.constexpr, GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, HAS_COEF: tl.constexpr,
-    HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr,
-    OP_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ALL_ROWS: tl.constexpr,
+    GATHER_L: tl.constexpr,
+    GATHER_R: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
 ):
     pid0 = tl.program_id(0)
     g = pid0 // SPLIT
@@ -52,7 +79,7 @@ def _grouped_reduce_bwd_kernel(
     r_base = r_ptr + g.to(tl.int64) * stride_rg
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=ACC_DTYPE)
     for i0 in range(lo + part * BLOCK_M, hi, SPLIT * BLOCK_M):
-        rows = i0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] plan rows
+        rows = (i0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M] plan rows; N*D may pass 2^31
         rmask = rows < hi
         if GATHER_L or GATHER_R:
             tok = tl.load(perm_ptr + rows, mask=rmask, other=0)
@@ -62,11 +89,13 @@ def _grouped_reduce_bwd_kernel(
         rrow = tok if GATHER_R else rows
         lt = tl.load(
             l_base + lrow[None, :] * stride_lm + ps[:, None] * stride_lp,
-            mask=rmask[None, :] & pmask[:, None], other=0.0,
+            mask=rmask[None, :] & pmask[:, None],
+            other=0.0,
         )  # [BLOCK_P, BLOCK_M]
         r = tl.load(
             r_base + rrow[:, None] * stride_rm + qs[None, :] * stride_rq,
-            mask=rmask[:, None] & qmask[None, :], other=0.0,
+            mask=rmask[:, None] & qmask[None, :],
+            other=0.0,
         ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_Q]
         if HAS_COEF:
             c = tl.load(coef_ptr + rows * stride_cm + g * stride_cg, mask=rmask, other=0.0)
@@ -116,13 +145,29 @@ def grouped_reduce_bwd(
         return (num_groups * split, triton.cdiv(p, block_p), triton.cdiv(q, meta["BLOCK_Q"]))
 
     _grouped_reduce_bwd_kernel[grid](
-        left, right, coef if coef is not None else out, scale if scale is not None else out, out,
-        perm if perm is not None else out, offsets if offsets is not None else out,
-        p, q, offsets.shape[0] if offsets is not None else 0, n_rows, split,
-        *left.stride(), *right.stride(),
-        *(coef.stride() if coef is not None else (0, 0)), *out.stride(),
-        ALL_ROWS=offsets is None, GATHER_L=gather_left, GATHER_R=gather_right,
+        left,
+        right,
+        coef if coef is not None else out,
+        scale if scale is not None else out,
+        out,
+        perm if perm is not None else out,
+        offsets if offsets is not None else out,
+        p,
+        q,
+        offsets.shape[0] if offsets is not None else 0,
+        n_rows,
+        split,
+        *left.stride(),
+        *right.stride(),
+        *(coef.stride() if coef is not None else (0, 0)),
+        *out.stride(),
+        ALL_ROWS=offsets is None,
+        GATHER_L=gather_left,
+        GATHER_R=gather_right,
         HAS_COEF=coef is not None,
-        HAS_SCALE=scale is not None, ATOMIC=split > 1, **dot_meta(dtype), BLOCK_P=block_p,
+        HAS_SCALE=scale is not None,
+        ATOMIC=split > 1,
+        **dot_meta(dtype),
+        BLOCK_P=block_p,
     )
     return out

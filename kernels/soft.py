@@ -23,17 +23,44 @@ from mftk.kernels._common import acc_dtype, dot_meta, pow2, row_block, rows_conf
 @triton.jit
 def _soft_fwd_kernel(
     # pointers
-    x_ptr, a_ptr, rw_ptr, rb_ptr, logits_ptr, probs_ptr, shrink_ptr,
+    x_ptr,
+    a_ptr,
+    rw_ptr,
+    rb_ptr,
+    logits_ptr,
+    probs_ptr,
+    shrink_ptr,
     # sizes
-    N, K, T, R, inv_temp,
+    N,
+    K,
+    T,
+    R,
+    inv_temp,
     # strides
-    stride_xm, stride_xk, stride_at, stride_ar, stride_ak, stride_rwt, stride_rwk,
-    stride_lm, stride_lt, stride_pm, stride_pt, stride_sm, stride_sc,
+    stride_xm,
+    stride_xk,
+    stride_at,
+    stride_ar,
+    stride_ak,
+    stride_rwt,
+    stride_rwk,
+    stride_lm,
+    stride_lt,
+    stride_pm,
+    stride_pt,
+    stride_sm,
+    stride_sc,
     # meta-parameters
-    HAS_RB: tl.constexpr, TOP_K: tl.constexpr,
-    OP_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_TS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_RB: tl.constexpr,
+    TOP_K: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_TS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
@@ -51,15 +78,18 @@ def _soft_fwd_kernel(
         kmask = kk < K
         x = tl.load(
             x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=rmask[:, None] & kmask[None, :], other=0.0,
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_M, BLOCK_K]
         a = tl.load(
             a_ptr + ct[None, :] * stride_at + cr[None, :] * stride_ar + kk[:, None] * stride_ak,
-            mask=csmask[None, :] & kmask[:, None], other=0.0,
+            mask=csmask[None, :] & kmask[:, None],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_TS * BLOCK_R]
         rw = tl.load(
             rw_ptr + ts[None, :] * stride_rwt + kk[:, None] * stride_rwk,
-            mask=tmask[None, :] & kmask[:, None], other=0.0,
+            mask=tmask[None, :] & kmask[:, None],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_T]
         acc_s = tl.dot(x, a, acc_s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         acc_l = tl.dot(x, rw, acc_l, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -70,7 +100,8 @@ def _soft_fwd_kernel(
     lmask = rmask[:, None] & tmask[None, :]
     tl.store(
         logits_ptr + rows[:, None] * stride_lm + ts[None, :] * stride_lt,
-        logits.to(logits_ptr.dtype.element_ty), mask=lmask,
+        logits.to(logits_ptr.dtype.element_ty),
+        mask=lmask,
     )
     z = tl.where(tmask[None, :], logits * inv_temp, float("-inf"))  # [BLOCK_M, BLOCK_T]
     if TOP_K > 0:
@@ -86,11 +117,13 @@ def _soft_fwd_kernel(
     p = ez / tl.sum(ez, 1)[:, None]
     tl.store(
         probs_ptr + rows[:, None] * stride_pm + ts[None, :] * stride_pt,
-        p.to(probs_ptr.dtype.element_ty), mask=lmask,
+        p.to(probs_ptr.dtype.element_ty),
+        mask=lmask,
     )
     tl.store(
         shrink_ptr + rows[:, None] * stride_sm + (ct * R + cr)[None, :] * stride_sc,
-        acc_s.to(shrink_ptr.dtype.element_ty), mask=rmask[:, None] & csmask[None, :],
+        acc_s.to(shrink_ptr.dtype.element_ty),
+        mask=rmask[:, None] & csmask[None, :],
     )
 
 
@@ -98,17 +131,50 @@ def _soft_fwd_kernel(
 @triton.jit
 def _soft_bwd_kernel(
     # pointers
-    dy_ptr, b_ptr, s_ptr, probs_ptr, shrink_ptr, gl_ptr, ds_ptr, dl_ptr, db_ptr,
+    dy_ptr,
+    b_ptr,
+    s_ptr,
+    probs_ptr,
+    shrink_ptr,
+    gl_ptr,
+    ds_ptr,
+    dl_ptr,
+    db_ptr,
     # sizes
-    N, D_OUT, T, R, inv_temp,
+    N,
+    D_OUT,
+    T,
+    R,
+    inv_temp,
     # strides
-    stride_dym, stride_dyn, stride_bt, stride_bn, stride_br, stride_pm, stride_pt,
-    stride_sm, stride_sc, stride_glm, stride_glt, stride_dsm, stride_dsc, stride_dlm, stride_dlt,
-    stride_dbt, stride_dbn, stride_dbr,
+    stride_dym,
+    stride_dyn,
+    stride_bt,
+    stride_bn,
+    stride_br,
+    stride_pm,
+    stride_pt,
+    stride_sm,
+    stride_sc,
+    stride_glm,
+    stride_glt,
+    stride_dsm,
+    stride_dsc,
+    stride_dlm,
+    stride_dlt,
+    stride_dbt,
+    stride_dbn,
+    stride_dbr,
     # meta-parameters
-    HAS_GL: tl.constexpr, FUSE_DB: tl.constexpr,
-    OP_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_TS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_GL: tl.constexpr,
+    FUSE_DB: tl.constexpr,
+    OP_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_TS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     # BLOCK_K tiles D_out, the reduced dimension of dH.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,7 +186,8 @@ def _soft_bwd_kernel(
     m2 = rmask[:, None] & csmask[None, :]
     sh = tl.load(
         shrink_ptr + rows[:, None] * stride_sm + (ct * R + cr)[None, :] * stride_sc,
-        mask=m2, other=0.0,
+        mask=m2,
+        other=0.0,
     ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_TS * BLOCK_R]
     s_c = tl.load(s_ptr + ct, mask=ct < T, other=0.0).to(ACC_DTYPE)
     p_c = tl.load(
@@ -136,23 +203,29 @@ def _soft_bwd_kernel(
         nmask = nn < D_OUT
         dy = tl.load(
             dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-            mask=rmask[:, None] & nmask[None, :], other=0.0,
+            mask=rmask[:, None] & nmask[None, :],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_M, BLOCK_K]
         b = tl.load(
             b_ptr + ct[None, :] * stride_bt + nn[:, None] * stride_bn + cr[None, :] * stride_br,
-            mask=csmask[None, :] & nmask[:, None], other=0.0,
+            mask=csmask[None, :] & nmask[:, None],
+            other=0.0,
         ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_TS * BLOCK_R]
         acc = tl.dot(dy, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         if FUSE_DB:
             part = tl.dot(ht, dy, input_precision=PRECISION, out_dtype=ACC_DTYPE)
             tl.atomic_add(
-                db_ptr + ct[:, None] * stride_dbt + nn[None, :] * stride_dbn
+                db_ptr
+                + ct[:, None] * stride_dbt
+                + nn[None, :] * stride_dbn
                 + cr[:, None] * stride_dbr,
-                part, mask=csmask[:, None] & nmask[None, :],
+                part,
+                mask=csmask[:, None] & nmask[None, :],
             )
     tl.store(
         ds_ptr + rows[:, None] * stride_dsm + (ct * R + cr)[None, :] * stride_dsc,
-        (acc * coef).to(ds_ptr.dtype.element_ty), mask=m2,
+        (acc * coef).to(ds_ptr.dtype.element_ty),
+        mask=m2,
     )
     # softmax backward: dp[n, t] = s_t sum_r dH[n, t, r] S[n, t, r]; dz = p (dp - sum_t p dp)
     dp = tl.sum(tl.reshape(acc * sh * s_c[None, :], (BLOCK_M, BLOCK_TS, BLOCK_R)), 2)
@@ -168,7 +241,8 @@ def _soft_bwd_kernel(
         ).to(ACC_DTYPE)
     tl.store(
         dl_ptr + rows[:, None] * stride_dlm + ts[None, :] * stride_dlt,
-        dl.to(dl_ptr.dtype.element_ty), mask=lmask,
+        dl.to(dl_ptr.dtype.element_ty),
+        mask=lmask,
     )
 
 
@@ -194,13 +268,31 @@ def soft_fwd_shrink(
     bts, br = pow2(t, 1), pow2(r)
     block_m = row_block(bts * br)
     _soft_fwd_kernel[(triton.cdiv(n, block_m),)](
-        x, lora_a, router_weight, router_bias if router_bias is not None else router_weight,
-        logits, probs, shrink,
-        n, k, t, r, 1.0 / temperature,
-        *x.stride(), *lora_a.stride(), *router_weight.stride(),
-        *logits.stride(), *probs.stride(), *shrink.stride(),
-        HAS_RB=router_bias is not None, TOP_K=top_k, **dot_meta(x.dtype),
-        BLOCK_M=block_m, BLOCK_T=pow2(t), BLOCK_TS=bts, BLOCK_R=br,
+        x,
+        lora_a,
+        router_weight,
+        router_bias if router_bias is not None else router_weight,
+        logits,
+        probs,
+        shrink,
+        n,
+        k,
+        t,
+        r,
+        1.0 / temperature,
+        *x.stride(),
+        *lora_a.stride(),
+        *router_weight.stride(),
+        *logits.stride(),
+        *probs.stride(),
+        *shrink.stride(),
+        HAS_RB=router_bias is not None,
+        TOP_K=top_k,
+        **dot_meta(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_T=pow2(t),
+        BLOCK_TS=bts,
+        BLOCK_R=br,
     )
     return logits, probs, shrink
 
@@ -230,11 +322,33 @@ def soft_bwd_ds(
     bts, br = pow2(t, 1), pow2(r)
     block_m = row_block(bts * br)
     _soft_bwd_kernel[(triton.cdiv(n, block_m),)](
-        grad_y, lora_b, scaling, probs, shrink, gl, ds, dl, db,
-        n, d_out, t, r, 1.0 / temperature,
-        *grad_y.stride(), *lora_b.stride(), *probs.stride(), *shrink.stride(), *gl.stride(),
-        *ds.stride(), *dl.stride(), *db.stride(),
-        HAS_GL=grad_logits is not None, FUSE_DB=grad_b_acc is not None, **dot_meta(grad_y.dtype),
-        BLOCK_M=block_m, BLOCK_TS=bts, BLOCK_R=br,
+        grad_y,
+        lora_b,
+        scaling,
+        probs,
+        shrink,
+        gl,
+        ds,
+        dl,
+        db,
+        n,
+        d_out,
+        t,
+        r,
+        1.0 / temperature,
+        *grad_y.stride(),
+        *lora_b.stride(),
+        *probs.stride(),
+        *shrink.stride(),
+        *gl.stride(),
+        *ds.stride(),
+        *dl.stride(),
+        *db.stride(),
+        HAS_GL=grad_logits is not None,
+        FUSE_DB=grad_b_acc is not None,
+        **dot_meta(grad_y.dtype),
+        BLOCK_M=block_m,
+        BLOCK_TS=bts,
+        BLOCK_R=br,
     )
     return ds, dl

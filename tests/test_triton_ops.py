@@ -130,7 +130,12 @@ def test_router_logits_loss_reaches_router(strategy):
 
     def loss(c, backend):
         y, logits = mftk.multi_adapter_linear(
-            c.x, c.weight, c.lora_a, c.lora_b, return_router_logits=True, backend=backend,
+            c.x,
+            c.weight,
+            c.lora_a,
+            c.lora_b,
+            return_router_logits=True,
+            backend=backend,
             **c.kwargs(),
         )
         return y, logits, (y * gy.to(y.dtype)).sum() + (logits * gl.to(y.dtype)).sum()
@@ -220,8 +225,16 @@ def test_op_outputs_match_fakes():
     assert shrink.dtype == torch.float32 and shrink.shape == (33, 8)
     soft = make_case(33, 40, 17, 3, 8, "soft", torch.bfloat16)
     out = triton_ops.soft_fwd(
-        soft.x, soft.weight, soft.bias, soft.lora_a, soft.lora_b, s, soft.router_weight,
-        soft.router_bias, 0.8, 2,
+        soft.x,
+        soft.weight,
+        soft.bias,
+        soft.lora_a,
+        soft.lora_b,
+        s,
+        soft.router_weight,
+        soft.router_bias,
+        0.8,
+        2,
     )
     assert [t.dtype for t in out] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
     assert [tuple(t.shape) for t in out] == [(33, 17), (33, 3), (33, 3), (33, 24)]
@@ -256,8 +269,17 @@ def test_opcheck(mode):
         torch.library.opcheck(torch.ops.mftk.triton_soft_fwd.default, args)
         y, logits, probs, shrink = torch.ops.mftk.triton_soft_fwd(*args)
         bargs = (
-            torch.randn_like(y), torch.randn_like(logits), d[0], d[1], d[3], d[4], s, rw,
-            probs, shrink, 0.8,
+            torch.randn_like(y),
+            torch.randn_like(logits),
+            d[0],
+            d[1],
+            d[3],
+            d[4],
+            s,
+            rw,
+            probs,
+            shrink,
+            0.8,
         )
         torch.library.opcheck(torch.ops.mftk.triton_soft_bwd.default, bargs)
 

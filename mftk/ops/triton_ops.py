@@ -121,14 +121,35 @@ def hard_fwd(
     if choose_strategy(n, d_in, d_out) == "fused":
         y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
         grouped_gemm_fwd(
-            y, offsets, t + 1, x.dtype, perm=perm, gather_a=True, scatter_out=True,
-            a=x, w=weight, bias=bias, h=h, e=lora_b, extra=1, scale=s,
+            y,
+            offsets,
+            t + 1,
+            x.dtype,
+            perm=perm,
+            gather_a=True,
+            scatter_out=True,
+            a=x,
+            w=weight,
+            bias=bias,
+            h=h,
+            e=lora_b,
+            extra=1,
+            scale=s,
         )  # groups 0..T-1 and the base-only tail T
     else:
         y = _base(x, weight, bias)
         grouped_gemm_fwd(
-            y, offsets, t, x.dtype, perm=perm, scatter_out=True,
-            h=h, e=lora_b, extra=1, scale=s, accumulate=True,
+            y,
+            offsets,
+            t,
+            x.dtype,
+            perm=perm,
+            scatter_out=True,
+            h=h,
+            e=lora_b,
+            extra=1,
+            scale=s,
+            accumulate=True,
         )
     return y, shrink
 
@@ -163,30 +184,60 @@ def hard_bwd(
     ds = hard_bwd_ds(grad_y, lora_b, s, shrink, perm, offsets, db_acc)  # (N, R) plan order
     if det:
         grad_b = _reduce(
-            (t, d_out, r), lora_b.dtype, grad_y.unsqueeze(1).expand(n, t, d_out),
-            shrink.unsqueeze(1).expand(n, t, r), offsets, x.dtype,
-            perm=perm, gather_left=True, scale=s,
+            (t, d_out, r),
+            lora_b.dtype,
+            grad_y.unsqueeze(1).expand(n, t, d_out),
+            shrink.unsqueeze(1).expand(n, t, r),
+            offsets,
+            x.dtype,
+            perm=perm,
+            gather_left=True,
+            scale=s,
         )
     else:
         grad_b = db_acc.to(lora_b.dtype)
     grad_a = _reduce(
-        (t, r, d_in), lora_a.dtype, ds.unsqueeze(1).expand(n, t, r),
-        x.unsqueeze(1).expand(n, t, d_in), offsets, x.dtype,
-        perm=perm, gather_right=True, split=_split(n),
+        (t, r, d_in),
+        lora_a.dtype,
+        ds.unsqueeze(1).expand(n, t, r),
+        x.unsqueeze(1).expand(n, t, d_in),
+        offsets,
+        x.dtype,
+        perm=perm,
+        gather_right=True,
+        split=_split(n),
     )
     h = ds.unsqueeze(1).expand(n, t, r)
     e = lora_a.transpose(1, 2)  # (T, D_in, R)
     if choose_strategy(n, d_in, d_out) == "fused":
         grad_x = torch.empty_like(x)
         grouped_gemm_fwd(
-            grad_x, offsets, t + 1, x.dtype, perm=perm, gather_a=True, scatter_out=True,
-            a=grad_y, w=weight.t(), h=h, e=e, extra=1,
+            grad_x,
+            offsets,
+            t + 1,
+            x.dtype,
+            perm=perm,
+            gather_a=True,
+            scatter_out=True,
+            a=grad_y,
+            w=weight.t(),
+            h=h,
+            e=e,
+            extra=1,
         )
     else:
         grad_x = grad_y.mm(weight)
         grouped_gemm_fwd(
-            grad_x, offsets, t, x.dtype, perm=perm, scatter_out=True,
-            h=h, e=e, extra=1, accumulate=True,
+            grad_x,
+            offsets,
+            t,
+            x.dtype,
+            perm=perm,
+            scatter_out=True,
+            h=h,
+            e=e,
+            extra=1,
+            accumulate=True,
         )
     return grad_x, grad_a, grad_b
 
@@ -231,8 +282,18 @@ def soft_fwd(
     if choose_strategy(n, d_in, d_out) == "fused":
         y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
         grouped_gemm_fwd(
-            y, rows, 1, x.dtype, a=x, w=weight, bias=bias, h=h, e=lora_b, extra=2,
-            coef=probs, scale=s,
+            y,
+            rows,
+            1,
+            x.dtype,
+            a=x,
+            w=weight,
+            bias=bias,
+            h=h,
+            e=lora_b,
+            extra=2,
+            coef=probs,
+            scale=s,
         )
     else:
         y = _base(x, weight, bias)
@@ -271,24 +332,31 @@ def soft_bwd(
     rw_dtype = router_weight.dtype
     if n == 0:
         return (
-            grad_y.mm(weight), torch.zeros_like(lora_a), torch.zeros_like(lora_b),
-            torch.zeros_like(router_weight), router_weight.new_zeros((t,)),
+            grad_y.mm(weight),
+            torch.zeros_like(lora_a),
+            torch.zeros_like(lora_b),
+            torch.zeros_like(router_weight),
+            router_weight.new_zeros((t,)),
         )
     det = torch.are_deterministic_algorithms_enabled()
     db_acc = None if det else torch.zeros((t, d_out, r), dtype=adt, device=x.device)
     ds, dl = soft_bwd_ds(grad_y, grad_logits, lora_b, s, probs, shrink, temperature, db_acc)
     if det:
         grad_b = _reduce(
-            (t, d_out, r), lora_b.dtype, grad_y.unsqueeze(1).expand(n, t, d_out),
-            shrink.view(n, t, r), None, x.dtype, coef=probs, scale=s,
+            (t, d_out, r),
+            lora_b.dtype,
+            grad_y.unsqueeze(1).expand(n, t, d_out),
+            shrink.view(n, t, r),
+            None,
+            x.dtype,
+            coef=probs,
+            scale=s,
         )
     else:
         grad_b = db_acc.to(lora_b.dtype)
     split = _split(n)
     x_t = x.unsqueeze(1).expand(n, t, d_in)
-    grad_a = _reduce(
-        (t, r, d_in), lora_a.dtype, ds.view(n, t, r), x_t, None, x.dtype, split=split
-    )
+    grad_a = _reduce((t, r, d_in), lora_a.dtype, ds.view(n, t, r), x_t, None, x.dtype, split=split)
     grad_rw = _reduce(
         (1, t, d_in), rw_dtype, dl.view(n, 1, t), x.view(n, 1, d_in), None, x.dtype, split=split
     )[0]
