@@ -22,10 +22,11 @@ on dim 0 with padding, so one rank holds ceil(d0/G) * prod(rest) elements of eac
   each rank that holds data holds ceil(T/G) = 1 task's rows: dim-0 sharding cannot split below one
   task (the plan prints the padding waste).
 FSDP2 buffers (G > 1; torch/distributed/fsdp/_fully_shard): the root group (embeddings, final
-norm, lm_head) stays unsharded for the whole step (the root does not reshard after forward); per
-layer, the unsharded layer in use + one prefetched + the flat all-gather output of the one in
-flight (foreach_all_gather_copy_out copies it into per-parameter tensors), 3 layers in compute
-storage (bf16, or packed 4-bit), plus the layer's unsharded adapter grads (bf16) and their fp32
+norm, lm_head) stays unsharded for the whole step (fully_shard's default
+reshard_after_forward=None does not reshard the root after forward); per layer, the unsharded
+layer in use + one prefetched + the flat all-gather output of the one in flight
+(foreach_all_gather_copy_out copies it into per-parameter tensors), 3 layers in compute storage
+(bf16, or packed 4-bit), plus the layer's unsharded adapter grads (bf16) and their fp32
 reduce-scatter input. A 4-bit base adds one dequantized bf16 weight (the largest target linear).
 
 Activations: a Llama-style decoder layer (pre-RMSNorm, GQA attention, gated MLP) with mftk adapters
@@ -726,6 +727,11 @@ def format_plan(p: dict[str, Any]) -> str:
         f"  optimizer step: {o['grad_accum']} micro-step(s) x {o['gpus']} GPU(s) = "
         f"{st['tokens_per_optimizer_step']} tokens in {st['seconds_per_optimizer_step']:.2f} s",
     ]
+    if o["quantize"]:
+        lines.append(
+            "  (4-bit: the dequantization of every weight in forward, backward and recompute is "
+            "memory traffic not counted above; expect a lower utilization than bf16)"
+        )
     if o["gpus"] > 1 and st["allgather_seconds"] is not None:
         lines.append(
             f"  FSDP2 all-gathers {st['allgather_bytes_per_gpu'] / 1e9:.1f} GB per GPU per "
