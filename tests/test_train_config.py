@@ -98,6 +98,15 @@ def test_missing_data_file_names_pattern(base):
             "model.path: /does/not/exist is not",
         ),
         (lambda r: r.update(data={"packing": "yes"}), "data.packing: expected true/false"),
+        (
+            lambda r: r.update(model={"tiny": {"hidden": 8}}),
+            "model.tiny.hidden: unknown key; did you mean 'hidden_size'?",
+        ),
+        (lambda r: r["train"].update(device="tpu"), "train.device: 'tpu' is not"),
+        (
+            lambda r: r.update(stages=[{"steps": 10, "noise_kind": "swap"}]),
+            "stages[0].noise_kind: 'swap' is not one of",
+        ),
         (lambda r: r.update(data={"eval_fraction": 1.5}), "data.eval_fraction: must be in (0, 1)"),
         (
             lambda r: r.update(adapter={"top_k": 1}),

@@ -126,7 +126,22 @@ def test_resume_reproduces_uninterrupted_run(cache_dir, tmp_path):
     assert resumed["eval_after"] == full["eval_after"]
 
 
-def test_stages_switch_task_mix(cache_dir, tmp_path):
+class Recorder:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def close(self):
+        self.closed = True
+
+
+def test_stages_switch_task_mix(cache_dir, tmp_path, monkeypatch):
+    import mftk.train.loop as loop
+
+    rec = Recorder()
+    monkeypatch.setattr(loop, "_tensorboard", lambda out: rec)  # tensorboard is optional
     over = dict(
         stages=[
             {"name": "only_bugs", "steps": 4, "mix": {"bugs": 1}},
@@ -146,6 +161,9 @@ def test_stages_switch_task_mix(cache_dir, tmp_path):
     )
     assert m["history"]["stage"] == [0] * 4 + [1] * 4
     assert any("stage 2/2 'only_docs' from step 4" in x for x in logs)
+    tags = {t for t, _, _ in rec.scalars}
+    assert {"train/loss", "train/lr", "train/bugs", "train/docstrings", "eval/bugs"} <= tags
+    assert [s for t, _, s in rec.scalars if t == "train/loss"] == list(range(1, 9)) and rec.closed
 
 
 def test_local_hf_model_dir(tmp_path):

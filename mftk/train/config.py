@@ -37,6 +37,16 @@ FORMATS = ("auto", "prompt_completion", "chat_rounds", "csv")
 LOSS_MODES = ("token", "balanced", "focal", "coba")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.tiny: LlamaConfig fields the built-in tiny model lets a config set
+TINY_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "rope_theta",
+)
 NOISE_KINDS = ("random_tokens", "swap_answer")
 
 
@@ -104,6 +114,7 @@ class TrainConfig:
     clip: float | None = 1.0
     weight_decay: float = 0.0
     seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
     log_every: int = 10
     eval_every: int = 25
     threads: int | None = None
@@ -131,6 +142,7 @@ class StageConfig:
     name: str = ""
     mix: dict[str, float] | None = None
     noise: float = 0.0
+    noise_kind: str | None = None  # default: data.noise_kind
     loss_weights: dict[str, float] | None = None
 
 
@@ -310,6 +322,9 @@ def _validate(cfg: Config) -> None:
             "model.path",
             f"{m.path} is not a Hugging Face model dir (no config.json)",
         )
+    for key in m.tiny or {}:
+        hint = _suggest(key, list(TINY_KEYS))
+        _check(key in TINY_KEYS, f"model.tiny.{key}", f"unknown key{hint}")
     _choice(m.dtype, DTYPES, "model.dtype")
     _choice(
         m.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation"
@@ -339,6 +354,12 @@ def _validate(cfg: Config) -> None:
     tr = cfg.train
     _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _choice(tr.schedule, SCHEDULES, "train.schedule")
+    _check(
+        tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"),
+        "train.device",
+        f"{tr.device!r} is not auto, cpu, cuda or cuda:N",
+    )
+    _check(tr.threads is None or tr.threads >= 1, "train.threads", "must be >= 1 or null")
     for key in ("batch_size", "grad_accum", "log_every", "eval_every"):
         _check(getattr(tr, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
     _check(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -360,6 +381,8 @@ def _validate(cfg: Config) -> None:
         s.name = s.name or f"stage{i + 1}"
         _check(s.steps >= 1, f"{w}.steps", f"must be >= 1, got {s.steps}")
         _check(0 <= s.noise < 1, f"{w}.noise", f"must be in [0, 1), got {s.noise}")
+        if s.noise_kind is not None:
+            _choice(s.noise_kind, NOISE_KINDS, f"{w}.noise_kind")
         for key in ("mix", "loss_weights"):
             table = getattr(s, key)
             if table is None:

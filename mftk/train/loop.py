@@ -109,6 +109,13 @@ class Trainer:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.dtype = DTYPES[cfg.model.dtype]
+        dev = cfg.train.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        self.model.to(self.device)
+        # flash-attention takes no 4D mask: packed boundaries come from the position ids
+        self.varlen = cfg.model.attn_implementation == "flash_attention_2"
         a = cfg.adapter
         torch.manual_seed(cfg.train.seed)
         mftk.patch_model(
@@ -183,11 +190,11 @@ class Trainer:
             w = [a * b for a, b in zip(w, self.coba.weights())]
         return torch.tensor(w, dtype=torch.float32)
 
-    def forward(self, batch, train: bool):
-        """(logits (B, S, V), router losses dict or None) for one batch."""
+    def forward(self, batch):
+        """(logits (B, S, V), router losses dict or None) for one batch (on self.device)."""
         ids = None if self.router else batch.task_ids
         with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
-            logits = self.model(**batch.model_inputs()).logits
+            logits = self.model(**batch.model_inputs(self.varlen)).logits
             rl = router_losses(state.pop_router_logits(), batch.task_ids) if self.router else None
         return logits, rl
 
@@ -199,12 +206,13 @@ class Trainer:
         sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         acc, acc_n = 0.0, 0
         for batch in self.eval_set:
-            logits, rl = self.forward(batch, train=False)
+            batch = batch.to(self.device)
+            logits, rl = self.forward(batch)
             means, cnt = task_token_means(
                 token_losses(logits, batch.targets), batch.targets, batch.task_ids, n
             )
-            sums += (means * cnt).double()
-            counts += cnt.double()
+            sums += (means * cnt).double().cpu()
+            counts += cnt.double().cpu()
             if rl is not None:
                 acc += float(rl["accuracy"]) * batch.num_tokens
                 acc_n += batch.num_tokens
@@ -231,8 +239,8 @@ class Trainer:
         total, tokens, racc = 0.0, 0, []
         for _ in range(cfg.train.grad_accum):
             rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
-            batch = rows_to_batch(rows, self.pad_id, self.dtype)
-            logits, rl = self.forward(batch, train=True)
+            batch = rows_to_batch(rows, self.pad_id, self.dtype).to(self.device)
+            logits, rl = self.forward(batch)
             loss, means, cnt = mft_loss(
                 logits, batch.targets, batch.task_ids, weights, cfg.loss.mode, cfg.loss.focal_gamma
             )
@@ -245,8 +253,8 @@ class Trainer:
                 racc.append(float(rl["accuracy"]))
             (loss / cfg.train.grad_accum).backward()
             total += loss.item() / cfg.train.grad_accum
-            sums += (means.detach() * cnt).double()
-            counts += cnt.double()
+            sums += (means.detach() * cnt).double().cpu()
+            counts += cnt.double().cpu()
             tokens += batch.num_tokens
         if cfg.train.clip:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.train.clip)
@@ -347,7 +355,7 @@ class Trainer:
             if i != stage:
                 stage = i
                 st = cfg.stages[i]
-                self.sampler.set_stage(self.stage_mix(i), st.noise)
+                self.sampler.set_stage(self.stage_mix(i), st.noise, st.noise_kind)
                 if len(self.stages) > 1 or self.step == 0:
                     mix = dict(zip(self.tasks, [round(x, 3) for x in self.stage_mix(i)]))
                     self.log(

@@ -6,7 +6,10 @@ A packed row holds several samples back to back. Per token it carries:
 - `targets`: the next-token label, shifted *inside each sample* (the last token of a sample has
   no target), so no loss ever crosses a sample boundary; -100 where there is no loss;
 - `attention_mask`: an additive (B, 1, S, S) block-diagonal causal mask (0 = attend, dtype-min =
-  blocked). Hugging Face models take a 4D mask as-is, for the eager and the SDPA attention.
+  blocked). Hugging Face models take a 4D mask as-is, for the eager and the SDPA attention (with
+  no mask, transformers 5's eager/SDPA mask from reset position ids still lets a sample attend to
+  the earlier samples of its row). flash-attention takes no 4D mask: there the position ids alone
+  go in, and HF's flash path turns them into varlen sequence boundaries.
 """
 
 from __future__ import annotations
@@ -33,12 +36,25 @@ class Batch:
     attention_mask: Tensor
     num_tokens: int
 
-    def model_inputs(self) -> dict[str, Tensor]:
+    def model_inputs(self, varlen: bool = False) -> dict[str, Tensor]:
+        """Keyword arguments for a Hugging Face causal LM. varlen (flash-attention, which takes
+        no 4D mask): position ids alone; HF derives the packed sequence boundaries from them."""
+        if varlen:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
         return {
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
             "attention_mask": self.attention_mask,
         }
+
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy with every tensor on device."""
+        return Batch(
+            *(getattr(self, k).to(device) for k in BATCH_TENSORS), num_tokens=self.num_tokens
+        )
+
+
+BATCH_TENSORS = ("input_ids", "targets", "task_ids", "position_ids", "seq_ids", "attention_mask")
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -148,11 +164,16 @@ class MultiTaskSampler:
         self.rng.shuffle(order)
         return order
 
-    def set_stage(self, mix: list[float], noise: float) -> None:
+    def set_stage(self, mix: list[float], noise: float, noise_kind: str | None = None) -> None:
+        """Task mix weights (T,), the fraction of corrupted samples and, optionally, how."""
         if len(mix) != len(self.tasks) or sum(mix) <= 0 or min(mix) < 0:
             raise ValueError(f"mix: expected {len(self.tasks)} non-negative weights, got {mix}")
+        if noise_kind is not None and noise_kind not in ("random_tokens", "swap_answer"):
+            raise ValueError(f"noise_kind: expected random_tokens|swap_answer, got {noise_kind!r}")
         self.weights = list(mix)
         self.noise = noise
+        if noise_kind is not None:
+            self.noise_kind = noise_kind
 
     def _next_index(self, t: int) -> int:
         if self.cursors[t] == len(self.orders[t]):
@@ -211,6 +232,7 @@ class MultiTaskSampler:
             "weights": self.weights,
             "noise": self.noise,
             "drawn": self.drawn,
+            "noise_kind": self.noise_kind,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -222,6 +244,7 @@ class MultiTaskSampler:
         self.weights = list(state["weights"])
         self.noise = float(state["noise"])
         self.drawn = list(state["drawn"])
+        self.noise_kind = state.get("noise_kind", self.noise_kind)
 
 
 def _as_rng_state(s):

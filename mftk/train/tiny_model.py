@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mftk.train.config import ConfigError, ModelConfig
+from mftk.train.config import TINY_KEYS, ConfigError, ModelConfig
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TINY_DEFAULTS: dict[str, Any] = {
@@ -65,10 +65,8 @@ def tiny_config(overrides: dict[str, Any] | None, vocab_size: int, max_positions
 
     params = dict(TINY_DEFAULTS)
     for key, value in (overrides or {}).items():
-        if key not in TINY_DEFAULTS:
-            raise ConfigError(
-                f"model.tiny.{key}: unknown key; expected one of {sorted(TINY_DEFAULTS)}"
-            )
+        if key not in TINY_KEYS:
+            raise ConfigError(f"model.tiny.{key}: unknown key; expected one of {sorted(TINY_KEYS)}")
         params[key] = value
     return LlamaConfig(
         vocab_size=vocab_size,
