@@ -58,8 +58,8 @@ def check_case(case):
     yardstick (|err| <= 2 |err_torch| + atol, or the per-dtype floor)."""
     case = _to_device(case)
     dtype = case.x.dtype
-    y, grads, g = run(case, triton_fn)
-    g = g.to(y.device)
+    g = torch.randn((*case.x.shape[:-1], case.weight.shape[0]), dtype=torch.float64, device=DEVICE)
+    y, grads, _ = run(case, triton_fn, g)
     y64, grads64, _ = run(_fresh(case, torch.float64), reference_fn, g)
     same, same_grads = None, [None] * len(grads)
     if dtype != torch.float64:
@@ -152,7 +152,7 @@ def test_router_logits_loss_reaches_router(strategy):
 
 
 def test_plan_reused():
-    case = make_case(33, 40, 17, 3, 8, "hard", torch.float32)
+    case = _to_device(make_case(33, 40, 17, 3, 8, "hard", torch.float32))
     plan = mftk.build_plan(case.task_ids, 3)
     kw = case.kwargs()
     kw["task_ids"] = plan
@@ -189,7 +189,7 @@ def test_deterministic_path(mode, monkeypatch):
         case = make_case(65, 40, 17, 3, 8, mode, torch.float32, top_k=2 if mode == "soft" else None)
         case = _to_device(case)
         check_case(case)
-        g = torch.randn(65, 17, dtype=torch.float64)
+        g = torch.randn(65, 17, dtype=torch.float64, device=DEVICE)
         y1, grads1, _ = run(case, triton_fn, g)
         y2, grads2, _ = run(case, triton_fn, g)
     finally:
@@ -216,14 +216,14 @@ def test_default_path_uses_fused_db_and_split_reductions(monkeypatch):
 
 def test_op_outputs_match_fakes():
     """Shapes and dtypes of the Triton ops' outputs are those of the shared fake kernels."""
-    case = make_case(33, 40, 17, 3, 8, "hard", torch.bfloat16)
+    case = _to_device(make_case(33, 40, 17, 3, 8, "hard", torch.bfloat16))
     plan = mftk.build_plan(case.task_ids, 3)
-    s = torch.rand(3) + 0.5
+    s = torch.rand(3, device=DEVICE) + 0.5
     args = (case.x, case.weight, case.bias, case.lora_a, case.lora_b, s, plan.perm, plan.offsets)
     y, shrink = triton_ops.hard_fwd(*(a.detach() for a in args))
     assert y.dtype == torch.bfloat16 and y.shape == (33, 17)
     assert shrink.dtype == torch.float32 and shrink.shape == (33, 8)
-    soft = make_case(33, 40, 17, 3, 8, "soft", torch.bfloat16)
+    soft = _to_device(make_case(33, 40, 17, 3, 8, "soft", torch.bfloat16))
     out = triton_ops.soft_fwd(
         soft.x,
         soft.weight,
@@ -241,7 +241,7 @@ def test_op_outputs_match_fakes():
     # top-2 of 3: exactly one probability per token is zero, the rest sum to one
     probs = out[2]
     assert ((probs == 0).sum(1) == 1).all()
-    torch.testing.assert_close(probs.sum(1), torch.ones(33))
+    torch.testing.assert_close(probs.sum(1), torch.ones(33, device=DEVICE))
 
 
 def test_strategy_knob_validates():
@@ -332,7 +332,7 @@ def test_cuda_deterministic_bit_identical(mode):
     torch.use_deterministic_algorithms(True)
     try:
         case = _to_device(make_case(4096, 1024, 1024, 8, 16, mode, torch.bfloat16))
-        g = torch.randn(4096, 1024, dtype=torch.float64)
+        g = torch.randn(4096, 1024, dtype=torch.float64, device=DEVICE)
         first = run(case, triton_fn, g)
         second = run(case, triton_fn, g)
     finally:
@@ -349,3 +349,16 @@ def test_cuda_build_plan_matches_torch():
     plan = mftk.build_plan(ids, 8)
     perm, offsets = _plan_torch(ids, 8)
     assert torch.equal(plan.perm, perm) and torch.equal(plan.offsets, offsets)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_non_contiguous_inputs(mode, strategy):
+    """Strided views of x and lora_a go to the kernels as they are (strides, not copies)."""
+    case = make_case(33, 80, 17, 3, 8, mode, torch.float32)
+    case.x = case.x.detach()[:, ::2].requires_grad_(True)  # D_in = 40, row stride 80
+    case.weight = case.weight[:, ::2].contiguous()
+    case.lora_a = case.lora_a.detach()[:, :, ::2].requires_grad_(True)
+    if case.router_weight is not None:
+        case.router_weight = case.router_weight.detach()[:, ::2].requires_grad_(True)
+    assert not case.x.is_contiguous() and not case.lora_a.is_contiguous()
+    check_case(case)

@@ -358,7 +358,7 @@ def soft_bwd(
     x_t = x.unsqueeze(1).expand(n, t, d_in)
     grad_a = _reduce((t, r, d_in), lora_a.dtype, ds.view(n, t, r), x_t, None, x.dtype, split=split)
     grad_rw = _reduce(
-        (1, t, d_in), rw_dtype, dl.view(n, 1, t), x.view(n, 1, d_in), None, x.dtype, split=split
+        (1, t, d_in), rw_dtype, dl.view(n, 1, t), x.unsqueeze(1), None, x.dtype, split=split
     )[0]
     grad_rb = dl.sum(0).to(rw_dtype)
     rows = torch.zeros(1, dtype=torch.int64, device=x.device)
