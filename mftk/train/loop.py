@@ -98,10 +98,10 @@ class Trainer:
             bos, eos = "<s>", "</s>"
         examples = load_examples(cfg, bos, eos)
         texts = [ex.text() for part in examples[:2] for exs in part for ex in exs]
-        pre_texts = [ex.text() for exs in examples[0] for ex in exs]
+        pre_docs = [[seg for seg, _ in ex.segments] for exs in examples[0] for ex in exs]
         cache = cfg.model.cache_dir or os.path.join(self.out, "cache")
         self.model, self.tokenizer, self.model_info = load_model_and_tokenizer(
-            cfg.model, texts, pre_texts, cfg.data.seq_len, cfg.train.seed, cache, self.log
+            cfg.model, texts, pre_docs, cfg.data.seq_len, cfg.train.seed, cache, self.log
         )
         self.data = build_task_data(cfg, self.tokenizer, examples)
         self.log(f"data: {describe(self.data)}")

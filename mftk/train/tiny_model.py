@@ -81,7 +81,7 @@ def tiny_config(overrides: dict[str, Any] | None, vocab_size: int, max_positions
 def pretrain_base(
     model,
     tokenizer,
-    texts: list[str],
+    docs: list[list[str]],
     steps: int,
     lr: float,
     batch_size: int,
@@ -89,10 +89,21 @@ def pretrain_base(
     seed: int,
     log=print,
 ) -> list[float]:
-    """Causal-LM training of all weights on texts, concatenated (eos-separated) and chunked."""
+    """Causal-LM training of all weights on docs, concatenated and cut into seq_len chunks.
+
+    docs: each a list of text segments, tokenized one by one exactly like the fine-tuning samples
+    (data.tokenize), so the base sees the same token boundaries (a BPE merge across a
+    prompt/answer boundary would otherwise differ). An eos is added where a doc lacks one."""
+    flat = [seg for doc in docs for seg in doc]
+    seg_ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
     ids: list[int] = []
-    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(row + [tokenizer.eos_token_id])
+    k = 0
+    for doc in docs:
+        row = [t for seg in seg_ids[k : k + len(doc)] for t in seg]
+        k += len(doc)
+        ids.extend(
+            row if row and row[-1] == tokenizer.eos_token_id else row + [tokenizer.eos_token_id]
+        )
     n_chunks = len(ids) // seq_len
     if n_chunks == 0:
         raise ValueError(f"pretrain: the text has {len(ids)} tokens, fewer than seq_len={seq_len}")
@@ -126,14 +137,14 @@ def pretrain_base(
 def load_model_and_tokenizer(
     mcfg: ModelConfig,
     texts: list[str],
-    pretrain_texts: list[str],
+    pretrain_docs: list[list[str]],
     seq_len: int,
     seed: int,
     cache_dir: str,
     log=print,
 ):
-    """(model, tokenizer, info). texts: all task text (tokenizer training); pretrain_texts: the
-    training split's text (base pretraining). Frozen-base training happens elsewhere."""
+    """(model, tokenizer, info). texts: all task text (tokenizer training); pretrain_docs: the
+    training split's records as text segments (base pretraining, see pretrain_base)."""
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -167,7 +178,7 @@ def load_model_and_tokenizer(
             "bs": pre.batch_size,
             "seq": seq_len,
             "seed": seed,
-            "text": _hash(pretrain_texts) if pre.steps else None,
+            "text": _hash(pretrain_docs) if pre.steps else None,
         }
     )
     base_dir = os.path.join(cache_dir, f"base-{mkey}")
@@ -178,7 +189,7 @@ def load_model_and_tokenizer(
         if pre.steps:
             t0 = time.perf_counter()
             losses = pretrain_base(
-                model, tok, pretrain_texts, pre.steps, pre.lr, pre.batch_size, seq_len, seed, log
+                model, tok, pretrain_docs, pre.steps, pre.lr, pre.batch_size, seq_len, seed, log
             )
             info["pretrain"] = {
                 "first_loss": losses[0],
