@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import mftk
-from mftk.train.config import config_from_dict
+from mftk.train.config import ConfigError, config_from_dict
 from mftk.train.loop import Trainer
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny")
@@ -124,6 +124,9 @@ def test_resume_reproduces_uninterrupted_run(cache_dir, tmp_path):
     assert h_res["task_weights"] == h_full["task_weights"]
     assert h_full["task_weights"][-1] != h_full["task_weights"][0]  # CoBa really moved
     assert resumed["eval_after"] == full["eval_after"]
+    raw_b["train"]["lr"] = 0.01  # a different run must not resume this one
+    with pytest.raises(ConfigError, match="--resume: the checkpoint was written by a run with"):
+        run(raw_b, resume=True)
 
 
 class Recorder:

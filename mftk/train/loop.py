@@ -11,6 +11,7 @@ held-out split) runs at step 0, every `train.eval_every` steps and at the end; C
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import torch
 import mftk
 from mftk.train import checkpointing as ckpt
 from mftk.train.coba import CoBa
-from mftk.train.config import Config
+from mftk.train.config import Config, ConfigError
 from mftk.train.data import build_task_data, describe, load_examples
 from mftk.train.losses import mft_loss, router_losses, task_token_means, token_losses
 from mftk.train.packing import MultiTaskSampler, eval_batches, rows_to_batch
@@ -289,9 +290,16 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "eval_before": getattr(self, "eval_before", None),
+            "run_key": run_key(self.cfg),
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
+        if st.get("run_key") != run_key(self.cfg):
+            raise ConfigError(
+                "--resume: the checkpoint was written by a run with a different config (tasks, "
+                "data, model, adapter, loss, stages or training settings); resuming it would not "
+                "continue that run. Use a new --output, or restore the config."
+            )
         self.step = st["step"]
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
@@ -462,6 +470,16 @@ class Trainer:
             f"({self.step} steps, {metrics['tokens_per_second']:.0f} tok/s, wall {wall:.1f}s)"
         )
         return metrics
+
+
+def run_key(cfg: Config) -> str:
+    """A fingerprint of everything that shapes the loss curve (not output, logging, threads)."""
+    d = cfg.to_dict()
+    for k in ("output", "base_dir"):
+        d.pop(k)
+    for k in ("log_every", "threads", "device"):
+        d["train"].pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _fmt(d: dict[str, float]) -> str:

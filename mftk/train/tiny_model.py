@@ -151,7 +151,9 @@ def load_model_and_tokenizer(
         LlamaForCausalLM,
         PreTrainedTokenizerFast,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between our log lines
     dtype = DTYPES[mcfg.dtype]
     if mcfg.path is not None:
         tok = AutoTokenizer.from_pretrained(mcfg.path)
