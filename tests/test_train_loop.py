@@ -3,6 +3,7 @@ a local Hugging Face model dir, router mode, and the CLI."""
 
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -190,10 +191,17 @@ def test_local_hf_model_dir(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     raw = example_raw("unused", tmp_path / "out", stages=[{"steps": 3}])
-    raw["model"] = {"path": str(tmp_path / "hf"), "attn_implementation": "sdpa"}
+    raw["model"] = {
+        "path": str(tmp_path / "hf"),
+        "attn_implementation": "sdpa",
+        "dtype": "bfloat16",
+    }
+    raw["loss"] = {"mode": "focal", "focal_gamma": 1.0}
     raw["tasks"] = raw["tasks"][1:]
     trainer, m, _ = run(raw)
     assert m["model"]["source"] == str(tmp_path / "hf") and m["steps"] == 3
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    assert all(math.isfinite(v) for v in m["history"]["loss"])
     assert trainer.tokenizer.vocab_size == len(tok)
     assert (tmp_path / "out" / "peft" / "docstrings" / "adapter_model.safetensors").is_file()
     assert not os.path.exists("unused")

@@ -8,12 +8,19 @@ nothing. Relative paths are resolved against the config file's folder.
       - name: code_completion
         data: ./data/python/*.jsonl
         loss_weight: 0.6
-    model:   {path: DIR} or {tiny: {...}}, dtype, attn_implementation, pretrain
-    adapter: rank, alpha, target_modules, router, top_k, dropout
-    data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines
-    train:   steps, lr, schedule, warmup_steps, batch_size, grad_accum, clip, seed, ...
-    loss:    mode (token|balanced|focal|coba), focal_gamma, coba, router_balance, router_supervision
-    stages:  [{name, steps, mix, noise, loss_weights}]
+      (per task also: format auto|prompt_completion|chat_rounds|csv, prompt, completion,
+       prompt_template: the jsonl keys / csv columns, or a str.format template over a row)
+    model:   {path: DIR} or {tiny: {...}, vocab_size, pretrain: {steps, lr, batch_size}},
+             dtype, attn_implementation (sdpa|eager|flash_attention_2), cache_dir
+    adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout
+    data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
+             noise_token_rate
+    train:   steps, lr, schedule (cosine|linear|constant), warmup_steps, batch_size (rows of up
+             to seq_len tokens per micro-batch; one sample per row without packing),
+             grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every
+    loss:    mode (token|balanced|focal|coba), focal_gamma, coba: {history_length,
+             warmup_steps, tau}, router_balance, router_supervision
+    stages:  [{name, steps, mix: {task: w}, noise, noise_kind, loss_weights: {task: w}}]
     output:  dir, save_every, keep_last
 """
 
