@@ -177,6 +177,21 @@ def test_malformed_csv(tmp_path):
         load_examples(bad, "", "</s>")
 
 
+def test_unreadable_or_empty_files(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"prompt": "\xff\xfe", "completion": "x"}\n')
+    cfg = make_cfg(tmp_path, [{"name": "gen", "data": "a.jsonl"}])
+    with pytest.raises(DataError, match=r"a\.jsonl: not UTF-8 text"):
+        load_examples(cfg, "", "</s>")
+    write_jsonl(tmp_path / "a.jsonl", ["", '{"prompt": 1}'])
+    cfg = make_cfg(tmp_path, [{"name": "gen", "data": "a.jsonl"}], skip_bad_lines=True)
+    with pytest.raises(DataError, match=r"tasks\[0\] \(gen\): no usable records"):
+        load_examples(cfg, "", "</s>")
+    (tmp_path / "e.csv").write_text("")
+    cfg = make_cfg(tmp_path, [{"name": "b", "data": "e.csv"}])
+    with pytest.raises(DataError, match=r"e\.csv:1: empty csv file"):
+        load_examples(cfg, "", "</s>")
+
+
 def test_truncation_drops_samples_without_answer(tmp_path, tok):
     write_jsonl(
         tmp_path / "a.jsonl",

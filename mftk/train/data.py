@@ -218,15 +218,18 @@ def read_examples(
             if fmt == "csv"
             else _read_jsonl(path, task, fmt, bos, eos)
         )
-        for where, item in reader:
-            if isinstance(item, Exception):
-                if not skip_bad_lines:
-                    raise DataError(f"{where}: {item}")
-                skipped[str(item).split(" (")[0]] += 1
-                continue
-            out.append(Example(task_index, item, where))
+        try:
+            for where, item in reader:
+                if isinstance(item, Exception):
+                    if not skip_bad_lines:
+                        raise DataError(f"{where}: {item}")
+                    skipped[str(item).split(" (")[0]] += 1
+                    continue
+                out.append(Example(task_index, item, where))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not out:
-        raise DataError(f"tasks.{task.name}: no usable records in {task.files}")
+        raise DataError(f"tasks[{task_index}] ({task.name}): no usable records in {task.files}")
     return out, skipped
 
 
