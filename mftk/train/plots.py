@@ -30,7 +30,7 @@ def plot_losses(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 5.2), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, task in enumerate(tasks):
         c = colors[i % len(colors)]
@@ -71,7 +71,7 @@ def plot_losses(
     ax.set_ylabel("loss (answer tokens)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=len(tasks), loc="upper center", bbox_to_anchor=(0.5, -0.13))
     ax.set_title("mftk train: per-task loss")
     fig.tight_layout()
     fig.savefig(path)
