@@ -204,7 +204,7 @@ def test_local_hf_model_dir(tmp_path):
     assert all(math.isfinite(v) for v in m["history"]["loss"])
     assert trainer.tokenizer.vocab_size == len(tok)
     assert (tmp_path / "out" / "peft" / "docstrings" / "adapter_model.safetensors").is_file()
-    assert not os.path.exists("unused")
+    assert not os.path.exists(os.path.join(EXAMPLE, "unused"))  # no tiny cache for a model dir
 
 
 def test_router_mode_learns_to_route(cache_dir, tmp_path):
