@@ -55,6 +55,7 @@ def _extensions():
 setup(
     packages=find_packages(include=["mftk", "mftk.*"]) + ["mftk.kernels"],
     package_dir={"mftk.kernels": "kernels"},
+    package_data={"mftk": ["configs/*.json"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

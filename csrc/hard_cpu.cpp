@@ -54,23 +54,37 @@ void check_plan(const int64_t* off, int64_t t_count, const int64_t* perm, int64_
     TORCH_CHECK(perm[i] >= 0 && perm[i] < n, "perm: entry ", i, " = ", perm[i], " out of [0, N)");
 }
 
-at::Tensor base_linear(const at::Tensor& xc, const at::Tensor& wc,
-                       const std::optional<at::Tensor>& bias, at::ScalarType cdt) {
-  if (bias.has_value() && bias->defined()) return at::addmm(bias->to(cdt), xc, wc.t());
-  return at::mm(xc, wc.t());
-}
-
 }  // namespace
 
+at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t d_out) {
+  const auto cdt = xc.scalar_type();
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (weight.has_value() && weight->defined()) {
+    const auto w = weight->to(cdt);
+    return has_bias ? at::addmm(bias->to(cdt), xc, w.t()) : at::mm(xc, w.t());
+  }
+  auto y = at::zeros({xc.size(0), d_out}, xc.options());
+  if (has_bias) y.add_(bias->to(cdt));
+  return y;
+}
+
+at::Tensor base_grad_x(const at::Tensor& gy, const std::optional<at::Tensor>& weight,
+                       int64_t d_in) {
+  if (weight.has_value() && weight->defined()) return at::mm(gy, weight->to(gy.scalar_type()));
+  return at::zeros({gy.size(0), d_in}, gy.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
     const at::Tensor& perm, const at::Tensor& offsets) {
   const auto cdt = compute_dtype(x);
   const int64_t n = x.size(0), t_count = lora_a.size(0), rank = lora_a.size(1);
-  const int64_t d_in = x.size(1), d_out = weight.size(0);
+  const int64_t d_in = x.size(1), d_out = lora_b.size(1);
   auto xc = x.to(cdt).contiguous();
-  auto y = base_linear(xc, weight.to(cdt), bias, cdt).contiguous();
+  auto y = base_forward(xc, weight, bias, d_out).contiguous();
   auto shrink = at::zeros({n, rank}, xc.options());
   auto off_t = offsets.to(at::kLong).contiguous();
   auto perm_t = perm.to(at::kLong).contiguous();
@@ -102,14 +116,14 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
     const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& shrink) {
   const auto cdt = compute_dtype(x);
   const int64_t t_count = lora_a.size(0), rank = lora_a.size(1);
-  const int64_t d_in = x.size(1), d_out = weight.size(0);
+  const int64_t d_in = x.size(1), d_out = lora_b.size(1);
   auto gy = grad_y.to(cdt).contiguous();
-  auto grad_x = at::mm(gy, weight.to(cdt)).contiguous();
+  auto grad_x = base_grad_x(gy, weight, d_in).contiguous();
   auto grad_a = at::zeros({t_count, rank, d_in}, gy.options());
   auto grad_b = at::zeros({t_count, d_out, rank}, gy.options());
   auto off_t = offsets.to(at::kLong).contiguous();

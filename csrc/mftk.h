@@ -12,19 +12,19 @@ std::tuple<at::Tensor, at::Tensor> build_plan_cpu(const at::Tensor& task_ids, in
 
 // y (N, D_out) x.dtype; shrink (N, R) compute dtype, in plan order (row i <-> token perm[i]).
 std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
     const at::Tensor& perm, const at::Tensor& offsets);
 
 // grad_x (N, D_in), grad_lora_a (T, R, D_in), grad_lora_b (T, D_out, R).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
     const at::Tensor& perm, const at::Tensor& offsets, const at::Tensor& shrink);
 
 // y (N, D_out); logits (N, T) x.dtype; probs (N, T) and shrink (N, T*R) compute dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_bias,
     double temperature, int64_t top_k);
@@ -32,9 +32,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
 // grad_x, grad_lora_a, grad_lora_b, grad_router_weight (T, D_in), grad_router_bias (T,).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_logits, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& scaling, const at::Tensor& router_weight, const at::Tensor& probs,
     const at::Tensor& shrink, double temperature);
+
+// x W^T + b in the compute dtype; without weight, just b (or zeros): the adapters alone.
+at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, int64_t d_out);
+
+// grad_y W, or zeros (N, D_in) without weight.
+at::Tensor base_grad_x(const at::Tensor& gy, const std::optional<at::Tensor>& weight, int64_t d_in);
 
 inline at::ScalarType compute_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -1,4 +1,5 @@
-// Schemas of the mftk:: ops and their CPU kernels. Fake (meta) kernels and autograd are registered
+// Schemas of the mftk:: ops and their CPU kernels. weight may be None: the adapters alone (a
+// base computed elsewhere, e.g. a 4-bit layer, is added by the caller). Fake (meta) kernels and autograd are registered
 // from Python (mftk/ops/registry.py); CUDA tensors use the Triton kernels in kernels/.
 #include <torch/extension.h>
 
@@ -7,18 +8,18 @@
 TORCH_LIBRARY(mftk, m) {
   m.def("build_plan(Tensor task_ids, int num_tasks) -> (Tensor perm, Tensor offsets)");
   m.def(
-      "hard_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "hard_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor scaling, Tensor perm, Tensor offsets) -> (Tensor y, Tensor shrink)");
   m.def(
-      "hard_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "hard_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, "
       "Tensor scaling, Tensor perm, Tensor offsets, Tensor shrink) "
       "-> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b)");
   m.def(
-      "soft_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "soft_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
       "Tensor scaling, Tensor router_weight, Tensor? router_bias, float temperature, int top_k) "
       "-> (Tensor y, Tensor logits, Tensor probs, Tensor shrink)");
   m.def(
-      "soft_bwd(Tensor grad_y, Tensor? grad_logits, Tensor x, Tensor weight, Tensor lora_a, "
+      "soft_bwd(Tensor grad_y, Tensor? grad_logits, Tensor x, Tensor? weight, Tensor lora_a, "
       "Tensor lora_b, Tensor scaling, Tensor router_weight, Tensor probs, Tensor shrink, "
       "float temperature) -> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b, "
       "Tensor grad_router_weight, Tensor grad_router_bias)");

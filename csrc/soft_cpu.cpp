@@ -20,13 +20,14 @@ at::Tensor column_coef(const at::Tensor& probs, const at::Tensor& scaling, int64
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_bias,
     double temperature, int64_t top_k) {
   const auto cdt = compute_dtype(x);
   const int64_t t_count = lora_a.size(0), rank = lora_a.size(1), d_in = x.size(1);
-  const int64_t d_out = weight.size(0);
+  const int64_t d_out = lora_b.size(1);
   auto xc = x.to(cdt).contiguous();
   auto logits = (router_bias.has_value() && router_bias->defined())
                     ? at::addmm(router_bias->to(cdt), xc, router_weight.to(cdt).t())
@@ -42,21 +43,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, t_count * rank});
   auto shrink = at::mm(xc, a_cat.t());  // [N, T*R]
   auto h = shrink * column_coef(probs, scaling, rank);
-  auto y = (bias.has_value() && bias->defined())
-               ? at::addmm(bias->to(cdt), xc, weight.to(cdt).t())
-               : at::mm(xc, weight.to(cdt).t());
+  auto y = base_forward(xc, weight, bias, d_out);
   y.addmm_(h, b_cat.t());
   return {y.to(x.scalar_type()), logits.to(x.scalar_type()), probs, shrink};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_logits, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& scaling, const at::Tensor& router_weight, const at::Tensor& probs,
     const at::Tensor& shrink, double temperature) {
   const auto cdt = compute_dtype(x);
   const int64_t n = x.size(0), t_count = lora_a.size(0), rank = lora_a.size(1);
-  const int64_t d_in = x.size(1), d_out = weight.size(0);
+  const int64_t d_in = x.size(1), d_out = lora_b.size(1);
   auto xc = x.to(cdt).contiguous();
   auto dy = grad_y.to(cdt).contiguous();
   auto p = probs.to(cdt);
@@ -73,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   if (grad_logits.has_value() && grad_logits->defined()) dlogits = dlogits + grad_logits->to(cdt);
   auto ds = dh * coef;                                             // [N, T*R]
   auto rw = router_weight.to(cdt);
-  auto grad_x = at::mm(dy, weight.to(cdt));
+  auto grad_x = base_grad_x(dy, weight, d_in);
   grad_x.addmm_(ds, a_cat);
   grad_x.addmm_(dlogits, rw);
   auto grad_a = at::mm(ds.t(), xc).reshape({t_count, rank, d_in});

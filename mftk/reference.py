@@ -17,6 +17,14 @@ def scaling_vector(scaling: float | Tensor, num_tasks: int, like: Tensor) -> Ten
     return torch.full((num_tasks,), float(scaling), device=like.device, dtype=like.dtype)
 
 
+def base_linear_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None, d_out: int) -> Tensor:
+    """x @ weight.T + bias; without weight, bias alone (or zeros): (N, d_out)."""
+    if weight is not None:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = x.new_zeros(x.shape[0], d_out)
+    return y + bias if bias is not None else y
+
+
 def router_probs(
     x: Tensor,
     router_weight: Tensor,
@@ -43,7 +51,7 @@ def router_probs(
 
 def multi_adapter_linear_ref(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     bias: Tensor | None = None,
@@ -58,15 +66,13 @@ def multi_adapter_linear_ref(
 
     hard: y[n] = x[n] @ W.T + b + s[t] * (x[n] @ A[t].T) @ B[t].T,  t = task_ids[n] (-1: base only)
     soft: y[n] = x[n] @ W.T + b + sum_t p[n, t] * s[t] * (x[n] @ A[t].T) @ B[t].T
-    x: (N, D_in); weight: (D_out, D_in); lora_a: (T, R, D_in); lora_b: (T, D_out, R);
-    task_ids: (N,) int; router_weight: (T, D_in); router_bias: (T,)
+    x: (N, D_in); weight: (D_out, D_in) or None (the adapters alone); lora_a: (T, R, D_in);
+    lora_b: (T, D_out, R); task_ids: (N,) int; router_weight: (T, D_in); router_bias: (T,)
     returns (y (N, D_out), router logits (N, T) or None)
     """
     num_tasks = lora_a.shape[0]
     s = scaling_vector(scaling, num_tasks, x)
-    y = x @ weight.t()
-    if bias is not None:
-        y = y + bias
+    y = base_linear_ref(x, weight, bias, lora_b.shape[1])
     logits = None
     if task_ids is not None:
         for t in range(num_tasks):

@@ -128,7 +128,7 @@ def reference_fn(case: Case) -> Tensor:
         case.top_k,
         case.temperature,
     )
-    return y.reshape(*lead, case.weight.shape[0])
+    return y.reshape(*lead, case.lora_b.shape[1])
 
 
 def assert_close(name: str, got: Tensor, ref64: Tensor, same_dtype: Tensor | None, dtype) -> None:

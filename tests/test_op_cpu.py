@@ -184,3 +184,16 @@ def test_hypothesis_matches_reference(n, d_in, d_out, t, r, mode, k, seed):
             n, d_in, d_out, t, r, mode, torch.float64, top_k=min(k, t) if mode == "soft" else None
         )
     )
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_without_base_weight_is_adapters_alone(mode):
+    """weight=None: y = b + adapters; base computed elsewhere (4-bit layers, LoRA dropout)."""
+    case = make_case(29, 33, 17, 3, 4, mode, torch.float64, top_k=2 if mode == "soft" else None)
+    full = case.weight
+    case.weight = None
+    check_case(case)
+    y = mftk_fn(case)
+    case.weight = full
+    base = torch.nn.functional.linear(case.x, full)
+    torch.testing.assert_close(y + base, mftk_fn(case))

@@ -58,7 +58,7 @@ def check_case(case):
     yardstick (|err| <= 2 |err_torch| + atol, or the per-dtype floor)."""
     case = _to_device(case)
     dtype = case.x.dtype
-    g = torch.randn((*case.x.shape[:-1], case.weight.shape[0]), dtype=torch.float64, device=DEVICE)
+    g = torch.randn((*case.x.shape[:-1], case.lora_b.shape[1]), dtype=torch.float64, device=DEVICE)
     y, grads, _ = run(case, triton_fn, g)
     y64, grads64, _ = run(_fresh(case, torch.float64), reference_fn, g)
     same, same_grads = None, [None] * len(grads)
@@ -361,4 +361,12 @@ def test_non_contiguous_inputs(mode, strategy):
     if case.router_weight is not None:
         case.router_weight = case.router_weight.detach()[:, ::2].requires_grad_(True)
     assert not case.x.is_contiguous() and not case.lora_a.is_contiguous()
+    check_case(case)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_without_base_weight(mode):
+    """weight=None: the adapters alone (bias kept); the caller computes its own base."""
+    case = make_case(33, 40, 17, 3, 8, mode, torch.float32, top_k=2 if mode == "soft" else None)
+    case.weight = None
     check_case(case)

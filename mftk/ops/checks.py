@@ -32,7 +32,7 @@ def check_shape(name: str, t: Tensor, expected: tuple, what: str) -> None:
 
 def check_op_args(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     bias: Tensor | None,
@@ -44,27 +44,33 @@ def check_op_args(
 ) -> None:
     """Validate shapes, dtypes and devices of multi_adapter_linear's arguments."""
     x = _tensor("x", x)
-    weight = _tensor("weight", weight)
     lora_a = _tensor("lora_a", lora_a)
     lora_b = _tensor("lora_b", lora_b)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x: expected a floating dtype {FLOAT_DTYPES}, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("x: expected shape (..., D_in), got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight: expected (D_out, D_in), got shape {tuple(weight.shape)}")
-    d_out, d_in = weight.shape
-    if x.shape[-1] != d_in:
-        raise ValueError(f"x: last dim {x.shape[-1]} != D_in = weight.shape[1] = {d_in}")
     if lora_a.dim() != 3:
         raise ValueError(f"lora_a: expected (T, R, D_in), got shape {tuple(lora_a.shape)}")
     num_tasks, rank, _ = lora_a.shape
     if num_tasks < 1 or rank < 1:
         raise ValueError(f"lora_a: expected T >= 1 and R >= 1, got shape {tuple(lora_a.shape)}")
+    named = {"lora_a": lora_a, "lora_b": lora_b}
+    if weight is not None:  # None: the adapters alone (the caller adds its own base)
+        weight = _tensor("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(f"weight: expected (D_out, D_in), got shape {tuple(weight.shape)}")
+        d_out, d_in = weight.shape
+        if x.shape[-1] != d_in:
+            raise ValueError(f"x: last dim {x.shape[-1]} != D_in = weight.shape[1] = {d_in}")
+        named["weight"] = weight
+    else:
+        lora_b = _tensor("lora_b", lora_b)
+        d_in = x.shape[-1]
+        d_out = lora_b.shape[1] if lora_b.dim() == 3 else -1
     check_shape("lora_a", lora_a, (num_tasks, rank, d_in), "(T, R, D_in)")
     _tensor("lora_b", lora_b)
     check_shape("lora_b", lora_b, (num_tasks, d_out, rank), "(T, D_out, R)")
-    named = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b}
     if bias is not None:
         named["bias"] = _tensor("bias", bias)
         check_shape("bias", bias, (d_out,), "(D_out,)")

@@ -8,7 +8,7 @@ from torch import Tensor
 from mftk.ops import _lib, registry
 from mftk.ops.checks import check_op_args
 from mftk.ops.plan import RoutingPlan, build_plan
-from mftk.reference import multi_adapter_linear_ref
+from mftk.reference import base_linear_ref, multi_adapter_linear_ref
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 
@@ -84,7 +84,7 @@ def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> Routing
 
 def multi_adapter_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     *,
@@ -105,6 +105,8 @@ def multi_adapter_linear(
     soft (router_weight): p = softmax(top_k_mask((x @ router_weight.T + router_bias) / temperature))
                           y[n] = x[n] @ W.T + b + sum_t p[n, t] * s[t] * (x[n] @ A[t].T) @ B[t].T
     neither:              y = x @ W.T + b
+    weight=None drops the x @ W.T term: the adapters alone, for a base computed elsewhere (a 4-bit
+    layer, or the undropped input under LoRA dropout).
 
     x: (..., D_in) fp32|bf16|fp16|fp64, leading dims flattened to N; weight: (D_out, D_in);
     lora_a: (T, R, D_in); lora_b: (T, D_out, R); bias: (D_out,); scaling: float or (T,);
@@ -168,8 +170,8 @@ def multi_adapter_linear(
             plan = _plan_for(task_ids, num_tasks, n)
             y, _ = hard_fwd(x2, weight, bias, lora_a, lora_b, s, plan.perm, plan.offsets)
         else:
-            y = torch.nn.functional.linear(x2, weight, bias)
-    y = y.reshape(*lead, weight.shape[0])
+            y = base_linear_ref(x2, weight, bias, lora_b.shape[1])
+    y = y.reshape(*lead, lora_b.shape[1])
     if return_router_logits:
         return y, logits.reshape(*lead, num_tasks)
     return y

@@ -20,10 +20,11 @@ def _cdt(x: Tensor) -> torch.dtype:
 
 def _check_common(x, weight, lora_a, lora_b, scaling) -> None:
     torch._check(x.dim() == 2, lambda: "x: expected (N, D_in)")
-    torch._check(weight.shape[1] == x.shape[1], lambda: "weight: expected (D_out, D_in)")
+    if weight is not None:  # None: the adapters alone, D_out from lora_b
+        torch._check(weight.shape[1] == x.shape[1], lambda: "weight: expected (D_out, D_in)")
+        torch._check(lora_b.shape[1] == weight.shape[0], lambda: "lora_b: expected (T, D_out, R)")
     torch._check(lora_a.shape[2] == x.shape[1], lambda: "lora_a: expected (T, R, D_in)")
     torch._check(lora_b.shape[0] == lora_a.shape[0], lambda: "lora_b: expected (T, D_out, R)")
-    torch._check(lora_b.shape[1] == weight.shape[0], lambda: "lora_b: expected (T, D_out, R)")
     torch._check(lora_b.shape[2] == lora_a.shape[1], lambda: "lora_b: expected (T, D_out, R)")
     torch._check(scaling.shape == (lora_a.shape[0],), lambda: "scaling: expected (T,)")
 
@@ -43,7 +44,7 @@ def hard_fwd_fake(x, weight, bias, lora_a, lora_b, scaling, perm, offsets):
     _check_common(x, weight, lora_a, lora_b, scaling)
     torch._check(perm.shape == (x.shape[0],), lambda: "perm: expected (N,)")
     torch._check(offsets.shape == (lora_a.shape[0] + 1,), lambda: "offsets: expected (T + 1,)")
-    y = x.new_empty((x.shape[0], weight.shape[0]))
+    y = x.new_empty((x.shape[0], lora_b.shape[1]))
     shrink = x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_cdt(x))
     return y, shrink
 
@@ -60,7 +61,7 @@ def soft_fwd_fake(
     torch._check(router_weight.shape == (t, x.shape[1]), lambda: "router_weight: (T, D_in)")
     n = x.shape[0]
     return (
-        x.new_empty((n, weight.shape[0])),
+        x.new_empty((n, lora_b.shape[1])),
         x.new_empty((n, t)),
         x.new_empty((n, t), dtype=_cdt(x)),
         x.new_empty((n, t * r), dtype=_cdt(x)),
@@ -84,7 +85,7 @@ def soft_bwd_fake(
 
 def _base_grads(ctx, grad_y: Tensor, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
     """Gradients of the base weight (only if it requires grad) and of the bias."""
-    grad_w = grad_y.t().mm(x) if ctx.weight_needs_grad else None
+    grad_w = grad_y.t().mm(x) if ctx.weight_needs_grad else None  # False when weight is None
     grad_bias = grad_y.sum(0) if ctx.bias_needs_grad else None
     return grad_w, grad_bias
 
@@ -93,7 +94,7 @@ def _hard_autograd(bwd: Callable):
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scaling, perm, offsets = inputs
         _, shrink = output
-        ctx.weight_needs_grad = ctx.needs_input_grad[1]
+        ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[1]
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, perm, offsets, shrink)
 
@@ -113,7 +114,7 @@ def _soft_autograd(bwd: Callable):
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scaling, router_w, router_b, temperature, _ = inputs
         _, _, probs, shrink = output
-        ctx.weight_needs_grad = ctx.needs_input_grad[1]
+        ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[1]
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[2]
         ctx.has_router_bias = router_b is not None
         ctx.temperature = temperature
@@ -122,7 +123,7 @@ def _soft_autograd(bwd: Callable):
     def backward(ctx, grad_y, grad_logits, _grad_probs, _grad_shrink):
         x, weight, lora_a, lora_b, scaling, router_w, probs, shrink = ctx.saved_tensors
         if grad_y is None:
-            grad_y = x.new_zeros((x.shape[0], weight.shape[0]))
+            grad_y = x.new_zeros((x.shape[0], lora_b.shape[1]))
         grad_x, grad_a, grad_b, grad_rw, grad_rb = bwd(
             grad_y.contiguous(),
             grad_logits,

@@ -82,8 +82,24 @@ def _reduce(out_shape, out_dtype, left, right, offsets, dtype, **kw) -> Tensor:
     return out.to(out_dtype)
 
 
-def _base(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _base(x: Tensor, weight: Tensor | None, bias: Tensor | None, d_out: int) -> Tensor:
+    """x W^T + b; without weight (the adapters alone), b or zeros. (N, d_out)"""
+    if weight is None:
+        y = torch.zeros((x.shape[0], d_out), dtype=x.dtype, device=x.device)
+        return y.add_(bias) if bias is not None else y
     return torch.addmm(bias, x, weight.t()) if bias is not None else x.mm(weight.t())
+
+
+def _base_dx(grad_y: Tensor, weight: Tensor | None, d_in: int) -> Tensor:
+    """grad_y W, or zeros (N, d_in) without weight."""
+    if weight is None:
+        return grad_y.new_zeros((grad_y.shape[0], d_in))
+    return _base_dx(grad_y, weight, d_in)
+
+
+def _strategy(n: int, d_in: int, d_out: int, weight: Tensor | None) -> str:
+    # Without a base weight there is no base GEMM to fold the expand into.
+    return "addmm" if weight is None else choose_strategy(n, d_in, d_out)
 
 
 # --- hard routing -------------------------------------------------------------------------
@@ -92,7 +108,7 @@ def _base(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @torch.library.custom_op("mftk::triton_hard_fwd", mutates_args=())
 def hard_fwd(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
@@ -108,17 +124,17 @@ def hard_fwd(
     """
     n, d_in = x.shape
     t, r, _ = lora_a.shape
-    d_out = weight.shape[0]
+    d_out = lora_b.shape[1]
     adt = acc_dtype(x.dtype)
     perm, offsets = perm.contiguous(), offsets.to(torch.int64).contiguous()
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     shrink = torch.zeros((n, r), dtype=adt, device=x.device)
     if n == 0:
-        return _base(x, weight, bias), shrink
+        return _base(x, weight, bias, d_out), shrink
     # S = x[perm] A_t^T over the routed rows, plan order, no padding
     grouped_gemm_fwd(shrink, offsets, t, x.dtype, perm=perm, gather_a=True, a=x, w=lora_a)
     h = shrink.unsqueeze(1).expand(n, t, r)  # h[i, t, :] = S[i]: the group picks its own adapter
-    if choose_strategy(n, d_in, d_out) == "fused":
+    if _strategy(n, d_in, d_out, weight) == "fused":
         y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
         grouped_gemm_fwd(
             y,
@@ -137,7 +153,7 @@ def hard_fwd(
             scale=s,
         )  # groups 0..T-1 and the base-only tail T
     else:
-        y = _base(x, weight, bias)
+        y = _base(x, weight, bias, d_out)
         grouped_gemm_fwd(
             y,
             offsets,
@@ -158,7 +174,7 @@ def hard_fwd(
 def hard_bwd(
     grad_y: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     scaling: Tensor,
@@ -173,12 +189,12 @@ def hard_bwd(
     """
     n, d_in = x.shape
     t, r, _ = lora_a.shape
-    d_out = weight.shape[0]
+    d_out = lora_b.shape[1]
     adt = acc_dtype(x.dtype)
     perm, offsets = perm.contiguous(), offsets.to(torch.int64).contiguous()
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     if n == 0:
-        return grad_y.mm(weight), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+        return _base_dx(grad_y, weight, d_in), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     det = torch.are_deterministic_algorithms_enabled()
     db_acc = None if det else torch.zeros((t, d_out, r), dtype=adt, device=x.device)
     ds = hard_bwd_ds(grad_y, lora_b, s, shrink, perm, offsets, db_acc)  # (N, R) plan order
@@ -209,7 +225,7 @@ def hard_bwd(
     )
     h = ds.unsqueeze(1).expand(n, t, r)
     e = lora_a.transpose(1, 2)  # (T, D_in, R)
-    if choose_strategy(n, d_in, d_out) == "fused":
+    if _strategy(n, d_in, d_out, weight) == "fused":
         grad_x = torch.empty_like(x)
         grouped_gemm_fwd(
             grad_x,
@@ -226,7 +242,7 @@ def hard_bwd(
             extra=1,
         )
     else:
-        grad_x = grad_y.mm(weight)
+        grad_x = _base_dx(grad_y, weight, d_in)
         grouped_gemm_fwd(
             grad_x,
             offsets,
@@ -248,7 +264,7 @@ def hard_bwd(
 @torch.library.custom_op("mftk::triton_soft_fwd", mutates_args=())
 def soft_fwd(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
@@ -267,19 +283,19 @@ def soft_fwd(
     """
     n, d_in = x.shape
     t, r, _ = lora_a.shape
-    d_out = weight.shape[0]
+    d_out = lora_b.shape[1]
     adt = acc_dtype(x.dtype)
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     if n == 0:
         probs = x.new_empty((0, t), dtype=adt)
         shrink = x.new_empty((0, t * r), dtype=adt)
-        return _base(x, weight, bias), x.new_empty((0, t)), probs, shrink
+        return _base(x, weight, bias, d_out), x.new_empty((0, t)), probs, shrink
     logits, probs, shrink = soft_fwd_shrink(
         x, lora_a, router_weight, router_bias, temperature, top_k
     )
     h = shrink.view(n, t, r)
     rows = torch.zeros(1, dtype=torch.int64, device=x.device)  # one group: all tokens
-    if choose_strategy(n, d_in, d_out) == "fused":
+    if _strategy(n, d_in, d_out, weight) == "fused":
         y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
         grouped_gemm_fwd(
             y,
@@ -296,7 +312,7 @@ def soft_fwd(
             scale=s,
         )
     else:
-        y = _base(x, weight, bias)
+        y = _base(x, weight, bias, d_out)
         grouped_gemm_fwd(
             y, rows, 1, x.dtype, h=h, e=lora_b, extra=2, coef=probs, scale=s, accumulate=True
         )
@@ -308,7 +324,7 @@ def soft_bwd(
     grad_y: Tensor,
     grad_logits: Tensor | None,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_a: Tensor,
     lora_b: Tensor,
     scaling: Tensor,
@@ -326,13 +342,13 @@ def soft_bwd(
     """
     n, d_in = x.shape
     t, r, _ = lora_a.shape
-    d_out = weight.shape[0]
+    d_out = lora_b.shape[1]
     adt = acc_dtype(x.dtype)
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     rw_dtype = router_weight.dtype
     if n == 0:
         return (
-            grad_y.mm(weight),
+            _base_dx(grad_y, weight, d_in),
             torch.zeros_like(lora_a),
             torch.zeros_like(lora_b),
             torch.zeros_like(router_weight),
@@ -363,11 +379,11 @@ def soft_bwd(
     grad_rb = dl.sum(0).to(rw_dtype)
     rows = torch.zeros(1, dtype=torch.int64, device=x.device)
     kw = dict(h=ds.view(n, t, r), e=lora_a.transpose(1, 2), extra=2, h2=dl, e2=router_weight.t())
-    if choose_strategy(n, d_in, d_out) == "fused":
+    if _strategy(n, d_in, d_out, weight) == "fused":
         grad_x = torch.empty_like(x)
         grouped_gemm_fwd(grad_x, rows, 1, x.dtype, a=grad_y, w=weight.t(), **kw)
     else:
-        grad_x = grad_y.mm(weight)
+        grad_x = _base_dx(grad_y, weight, d_in)
         grouped_gemm_fwd(grad_x, rows, 1, x.dtype, accumulate=True, **kw)
     return grad_x, grad_a, grad_b, grad_rw, grad_rb
 
