@@ -22,6 +22,9 @@ nothing. Relative paths are resolved against the config file's folder.
              warmup_steps, tau}, router_balance, router_supervision
     stages:  [{name, steps, mix: {task: w}, noise, noise_kind, loss_weights: {task: w}}]
     output:  dir, save_every, keep_last
+    distributed: strategy (none|fsdp2), backend (auto|gloo|nccl), activation_checkpointing,
+             mixed_precision: {param_dtype (null = model.dtype), reduce_dtype}
+             (see mftk.train.distributed; launch with torchrun)
 """
 
 from __future__ import annotations
@@ -161,6 +164,20 @@ class OutputConfig:
 
 
 @dataclass
+class MixedPrecisionConfig:
+    param_dtype: str | None = None  # FSDP2 all-gather/compute dtype; null: model.dtype
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "none"  # none: one process; fsdp2: torchrun + fully_shard per decoder layer
+    backend: str = "auto"  # auto: nccl on cuda, gloo on cpu
+    activation_checkpointing: bool = False
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+
+
+@dataclass
 class Config:
     tasks: list[TaskConfig]
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -170,6 +187,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     stages: list[StageConfig] = field(default_factory=list)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     base_dir: str = "."  # the config file's folder (not a YAML key)
 
     @property
@@ -410,6 +428,18 @@ def _validate(cfg: Config) -> None:
     o.dir = _resolve(o.dir, cfg.base_dir)
     _check(o.save_every is None or o.save_every >= 1, "output.save_every", "must be >= 1 or null")
     _check(o.keep_last >= 1, "output.keep_last", "must be >= 1")
+    di = cfg.distributed
+    _choice(di.strategy, ("none", "fsdp2"), "distributed.strategy")
+    _choice(di.backend, ("auto", "gloo", "nccl"), "distributed.backend")
+    _check(
+        not di.activation_checkpointing or di.strategy == "fsdp2",
+        "distributed.activation_checkpointing",
+        "only applies with distributed.strategy: fsdp2",
+    )
+    mp = di.mixed_precision
+    if mp.param_dtype is not None:
+        _choice(mp.param_dtype, DTYPES, "distributed.mixed_precision.param_dtype")
+    _choice(mp.reduce_dtype, DTYPES, "distributed.mixed_precision.reduce_dtype")
 
 
 def config_from_dict(raw: Any, base_dir: str = ".") -> Config:
