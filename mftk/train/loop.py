@@ -51,6 +51,8 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 class Trainer:
     """Model, data and optimizer from a Config; train() runs (or resumes) and returns metrics."""
 
+    is_main = True  # the process that logs and writes outputs (rank 0 under torchrun)
+
     def __init__(
         self,
         cfg: Config,
@@ -311,6 +313,10 @@ class Trainer:
         self.eval_before = st["eval_before"]
         ckpt.set_rng_state(st["rng"])
 
+    def load_checkpoint(self, path: str) -> None:
+        """Adapters into the model and the trainer state from checkpoint folder path."""
+        self.load_state_dict(ckpt.load_checkpoint(path, self.model))
+
     def save(self) -> str:
         path = ckpt.save_checkpoint(
             os.path.join(self.out, "checkpoints"),
@@ -336,7 +342,7 @@ class Trainer:
                 self.log(f"--resume: no checkpoint under {self.out}/checkpoints; starting fresh")
             else:
                 resumed_from = found[-1]
-                self.load_state_dict(ckpt.load_checkpoint(resumed_from, self.model))
+                self.load_checkpoint(resumed_from)
                 self.log(f"resumed from {resumed_from} at step {self.step}")
         if resumed_from is None:
             random.seed(cfg.train.seed)
@@ -344,7 +350,7 @@ class Trainer:
             self.eval_before = self.evaluate()
             self.record_eval(self.eval_before)
             self.log("eval before: " + _fmt(self.eval_before))
-        writer = _tensorboard(self.out)
+        writer = _tensorboard(self.out) if self.is_main else None
         from tqdm import tqdm
 
         bar = tqdm(
@@ -475,7 +481,7 @@ class Trainer:
 def run_key(cfg: Config) -> str:
     """A fingerprint of everything that shapes the loss curve (not output, logging, threads)."""
     d = cfg.to_dict()
-    for k in ("output", "base_dir"):
+    for k in ("output", "base_dir", "distributed"):
         d.pop(k)
     for k in ("log_every", "threads", "device"):
         d["train"].pop(k)
