@@ -115,9 +115,52 @@ class MultiAdapterLinear(nn.Module):
         self.reset_adapters()
         return self
 
+    @classmethod
+    def from_base_layer(
+        cls,
+        base_layer: nn.Module,
+        in_features: int,
+        out_features: int,
+        num_tasks: int,
+        rank: int,
+        alpha: float | None = None,
+        router: str | None = None,
+        top_k: int | None = None,
+        temperature: float = 1.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MultiAdapterLinear:
+        """Adapters over a base computed by another module, e.g. a bitsandbytes 4-bit linear
+        (see mftk.quant):  y = base_layer(x) + adapters(x).
+
+        base_layer: (..., D_in) -> (..., D_out) in x's dtype; its parameters are frozen here. The
+        adapters go through the op with weight=None, so no dense base weight is built: `weight`
+        and `bias` are None and the base's bias is base_layer's. Adapters (and router) are created
+        on `device` in `dtype` (the model's activation dtype, default float32).
+        """
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer: expected an nn.Module, got {type(base_layer).__name__}")
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        kw = {"device": torch.device(device or "cpu"), "dtype": dtype or torch.float32}
+        self._setup(
+            None, None, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora,
+            base_layer=base_layer, shape=(out_features, in_features), kw=kw,
+        )  # fmt: skip
+        self.reset_adapters()
+        return self
+
     def _setup(
-        self, weight, bias, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora
-    ) -> None:
+        self, weight, bias, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora,
+        base_layer=None, shape=None, kw=None,
+    ) -> None:  # fmt: skip
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks: expected a positive int, got {num_tasks!r}")
         if not isinstance(rank, int) or rank < 1:
@@ -138,13 +181,15 @@ class MultiAdapterLinear(nn.Module):
         alpha = float(rank if alpha is None else alpha)
         if not alpha > 0:
             raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        if base_layer is None:
+            shape, kw = tuple(weight.shape), {"device": weight.device, "dtype": weight.dtype}
+        self.out_features, self.in_features = shape
         self.num_tasks, self.rank, self.alpha = num_tasks, rank, alpha
         self.router, self.top_k, self.temperature = router, top_k, float(temperature)
         self.dropout, self.use_rslora = float(dropout), bool(use_rslora)
         self.weight = weight
         self.bias = bias
-        kw = {"device": weight.device, "dtype": weight.dtype}
+        self.base_layer = base_layer  # None: the base is weight/bias, fused into the op
         t, d_in, d_out = num_tasks, self.in_features, self.out_features
         self.lora_a = nn.Parameter(torch.empty(t, rank, d_in, **kw))
         self.lora_b = nn.Parameter(torch.empty(t, d_out, rank, **kw))
@@ -156,10 +201,10 @@ class MultiAdapterLinear(nn.Module):
             self.router_bias = None
         s = lora_scale(alpha, rank, self.use_rslora)
         self.register_buffer(
-            "lora_scaling", torch.full((t,), s, dtype=torch.float64, device=weight.device)
+            "lora_scaling", torch.full((t,), s, dtype=torch.float64, device=kw["device"])
         )
         self.register_buffer(
-            "lora_rank", torch.full((t,), rank, dtype=torch.int64, device=weight.device)
+            "lora_rank", torch.full((t,), rank, dtype=torch.int64, device=kw["device"])
         )
         self._mftk_routing = None  # a RoutingState, set by patch_model / use_tasks
 
@@ -219,6 +264,8 @@ class MultiAdapterLinear(nn.Module):
         """x: (..., D_in) -> (..., D_out) in x.dtype; task_ids: (...) int, or a RoutingPlan."""
         ids, soft = self._routing(x, task_ids)
         routed = soft or ids is not None
+        if self.base_layer is not None:
+            return self._forward_base_layer(x, ids, soft, routed)
         if self.dropout > 0 and self.training and routed:
             return self._forward_dropout(x, ids, soft)
         out = multi_adapter_linear(
@@ -250,6 +297,25 @@ class MultiAdapterLinear(nn.Module):
             self._record(logits)
         return base + out
 
+    def _forward_base_layer(self, x: Tensor, ids, soft: bool, routed: bool) -> Tensor:
+        # The base from base_layer (bitsandbytes' 4-bit matmul dequantizes one layer on the fly and
+        # saves only the packed weight for backward), the adapters from the op with weight=None.
+        base = self.base_layer(x)
+        if not routed:
+            return base
+        if self.dropout > 0 and self.training:
+            x = nn.functional.dropout(x, p=self.dropout, training=True)
+        out = multi_adapter_linear(
+            x, None, self.lora_a, self.lora_b, scaling=self.lora_scaling, task_ids=ids,
+            router_weight=self.router_weight if soft else None,
+            router_bias=self.router_bias if soft else None, top_k=self.top_k,
+            temperature=self.temperature, return_router_logits=soft,
+        )  # fmt: skip
+        if soft:
+            out, logits = out
+            self._record(logits)
+        return base + out
+
     def _record(self, logits: Tensor) -> None:
         state = self._mftk_routing
         if state is not None and state.router_logits is not None:
@@ -258,7 +324,8 @@ class MultiAdapterLinear(nn.Module):
     def extra_repr(self) -> str:
         s = (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, num_tasks={self.num_tasks}, rank={self.rank}, "
+            f"bias={self.bias is not None or getattr(self.base_layer, 'bias', None) is not None}, "
+            f"num_tasks={self.num_tasks}, rank={self.rank}, "
             f"alpha={self.alpha:g}"
         )
         if self.use_rslora:

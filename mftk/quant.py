@@ -1,0 +1,262 @@
+"""QLoRA: 4-bit (nf4 / fp4) frozen bases from bitsandbytes under the multi-adapter layers.
+
+A quantized MultiAdapterLinear computes
+
+    y = base_layer(x) + adapters(x)
+    base_layer(x) = x_c @ dequant(W4).T + b      (bitsandbytes' 4-bit matmul)
+
+with x_c = x cast to compute_dtype (the result is cast back to x's dtype).
+
+The base is a `bitsandbytes.nn.Linear4bit` holding the packed 4-bit weight (D_out * D_in / 2 bytes)
+plus blockwise constants (one absmax per 64 weights; with double quantization those absmax are
+themselves 8-bit, with one float32 per 256 blocks). Its backward dequantizes one layer at a time and
+saves only the packed weight. The adapters (and router) stay in the model's dtype and go through
+`mftk.multi_adapter_linear(x, None, ...)`, so no dense copy of W is ever kept.
+
+bitsandbytes is optional (`pip install bitsandbytes`); everything here imports it lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (QLoRA's)
+
+_bnb: Any = None
+_SHARED_CODES: dict[tuple, Tensor] = {}
+
+
+def require_bitsandbytes() -> Any:
+    """The bitsandbytes module, or an ImportError that says how to install it."""
+    global _bnb
+    if _bnb is not None:
+        return _bnb
+    # Its CPU backend tries `from kernels import get_kernel` (a Hugging Face hub package) and logs
+    # a warning when that fails, which it always does here. Inside an mftk checkout that name would
+    # even resolve to mftk's own kernels/ folder (installed as mftk.kernels), so drop that stray
+    # module again afterwards.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    had_kernels = "kernels" in sys.modules
+    try:
+        _bnb = importlib.import_module("bitsandbytes")
+    except ImportError as e:
+        raise ImportError(
+            "quantize: 4-bit bases need bitsandbytes (pip install bitsandbytes, or the mftk "
+            f"'qlora' extra): {e}"
+        ) from e
+    stray = sys.modules.get("kernels")
+    if not had_kernels and stray is not None:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.abspath(getattr(stray, "__file__", "") or "").startswith(here + os.sep):
+            del sys.modules["kernels"]
+    return _bnb
+
+
+def bitsandbytes_available() -> bool:
+    """True when bitsandbytes imports."""
+    try:
+        require_bitsandbytes()
+    except ImportError:
+        return False
+    return True
+
+
+def check_quant_args(
+    quantize: str | None,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+    blocksize: int = BLOCKSIZE,
+) -> torch.dtype | None:
+    """Validate the quantization settings; return compute_dtype as a torch.dtype.
+
+    Raises ValueError / TypeError naming the bad argument. Does not import bitsandbytes.
+    """
+    if quantize is not None and quantize not in QUANT_TYPES:
+        raise ValueError(f"quantize: expected one of {QUANT_TYPES} or None, got {quantize!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant: expected a bool, got {type(double_quant).__name__}")
+    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize: expected a power of two in [64, 4096], got {blocksize!r}")
+    if compute_dtype is None:
+        return None
+    if isinstance(compute_dtype, str):
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}"
+            )
+        return COMPUTE_DTYPES[compute_dtype]
+    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"compute_dtype: expected float32, bfloat16 or float16, got {compute_dtype!r}"
+        )
+    return compute_dtype
+
+
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """'bfloat16' for torch.bfloat16 (for JSON configs)."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def is_4bit(module: nn.Module) -> bool:
+    """True for a bitsandbytes Linear4bit (without importing bitsandbytes when it is not loaded)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def _share_codes(state: Any) -> None:
+    # Every quant state carries its own copy of the constant lookup tables (16 floats for nf4/fp4,
+    # 256 for the double-quant map). They are the same for every layer: share one copy.
+    for st in (state, getattr(state, "state2", None)):
+        if st is None:
+            continue
+        key = (st.code.device, st.code.dtype, tuple(st.code.shape), tuple(st.code.tolist()))
+        st.code = _SHARED_CODES.setdefault(key, st.code)
+
+
+def quantize_linear(
+    linear: nn.Linear,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+    blocksize: int = BLOCKSIZE,
+) -> nn.Module:
+    """A frozen bitsandbytes Linear4bit holding `linear`'s weight quantized to 4 bits.
+
+    linear: nn.Linear with weight (D_out, D_in) fp32|bf16|fp16 on CPU or CUDA (not meta).
+    Quantizes on the weight's device; the bias is shared, not copied. The dense weight is not
+    kept: once `linear` is dropped its memory is freed. Returns Linear4bit computing
+    (..., D_in) -> (..., D_out) in the input's dtype, with matmuls in compute_dtype.
+    """
+    dt = check_quant_args(quant_type, double_quant, compute_dtype, blocksize)
+    if quant_type is None:
+        raise ValueError("quant_type: expected 'nf4' or 'fp4', got None")
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+    w = linear.weight
+    if w.device.type == "meta":
+        raise ValueError(
+            "linear: weight is on the meta device; load real weights before quantizing"
+        )
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(
+            f"linear: bitsandbytes quantizes float32/bfloat16/float16 weights, got {w.dtype}"
+        )
+    bnb = require_bitsandbytes()
+    with torch.device("meta"):  # no throw-away dense allocation for Linear4bit's own init
+        q = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=dt, compress_statistics=double_quant, quant_type=quant_type,
+        )  # fmt: skip
+    param = bnb.nn.Params4bit(
+        w.detach(), requires_grad=False, blocksize=blocksize, compress_statistics=double_quant,
+        quant_type=quant_type, module=q,
+    )  # fmt: skip
+    q.weight = param._quantize(w.device)
+    _share_codes(q.weight.quant_state)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    # On AVX512-BF16 CPUs Linear4bit repacks its weight in place the first time it runs in eval mode
+    # without grad, and from then on computes in bf16 whatever compute_dtype says. Keep the
+    # standard layout (dequantize + matmul in compute_dtype) so outputs do not depend on the CPU or
+    # on the mode, and dequantize_weight / state_dict keep working.
+    q.support_avx512bf16_for_cpu = False
+    return q
+
+
+def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
+    """The dense (D_out, D_in) weight a Linear4bit (or quantized MultiAdapterLinear) computes with.
+
+    dtype: defaults to the dtype the weight was quantized from. Allocates one layer's weight.
+    """
+    base = getattr(module, "base_layer", None) or module
+    if not is_4bit(base):
+        raise TypeError(f"module: expected a 4-bit layer, got {type(base).__name__}")
+    w = base.weight
+    st = w.quant_state
+    if getattr(st, "packing_format_for_cpu", False):
+        raise ValueError(
+            "module: its 4-bit weight was repacked for bitsandbytes' CPU inference kernel; "
+            "quantize it with mftk.quant.quantize_linear, which keeps the standard layout"
+        )
+    F = require_bitsandbytes().functional
+    out = F.dequantize_4bit(w.data, st)
+    return out if dtype is None else out.to(dtype)
+
+
+def dequantize_linear(module: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """An nn.Linear with the dequantized weight of a Linear4bit; the bias is shared."""
+    base = getattr(module, "base_layer", None) or module
+    w = dequantize_weight(base, dtype)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    lin.bias = base.bias
+    return lin
+
+
+def quant_settings(module: nn.Module) -> dict[str, Any]:
+    """{"quant_type", "double_quant", "compute_dtype", "blocksize"} of a Linear4bit."""
+    base = getattr(module, "base_layer", None) or module
+    if not is_4bit(base):
+        raise TypeError(f"module: expected a 4-bit layer, got {type(base).__name__}")
+    w = base.weight
+    return {
+        "quant_type": w.quant_type,
+        "double_quant": bool(w.compress_statistics),
+        "compute_dtype": base.compute_dtype,
+        "blocksize": int(w.blocksize),
+    }
+
+
+def _tensors(module: nn.Module) -> Iterator[Tensor]:
+    from mftk.nn import MultiAdapterLinear
+
+    if isinstance(module, MultiAdapterLinear):  # a quantized one's base_layer is visited itself
+        if module.weight is not None:
+            yield module.weight
+    elif is_4bit(module):
+        st = module.weight.quant_state
+        yield module.weight.data
+        yield from (st.absmax, st.code)
+        if st.nested:
+            yield from (st.offset, st.state2.absmax, st.state2.code)
+    else:
+        yield module.weight
+    if getattr(module, "bias", None) is not None:
+        yield module.bias
+
+
+def base_linear_bytes(model: nn.Module, include_bias: bool = False) -> int:
+    """Bytes held by the base weights of every linear layer below `model` (nn.Linear, Linear4bit,
+    and the bases of MultiAdapterLinear), 4-bit quantization constants included; each storage
+    counted once. The output layer (lm_head) counts if it is below model; adapters do not."""
+    from mftk.nn import MultiAdapterLinear
+
+    seen, total = set(), 0
+    for m in model.modules():
+        if not isinstance(m, (nn.Linear, MultiAdapterLinear)):  # Linear4bit is an nn.Linear
+            continue
+        for t in _tensors(m):
+            if t is m.bias and not include_bias:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
