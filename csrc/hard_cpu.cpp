@@ -1,14 +1,16 @@
 // Hard routing on CPU: each token goes to its own task's adapter.
 //   y[n] = x[n] W^T + b + s[t] (x[n] A[t]^T) B[t]^T,   t = task_ids[n]
-// The plan lists each task's tokens as a contiguous range of perm. The routed rows of x (and
-// grad_y) are gathered once into plan order, so each task's adapter GEMMs run on contiguous slices;
-// their outputs are added back into the token rows of y (or grad_x) by a parallel row scatter.
-// Tasks run one after another so that each GEMM keeps all intra-op threads: small GEMMs inside a
-// parallel region ran 2-3x slower on a loaded 2-core machine.
+// The plan lists each task's tokens as a contiguous range of perm, cut here into blocks of at most
+// kBlock rows of one task. Blocks run in parallel: each gathers its rows of x (and grad_y) into a
+// small cache-resident buffer, runs the rank-R GEMMs on it and adds the result straight into its
+// token rows of y (or grad_x) -- rows of different blocks are distinct, so there are no races and
+// no full-size gathered copies. dA and dB are per-block partials summed per task in block order,
+// so the result does not depend on the thread count.
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "mftk.h"
 
@@ -16,7 +18,19 @@ namespace mftk {
 
 namespace {
 
-constexpr int64_t kRowGrain = 64;
+constexpr int64_t kBlock = 128;
+
+struct Block {
+  int64_t task, row0, rows;  // rows row0 .. row0 + rows of the plan, all of one task
+};
+
+std::vector<Block> plan_blocks(const int64_t* off, int64_t t_count) {
+  std::vector<Block> blocks;
+  for (int64_t t = 0; t < t_count; ++t)
+    for (int64_t r0 = off[t]; r0 < off[t + 1]; r0 += kBlock)
+      blocks.push_back({t, r0, std::min(kBlock, off[t + 1] - r0)});
+  return blocks;
+}
 
 // out[i] = src[idx[i]] for i < rows.   src: [N, D] contiguous; out: [rows, D]
 template <typename scalar_t>
@@ -24,25 +38,20 @@ void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t rows, at::Te
   const int64_t d = src.size(1);
   const scalar_t* s = src.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      std::memcpy(o + i * d, s + idx[i] * d, d * sizeof(scalar_t));
-  });
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(o + i * d, s + idx[i] * d, d * sizeof(scalar_t));
 }
 
-// dst[idx[i]] += src[i] for i < rows. idx holds distinct rows (a permutation), so no races.
+// dst[idx[i]] += src[i] for i < rows.
 template <typename scalar_t>
 void scatter_add_rows(at::Tensor& dst, const int64_t* idx, int64_t rows, const at::Tensor& src) {
   const int64_t d = dst.size(1);
   scalar_t* o = dst.data_ptr<scalar_t>();
   const scalar_t* s = src.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      scalar_t* orow = o + idx[i] * d;
-      const scalar_t* srow = s + i * d;
-      for (int64_t j = 0; j < d; ++j) orow[j] += srow[j];
-    }
-  });
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* orow = o + idx[i] * d;
+    const scalar_t* srow = s + i * d;
+    for (int64_t j = 0; j < d; ++j) orow[j] += srow[j];
+  }
 }
 
 // A hand-made plan must not send the row loops out of bounds.
@@ -97,20 +106,20 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
   auto b = lora_b.to(cdt).contiguous();
   auto s = scaling.to(at::kDouble).contiguous();
   const double* sp = s.data_ptr<double>();
-  const int64_t routed = off[t_count];
+  const auto blocks = plan_blocks(off, t_count);
   AT_DISPATCH_FLOATING_TYPES(cdt, "hard_fwd_cpu", [&] {
-    auto xs = at::empty({routed, d_in}, xc.options());  // [routed, D_in], plan order
-    gather_rows<scalar_t>(xc, pp, routed, xs);
-    auto delta = at::empty({routed, d_out}, xc.options());  // [routed, D_out]
-    for (int64_t t = 0; t < t_count; ++t) {
-      const int64_t rows = off[t + 1] - off[t];
-      if (rows == 0) continue;
-      auto s_t = shrink.narrow(0, off[t], rows);  // [rows, R]
-      at::mm_out(s_t, xs.narrow(0, off[t], rows), a[t].t());
-      auto d_t = delta.narrow(0, off[t], rows);
-      at::mm_out(d_t, s_t * sp[t], b[t].t());
-    }
-    scatter_add_rows<scalar_t>(y, pp, routed, delta);
+    at::parallel_for(0, (int64_t)blocks.size(), 1, [&](int64_t begin, int64_t end) {
+      auto xb = at::empty({kBlock, d_in}, xc.options());
+      for (int64_t k = begin; k < end; ++k) {
+        const auto& blk = blocks[k];
+        auto xk = xb.narrow(0, 0, blk.rows);  // [rows, D_in]
+        gather_rows<scalar_t>(xc, pp + blk.row0, blk.rows, xk);
+        auto s_k = shrink.narrow(0, blk.row0, blk.rows);  // [rows, R], plan order
+        at::mm_out(s_k, xk, a[blk.task].t());
+        auto yk = at::mm(s_k * sp[blk.task], b[blk.task].t());  // [rows, D_out]
+        scatter_add_rows<scalar_t>(y, pp + blk.row0, blk.rows, yk);
+      }
+    });
   });
   return {y.to(x.scalar_type()), shrink};
 }
@@ -139,29 +148,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
     auto b = lora_b.to(cdt).contiguous();
     auto s = scaling.to(at::kDouble).contiguous();
     const double* sp = s.data_ptr<double>();
-    const int64_t routed = off[t_count];
+    const auto blocks = plan_blocks(off, t_count);
+    const int64_t nb = blocks.size();
+    auto part_a = at::empty({nb, rank, d_in}, gy.options());   // per-block dA
+    auto part_b = at::empty({nb, d_out, rank}, gy.options());  // per-block dB
     AT_DISPATCH_FLOATING_TYPES(cdt, "hard_bwd_cpu", [&] {
-      auto dys = at::empty({routed, d_out}, gy.options());  // [routed, D_out], plan order
-      auto xs = at::empty({routed, d_in}, gy.options());    // [routed, D_in]
-      gather_rows<scalar_t>(gy, pp, routed, dys);
-      gather_rows<scalar_t>(xc, pp, routed, xs);
-      auto dxs = at::empty({routed, d_in}, gy.options());
-      for (int64_t t = 0; t < t_count; ++t) {
-        const int64_t rows = off[t + 1] - off[t];
-        if (rows == 0) continue;
-        auto dy_t = dys.narrow(0, off[t], rows);
-        auto s_t = sh.narrow(0, off[t], rows);                 // [rows, R]
-        auto gb_t = grad_b[t];
-        at::mm_out(gb_t, dy_t.t(), s_t);                       // dB = s dy^T S
-        gb_t.mul_(sp[t]);
-        auto ds = at::mm(dy_t, b[t]).mul_(sp[t]);              // dS = s dy B  [rows, R]
-        auto ga_t = grad_a[t];
-        at::mm_out(ga_t, ds.t(), xs.narrow(0, off[t], rows));  // dA = dS^T x
-        auto dx_t = dxs.narrow(0, off[t], rows);
-        at::mm_out(dx_t, ds, a[t]);                            // dx += dS A
-      }
-      scatter_add_rows<scalar_t>(grad_x, pp, routed, dxs);
+      at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+        auto dyb = at::empty({kBlock, d_out}, gy.options());
+        auto xb = at::empty({kBlock, d_in}, gy.options());
+        for (int64_t k = begin; k < end; ++k) {
+          const auto& blk = blocks[k];
+          const int64_t t = blk.task;
+          auto dyk = dyb.narrow(0, 0, blk.rows);  // [rows, D_out]
+          auto xk = xb.narrow(0, 0, blk.rows);    // [rows, D_in]
+          gather_rows<scalar_t>(gy, pp + blk.row0, blk.rows, dyk);
+          gather_rows<scalar_t>(xc, pp + blk.row0, blk.rows, xk);
+          auto s_k = sh.narrow(0, blk.row0, blk.rows);  // [rows, R]
+          auto pb = part_b[k];
+          at::mm_out(pb, dyk.t(), s_k);  // dB = s dy^T S
+          pb.mul_(sp[t]);
+          auto ds = at::mm(dyk, b[t]).mul_(sp[t]);  // dS = s dy B   [rows, R]
+          auto pa = part_a[k];
+          at::mm_out(pa, ds.t(), xk);  // dA = dS^T x
+          scatter_add_rows<scalar_t>(grad_x, pp + blk.row0, blk.rows, at::mm(ds, a[t]));
+        }
+      });
     });
+    // Blocks of a task are consecutive: sum their partials in block order.
+    for (int64_t k0 = 0, t = 0; t < t_count; ++t) {
+      int64_t k1 = k0;
+      while (k1 < nb && blocks[k1].task == t) ++k1;
+      if (k1 > k0) {
+        auto ga = grad_a[t];
+        auto gb = grad_b[t];
+        at::sum_out(ga, part_a.narrow(0, k0, k1 - k0), {0});
+        at::sum_out(gb, part_b.narrow(0, k0, k1 - k0), {0});
+      }
+      k0 = k1;
+    }
   }
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type())};
