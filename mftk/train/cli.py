@@ -30,14 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mftk.train.config import ConfigError, load_config
     from mftk.train.data import DataError
-    from mftk.train.loop import Trainer
+    from mftk.train.distributed import trainer_class
 
     if args.max_steps is not None and args.max_steps < 1:
         print("mftk train: error: --max-steps: must be >= 1", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config)
-        trainer = Trainer(
+        trainer = trainer_class(cfg)(
             cfg,
             output_dir=args.output,
             max_steps=args.max_steps,
