@@ -20,6 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from mftk.nn import MultiAdapterLinear
+from mftk.quant import (
+    BLOCKSIZE,
+    check_quant_args,
+    dequantize_weight,
+    dtype_name,
+    quant_settings,
+    quantize_linear,
+    quantize_linears,
+    quantized_adapter_layer,
+)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches; task id -1
 
@@ -40,6 +50,9 @@ class MftkConfig:
     base_model: str | None = None
     # per task: {"r", "lora_alpha", "use_rslora"} (what export_peft writes; import_peft sets it)
     task_adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # 4-bit base (mftk.quant): {"quant_type", "double_quant", "compute_dtype",
+    # "quantize_all_linear", "blocksize"}; None: full-precision base
+    quantize: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,12 +258,22 @@ def patch_model(
     temperature: float = 1.0,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+    quantize_all_linear: bool = False,
 ) -> nn.Module:
     """Replace the target nn.Linear layers (never lm_head) by MultiAdapterLinear, in place.
 
     Every other parameter is frozen; only adapters (and routers) train. Weights are shared with the
     original layers, not copied. alpha defaults to rank (scaling 1). Returns the model, with
     `model.mftk_config` set. Outside `mftk.use_tasks`, forwards of a model without a router raise.
+
+    quantize="nf4" | "fp4" (QLoRA; needs bitsandbytes): each target's base becomes a frozen 4-bit
+    bitsandbytes Linear4bit (double_quant: 8-bit absmax constants; matmuls in compute_dtype),
+    quantized on its device one layer at a time; the adapters stay in the layer's dtype and go
+    through the op with weight=None. quantize_all_linear=True also quantizes every other nn.Linear
+    except the output layer (lm_head). See mftk.quant.
     """
     from mftk.routing import clear_default_tasks  # routing imports this module
 
@@ -269,13 +292,29 @@ def patch_model(
     if any(isinstance(m, MultiAdapterLinear) for m in model.modules()):
         raise ValueError("model: already patched by mftk (it has MultiAdapterLinear layers)")
     names = find_targets(model, target_modules)
+    qdtype = check_quant_args(quantize, double_quant, compute_dtype)
+    if quantize_all_linear and quantize is None:
+        raise ValueError("quantize_all_linear: needs quantize='nf4' or 'fp4'")
+    others = [n for n in find_targets(model, "all-linear") if n not in names]
     kw = dict(
         router=router, top_k=top_k, temperature=temperature, dropout=dropout, use_rslora=use_rslora
     )
+    qinfo = None
+    if quantize is not None:
+        qinfo = dict(
+            quant_type=quantize, double_quant=double_quant, compute_dtype=dtype_name(qdtype),
+            quantize_all_linear=bool(quantize_all_linear), blocksize=BLOCKSIZE,
+        )  # fmt: skip
     new = {
         n: MultiAdapterLinear.from_linear(model.get_submodule(n), len(tasks), rank, alpha, **kw)
+        if quantize is None
+        else quantized_adapter_layer(
+            model.get_submodule(n), len(tasks), rank, alpha, quantize, double_quant, qdtype, **kw
+        )
         for n in names
     }
+    if quantize_all_linear:
+        quantize_linears(model, others, quantize, double_quant, qdtype)
     for p in model.parameters():
         p.requires_grad_(False)
     for n, m in new.items():
@@ -290,7 +329,7 @@ def patch_model(
     model.mftk_config = MftkConfig(
         tasks=list(tasks), rank=rank, alpha=first.alpha, target_modules=names, router=router,
         top_k=top_k, temperature=float(temperature), dropout=float(dropout),
-        use_rslora=bool(use_rslora), base_model=base or None,
+        use_rslora=bool(use_rslora), base_model=base or None, quantize=qinfo,
         task_adapters={t: dict(per_task) for t in tasks},
     )  # fmt: skip
     clear_default_tasks(model)
@@ -321,30 +360,52 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 # --- merge -------------------------------------------------------------------------------------
 
 
-def merge(model: nn.Module, task: str | int, keep_original: bool = True) -> nn.Module:
+def merge(
+    model: nn.Module,
+    task: str | int,
+    keep_original: bool = True,
+    dequantize: bool = False,
+    requantize: bool = False,
+) -> nn.Module:
     """Fold one task into the base weights: every MultiAdapterLinear becomes a plain nn.Linear with
     W' = W + s[t] * B[t] @ A[t] (computed in float32, float64 for float64 weights), in place.
 
     The original weights are never modified, so `unmerge(model)` restores the patched model exactly
     (keep_original=False frees the originals instead; then there is no unmerge). Biases are shared.
     Returns the model, which then holds no mftk module.
+
+    4-bit bases (patch_model(quantize=...)) are refused unless asked for: dequantize=True merges
+    into the dequantized weight, dequant(W) + s B A, as a full-precision nn.Linear in the dtype
+    the base was quantized from; requantize=True then quantizes the merged weight again with the
+    layer's own settings (which rounds the adapter's update away in part: evaluate it before use).
     """
     model = unwrap(model)
     if getattr(model, "_mftk_merged", None) is not None:
         raise ValueError("model: already merged; call mftk.unmerge(model) first")
     t = task_index(model, task)
     layers = adapter_layers(model)
+    quantized = [n for n, m in layers if m.base_layer is not None]
+    if quantized and not (dequantize or requantize):
+        raise ValueError(
+            f"model: {len(quantized)} layers (e.g. {quantized[0]!r}) have a 4-bit base; merging "
+            "into 4-bit weights would round the adapter away. Pass dequantize=True (merge into "
+            "full-precision dequantized weights) or requantize=True (dequantize, merge, quantize "
+            "again), or export the task with mftk.export_peft and merge on the full-precision base"
+        )
     originals = {}
     with torch.no_grad():
         for name, m in layers:
-            w = m.weight
+            q = m.base_layer
+            w = m.weight if q is None else dequantize_weight(q)
             if t >= 0:
                 cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
                 delta = float(m.lora_scaling[t]) * (m.lora_b[t].to(cdt) @ m.lora_a[t].to(cdt))
                 w = (w.to(cdt) + delta).to(w.dtype)
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             lin.weight = nn.Parameter(w, requires_grad=False)
-            lin.bias = m.bias
+            lin.bias = m.bias if q is None else q.bias
+            if q is not None and requantize:
+                lin = quantize_linear(lin, **quant_settings(q))
             _set_module(model, name, lin)
             originals[name] = m
     names = task_names(model)
