@@ -16,6 +16,7 @@ from mftk.patch import (
     unmerge,
 )
 from mftk.peft_io import export_peft, import_peft
+from mftk.pyramid import add_task
 from mftk.routing import RoutingState, clear_default_tasks, set_default_tasks, use_tasks
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "use_tasks",
     "export_peft",
     "import_peft",
+    "add_task",
     "from_pretrained",
     "load_adapters",
     "save_adapters",

@@ -53,7 +53,7 @@ def read_config(path: str | os.PathLike) -> MftkConfig:
     return MftkConfig.from_dict(d)
 
 
-_SETTINGS = ("rank", "router", "top_k", "target_modules")
+_SETTINGS = ("rank", "router", "top_k", "target_modules", "layers")
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -90,6 +90,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for k, v in loaded.items():
             own[k].copy_(v)
     cfg.task_adapters = dict(saved.task_adapters)
+    cfg.ranks = saved.ranks
     return model
 
 
@@ -100,8 +101,8 @@ def from_pretrained(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """
     c = read_config(path)
     patch_model(
-        model, tasks=c.tasks, rank=c.rank, alpha=c.alpha, target_modules=c.target_modules,
-        router=c.router, top_k=c.top_k, temperature=c.temperature, dropout=c.dropout,
-        use_rslora=c.use_rslora,
+        model, tasks=c.tasks, rank=c.ranks or c.rank, alpha=c.alpha if c.ranks is None else None,
+        target_modules=c.target_modules, router=c.router, top_k=c.top_k,
+        temperature=c.temperature, dropout=c.dropout, use_rslora=c.use_rslora, layers=c.layers,
     )  # fmt: skip
     return load_adapters(model, path)

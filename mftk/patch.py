@@ -53,6 +53,12 @@ class MftkConfig:
     # 4-bit base (mftk.quant): {"quant_type", "double_quant", "compute_dtype",
     # "quantize_all_linear", "blocksize"}; None: full-precision base
     quantize: dict[str, Any] | None = None
+    # decoder-layer indices that carry adapters (None: all); see mftk.pyramid
+    layers: list[int] | None = None
+    # per-task ranks when they differ (rank is then their max, the padded R); None: all = rank
+    ranks: list[int] | None = None
+    # per-task output heads: {task: {"type": "classify", "labels": [...], "hidden_size": H}}
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,7 +256,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def patch_model(
     model: nn.Module,
     tasks: Sequence[str],
-    rank: int = 8,
+    rank: int | dict[str, int] | Sequence[int] = 8,
     alpha: float | None = None,
     target_modules: str | Sequence[str] = "all-linear",
     router: str | None = None,
@@ -262,6 +268,7 @@ def patch_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
     quantize_all_linear: bool = False,
+    layers: str | int | slice | Sequence[int] | None = None,
 ) -> nn.Module:
     """Replace the target nn.Linear layers (never lm_head) by MultiAdapterLinear, in place.
 
@@ -274,7 +281,22 @@ def patch_model(
     quantized on its device one layer at a time; the adapters stay in the layer's dtype and go
     through the op with weight=None. quantize_all_linear=True also quantizes every other nn.Linear
     except the output layer (lm_head). See mftk.quant.
+
+    rank: an int, or per task a {task: rank} dict / a list in task order. Mixed ranks are padded
+    to R = max rank; the padded slices are zero and held at exactly zero (gradient hooks; see
+    mftk.pyramid). With mixed ranks, alpha=None means alpha = r_t per task (scaling 1); a number
+    gives scaling alpha / r_t (PEFT's lora_alpha / r).
+    layers: decoder-layer indices to patch ("18:", "2:6", a slice, a list; None = all). Target
+    modules in other layers stay plain frozen nn.Linear.
     """
+    from mftk.pyramid import (  # pyramid imports this module lazily
+        filter_by_layers,
+        mask_padded_grads,
+        num_decoder_layers,
+        parse_layers,
+        resolve_ranks,
+        zero_padding_,
+    )
     from mftk.routing import clear_default_tasks  # routing imports this module
 
     model = unwrap(model)
@@ -291,7 +313,11 @@ def patch_model(
         raise ValueError(f"tasks: duplicate task names in {list(tasks)}")
     if any(isinstance(m, MultiAdapterLinear) for m in model.modules()):
         raise ValueError("model: already patched by mftk (it has MultiAdapterLinear layers)")
-    names = find_targets(model, target_modules)
+    ranks = resolve_ranks(rank, tasks)
+    layer_ids = None if layers is None else parse_layers(layers, num_decoder_layers(model))
+    names = filter_by_layers(find_targets(model, target_modules), layer_ids)
+    mixed = len(set(ranks)) > 1
+    rank = max(ranks)
     qdtype = check_quant_args(quantize, double_quant, compute_dtype)
     if quantize_all_linear and quantize is None:
         raise ValueError("quantize_all_linear: needs quantize='nf4' or 'fp4'")
@@ -321,16 +347,30 @@ def patch_model(
         _set_module(model, n, m)
         for p in m.adapter_params():
             p.requires_grad_(True)
+    from mftk.nn import lora_scale
+
+    alphas = [float(alpha if alpha is not None else r) for r in ranks]
+    if mixed:
+        with torch.no_grad():
+            for m in new.values():
+                for t, (r, a) in enumerate(zip(ranks, alphas)):
+                    m.lora_rank[t] = r
+                    m.lora_scaling[t] = lora_scale(a, r, bool(use_rslora))
+                zero_padding_(m)
+                mask_padded_grads(m)
     first = next(iter(new.values()))
     base = getattr(model, "name_or_path", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None
     )
-    per_task = dict(r=rank, lora_alpha=first.alpha, use_rslora=bool(use_rslora))
     model.mftk_config = MftkConfig(
         tasks=list(tasks), rank=rank, alpha=first.alpha, target_modules=names, router=router,
         top_k=top_k, temperature=float(temperature), dropout=float(dropout),
         use_rslora=bool(use_rslora), base_model=base or None, quantize=qinfo,
-        task_adapters={t: dict(per_task) for t in tasks},
+        task_adapters={
+            t: {"r": r, "lora_alpha": a if mixed else first.alpha, "use_rslora": bool(use_rslora)}
+            for t, r, a in zip(tasks, ranks, alphas)
+        },
+        layers=layer_ids, ranks=list(ranks) if mixed else None,
     )  # fmt: skip
     clear_default_tasks(model)
     return model

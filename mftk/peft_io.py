@@ -108,6 +108,13 @@ def export_peft(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if cfg.layers is not None:
+        # PEFT's layers_to_transform: the decoder layers that carry the adapter
+        from mftk.pyramid import layer_of
+
+        found = layer_of(targets[0])
+        config["layers_to_transform"] = list(cfg.layers)
+        config["layers_pattern"] = found[0] if found else None
     os.makedirs(path, exist_ok=True)
     save_file(
         tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt", "mftk_task": name}
