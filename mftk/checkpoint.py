@@ -2,7 +2,8 @@
 
 <dir>/mftk_adapters.safetensors   adapter_state_dict(model): per patched module
                                   lora_a (T, R, D_in), lora_b (T, D_out, R), lora_scaling (T,)
-                                  float64, lora_rank (T,) int64, router_weight/bias if any
+                                  float64, lora_rank (T,) int64, router_weight/bias if any;
+                                  per-task heads as heads.<task>.weight (C, H) / .bias (C,)
 <dir>/mftk_config.json            MftkConfig: task names, rank, alpha, target modules, router
                                   settings, base model name, per-task LoRA settings
 """
@@ -30,7 +31,10 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     Files are written to temporary names and renamed, so a crash never leaves half a checkpoint.
     """
     cfg = get_config(model)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    from mftk.heads import head_state_dict
+
+    state = {**adapter_state_dict(model), **head_state_dict(model)}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     os.makedirs(path, exist_ok=True)
     cfg_json = json.dumps({"format": FORMAT, **cfg.to_dict()}, indent=2)
     w_path, c_path = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
@@ -71,9 +75,17 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                 f"path: checkpoint {k}={getattr(saved, k)!r} differs from the model's "
                 f"{getattr(cfg, k)!r}"
             )
+    from mftk.heads import ensure_heads, head_state_dict
+
     own = adapter_state_dict(model)
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
-        keys = set(f.keys())
+        keys = {k for k in f.keys() if not k.startswith("heads.")}
+        if saved.heads:  # heads saved with the adapters: create the missing ones, then load
+            ensure_heads(model, saved.heads)
+            for k, v in head_state_dict(model).items():
+                if k.split(".")[1] in saved.heads:
+                    with torch.no_grad():
+                        v.copy_(f.get_tensor(k))
         missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
         if missing or unexpected:
             raise ValueError(
