@@ -9,10 +9,14 @@ nothing. Relative paths are resolved against the config file's folder.
         data: ./data/python/*.jsonl
         loss_weight: 0.6
       (per task also: format auto|prompt_completion|chat_rounds|csv, prompt, completion,
-       prompt_template: the jsonl keys / csv columns, or a str.format template over a row)
+       prompt_template: the jsonl keys / csv columns, or a str.format template over a row;
+       eval: loss|exec, exec_problems: a jsonl of execution-checked problems for `eval: exec`,
+       see mftk.evaluate)
     model:   {path: DIR} or {tiny: {...}, vocab_size, pretrain: {steps, lr, batch_size}},
              dtype, attn_implementation (sdpa|eager|flash_attention_2), cache_dir
-    adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout
+    adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout,
+             mode (per_task|shared: one LoRA for all tasks, MFTCoder's way), match_params
+             (shared: rank T*rank and alpha T*alpha, the per-task setup's adapter parameters)
     data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
              noise_token_rate
     train:   steps, lr, schedule (cosine|linear|constant), warmup_steps, batch_size (rows of up
@@ -71,6 +75,8 @@ class TaskConfig:
     prompt: str = "prompt"
     completion: str = "completion"
     prompt_template: str | None = None
+    eval: str = "loss"  # exec: also generate for exec_problems and run their unit tests
+    exec_problems: str | None = None
     files: list[str] = field(default_factory=list)  # filled by validation: the matched files
 
 
@@ -100,6 +106,8 @@ class AdapterConfig:
     router: str | None = None
     top_k: int | None = None
     dropout: float = 0.0
+    mode: str = "per_task"  # shared: one adapter for every task (the MFTCoder baseline)
+    match_params: bool = False  # shared: rank and alpha times the number of tasks
 
 
 @dataclass
@@ -334,6 +342,12 @@ def _validate(cfg: Config) -> None:
             )
             files.extend(matched)
         t.files = files
+        _choice(t.eval, ("loss", "exec"), f"{w}.eval")
+        if t.eval == "exec":
+            _check(t.exec_problems is not None, f"{w}.exec_problems", "required with eval: exec")
+        if t.exec_problems is not None:
+            t.exec_problems = _resolve(t.exec_problems, cfg.base_dir)
+            _check(os.path.isfile(t.exec_problems), f"{w}.exec_problems", "no such file")
     m = cfg.model
     _check(
         (m.path is None) != (m.tiny is None),
@@ -365,6 +379,13 @@ def _validate(cfg: Config) -> None:
     _check(0 <= a.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {a.dropout}")
     if a.router is not None:
         _choice(a.router, ("softmax",), "adapter.router")
+    _choice(a.mode, ("per_task", "shared"), "adapter.mode")
+    _check(
+        a.mode == "shared" or not a.match_params, "adapter.match_params", "only with mode: shared"
+    )
+    _check(
+        a.mode != "shared" or a.router is None, "adapter.router", "a router needs mode: per_task"
+    )
     if a.top_k is not None:
         _check(a.router is not None, "adapter.top_k", "only applies with adapter.router")
         _check(1 <= a.top_k <= len(cfg.tasks), "adapter.top_k", f"must be in [1, {len(cfg.tasks)}]")

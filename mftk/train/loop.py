@@ -31,6 +31,8 @@ from mftk.train.losses import mft_loss, router_losses, task_token_means, token_l
 from mftk.train.packing import MultiTaskSampler, eval_batches, rows_to_batch
 from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer
 
+SHARED_ADAPTER = "shared"  # the one adapter's name in adapter.mode: shared
+
 
 def lr_lambda(schedule: str, warmup: int, total: int):
     """Multiplier of the base lr at step s: linear warm-up, then cosine/linear decay to 10%."""
@@ -70,6 +72,10 @@ class Trainer:
         self._log = log
         self.tasks = cfg.task_names
         self.router = cfg.adapter.router is not None
+        # adapter.mode shared (the MFTCoder baseline): one adapter that every task's tokens go
+        # through; losses and metrics stay per task (batch.task_ids), only the routing changes
+        self.shared = cfg.adapter.mode == "shared"
+        self.adapter_tasks = [SHARED_ADAPTER] if self.shared else self.tasks
         self.stages = []
         start = 0
         for s in cfg.stages:
@@ -121,11 +127,14 @@ class Trainer:
         self.varlen = cfg.model.attn_implementation == "flash_attention_2"
         a = cfg.adapter
         torch.manual_seed(cfg.train.seed)
+        rank, alpha = a.rank, a.alpha
+        if self.shared and a.match_params:  # T rank-r adapters' parameters; same alpha / rank
+            rank, alpha = a.rank * len(self.tasks), a.alpha * len(self.tasks)
         mftk.patch_model(
             self.model,
-            tasks=self.tasks,
-            rank=a.rank,
-            alpha=a.alpha,
+            tasks=self.adapter_tasks,
+            rank=rank,
+            alpha=alpha,
             target_modules=a.target_modules,
             router=a.router,
             top_k=a.top_k,
@@ -195,11 +204,15 @@ class Trainer:
 
     def forward(self, batch):
         """(logits (B, S, V), router losses dict or None) for one batch (on self.device)."""
-        ids = None if self.router else batch.task_ids
+        ids = None if self.router else self.route_ids(batch.task_ids)
         with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
             logits = self.model(**batch.model_inputs(self.varlen)).logits
             rl = router_losses(state.pop_router_logits(), batch.task_ids) if self.router else None
         return logits, rl
+
+    def route_ids(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """The adapter ids for a batch's task ids (B, S): themselves, or 0 (-1 stays) shared."""
+        return task_ids.clamp(max=0) if self.shared else task_ids
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -322,7 +335,7 @@ class Trainer:
             os.path.join(self.out, "checkpoints"),
             self.step,
             self.model,
-            self.tasks,
+            self.adapter_tasks,
             self.state_dict(),
             self.cfg.output.keep_last,
         )
@@ -446,7 +459,7 @@ class Trainer:
                 h["eval"][t].append(ev[t])
             if "router_accuracy" in ev:
                 h["router_accuracy"].append(ev["router_accuracy"])
-        ckpt.save_adapter_outputs(self.model, self.tasks, self.out)
+        ckpt.save_adapter_outputs(self.model, self.adapter_tasks, self.out)
         eval_after = {t: h["eval"][t][-1] for t in self.tasks}
         metrics = {
             "tasks": self.tasks,
