@@ -31,6 +31,8 @@ What `DistributedTrainer` changes over the one-process `Trainer`:
   scheduler, sampler position, CoBa, history), `rng-rank<r>.pt` (each rank's RNG). All ranks
   write into `step-000050.tmp`; after a barrier rank 0 renames it. The final adapters are
   gathered in full (fp32) on rank 0 and written as adapters/ (mftk) and peft/<task>/.
+- Attention: flash-attn 2 varlen over the packed samples when configured (flash_attention_2) and
+  usable (CUDA and the flash_attn package); SDPA with the block-diagonal mask otherwise.
 - Only rank 0 logs, shows the progress bar and writes metrics.json and loss.png.
 """
 
@@ -81,6 +83,17 @@ def trainer_class(cfg: Config) -> type[Trainer]:
             )
         return Trainer
     return DistributedTrainer
+
+
+def flash_attention_available(device: torch.device) -> bool:
+    """flash-attn 2 can run: a CUDA device and the flash_attn package importable."""
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _free_port() -> int:
@@ -342,8 +355,12 @@ class DistributedTrainer(Trainer):
 
     def setup(self) -> None:
         cfg = self.cfg
-        device_cfg = cfg.train.device
+        device_cfg, attn_cfg = cfg.train.device, cfg.model.attn_implementation
         cfg.train.device = "cpu"  # load and patch on the CPU; fully_shard moves only the shards
+        if attn_cfg == "flash_attention_2" and not flash_attention_available(self.dist_device):
+            # packed samples stay apart through the 4D block mask instead of varlen boundaries
+            self.log("flash-attn is not usable here (needs CUDA and flash_attn): using sdpa")
+            cfg.model.attn_implementation = "sdpa"
         try:
             if self.is_main:  # rank 0 first: it writes the tiny model's cache, the others read it
                 super().setup()
@@ -351,8 +368,8 @@ class DistributedTrainer(Trainer):
             else:
                 dist.barrier()
                 super().setup()
-        finally:
-            cfg.train.device = device_cfg
+        finally:  # restored: the run's fingerprint (run_key) is the configured one
+            cfg.train.device, cfg.model.attn_implementation = device_cfg, attn_cfg
         self.device = self.dist_device
         di = cfg.distributed
         model = self.model

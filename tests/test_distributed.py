@@ -1,0 +1,364 @@
+"""FSDP2 data-parallel training (mftk/train/distributed.py).
+
+- 2 gloo ranks under torchrun on the tiny model give the per-step losses, evaluations and final
+  adapters of one process on the same global batch (hard routing with activation checkpointing
+  and gradient accumulation; soft routing with router losses and the focal loss);
+- a sharded checkpoint resumes on 2 ranks (bit for bit) and on 1 rank;
+- the per-rank loss shares sum to the global loss's gradient (float64, every loss mode, router);
+- the global micro-batch is split across ranks deterministically;
+- the `distributed:` config section, and examples/deepseek33b/config.yaml validates.
+"""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import mftk.train.distributed as D
+from mftk.train.config import ConfigError, config_from_dict
+from mftk.train.data import IGNORE, Sample
+from mftk.train.loop import Trainer
+from mftk.train.losses import mft_loss, router_losses
+from mftk.train.packing import MultiTaskSampler
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+EXAMPLE = os.path.join(ROOT, "examples", "tiny")
+TOL = dict(rtol=2e-5, atol=2e-5)  # fp32: reduction order differs between 1 and 2 ranks
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dist_cache"))
+
+
+def tiny_raw(cache_dir, out, **over):
+    """The tiny example, shortened: 20 pretraining steps (cached), 4 steps of one stage."""
+    with open(os.path.join(EXAMPLE, "config.yaml")) as f:
+        raw = yaml.safe_load(f)
+    for t in raw["tasks"]:
+        t["data"] = os.path.join(os.path.abspath(EXAMPLE), t["data"])
+    raw["model"]["pretrain"]["steps"] = 20
+    raw["model"]["cache_dir"] = cache_dir
+    raw["data"]["eval_max_samples"] = 8
+    raw["train"].update(eval_every=2, log_every=1, warmup_steps=1, threads=1)
+    raw["stages"] = [{"name": "a", "steps": 4}]
+    raw["output"] = {"dir": str(out), "save_every": 2}
+    for k, v in over.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    return raw
+
+
+def one_process(raw):
+    """The plain (one-process) Trainer, in this process."""
+    return Trainer(config_from_dict(copy.deepcopy(raw), EXAMPLE), progress=False, log=lambda _: 0)
+
+
+def torchrun(nproc, raw, tmp_path, *args, name="cfg"):
+    """`torchrun --standalone --nproc_per_node nproc -m mftk train CFG` (gloo on the CPU);
+    returns metrics.json of the run's output dir."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(nproc), "-m", "mftk", "train", str(path), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=170, env=env, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    out = args[args.index("-o") + 1] if "-o" in args else raw["output"]["dir"]
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f), res.stderr
+
+
+def adapters(out):
+    return load_file(os.path.join(out, "adapters", "mftk_adapters.safetensors"))
+
+
+def assert_close_runs(got, want, exact=False):
+    hg, hw = got["history"], want["history"]
+    assert len(hg["loss"]) == len(hw["loss"])
+    for key in ("loss", "lr", "tokens"):
+        if exact:
+            assert hg[key] == hw[key], (key, hg[key], hw[key])
+        a, b = (
+            torch.tensor(hg[key], dtype=torch.float64),
+            torch.tensor(hw[key], dtype=torch.float64),
+        )
+        err = (a - b).abs().max().item()
+        assert torch.allclose(a, b, **TOL), f"{key}: max error {err:.3g}: {hg[key]} vs {hw[key]}"
+    for t in want["tasks"]:
+        for part in ("train", "eval"):
+            a = torch.tensor(hg[part][t], dtype=torch.float64)
+            b = torch.tensor(hw[part][t], dtype=torch.float64)
+            assert torch.allclose(a, b, **TOL), (part, t, (a - b).abs().max().item())
+    assert hg["eval_step"] == hw["eval_step"]
+
+
+def assert_same_adapters(out_a, out_b, atol=2e-5):
+    a, b = adapters(out_a), adapters(out_b)
+    assert a.keys() == b.keys()
+    errs = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= atol, f"max error {errs[worst]:.3g} at {worst}"
+    assert all(a[k].dtype == b[k].dtype for k in a)
+
+
+# ----------------------------------------------------------------------------- torchrun runs
+
+
+@pytest.fixture(scope="module")
+def hard_runs(cache_dir, tmp_path_factory):
+    """One process (global batch 4 × accum 2) and 2 FSDP2 ranks (2 each × accum 2, activation
+    checkpointing), hard routing, balanced loss; both save at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("hard")
+    over = dict(train={"batch_size": 4, "grad_accum": 2})
+    raw1 = tiny_raw(cache_dir, tmp / "one", **over)
+    single = one_process(raw1).train()  # also fills the tiny-model cache for the ranks
+    raw2 = tiny_raw(cache_dir, tmp / "two", **over)
+    raw2["train"]["batch_size"] = 2
+    raw2["distributed"] = {"strategy": "fsdp2", "activation_checkpointing": True}
+    dist2, logs = torchrun(2, raw2, tmp)
+    return {"tmp": tmp, "raw1": raw1, "raw2": raw2, "single": single, "dist": dist2, "logs": logs}
+
+
+def test_fsdp2_two_ranks_match_one_process(hard_runs):
+    r = hard_runs
+    assert r["dist"]["steps"] == 4 and r["single"]["steps"] == 4
+    assert_close_runs(r["dist"], r["single"])
+    assert r["dist"]["train_tokens"] == r["single"]["train_tokens"]
+    assert_same_adapters(r["tmp"] / "two", r["tmp"] / "one")
+    for t in r["single"]["tasks"]:  # PEFT exports written by rank 0 from the gathered adapters
+        a = load_file(r["tmp"] / "two" / "peft" / t / "adapter_model.safetensors")
+        b = load_file(r["tmp"] / "one" / "peft" / t / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], **TOL) for k in a)
+    assert (r["tmp"] / "two" / "loss.png").is_file()
+    # only rank 0 logs: one line per step
+    assert r["logs"].count("step 3/4 [a] loss") == 1
+    ck = r["tmp"] / "two" / "checkpoints"
+    assert sorted(os.listdir(ck)) == ["step-000002", "step-000004"]  # no .tmp left over
+    assert {"dcp", "trainer_state.pt", "rng-rank0.pt", "rng-rank1.pt"} <= set(
+        os.listdir(ck / "step-000002")
+    )
+
+
+def test_sharded_checkpoint_resumes_on_two_and_one_ranks(hard_runs):
+    r, tmp = hard_runs, hard_runs["tmp"]
+    for nproc, batch in ((2, 2), (1, 4)):
+        out = tmp / f"resume{nproc}"
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(
+            tmp / "two" / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002"
+        )
+        raw = copy.deepcopy(r["raw2"])
+        raw["train"]["batch_size"] = batch  # same global batch on 1 rank
+        got, logs = torchrun(nproc, raw, tmp, "-o", str(out), "--resume", name=f"r{nproc}")
+        assert got["resumed_from"].endswith("step-000002"), logs[-2000:]
+        if nproc == 2:  # same ranks: bit for bit
+            assert_close_runs(got, r["dist"], exact=True)
+            assert_same_adapters(out, tmp / "two", atol=0.0)
+        else:
+            assert_close_runs(got, r["dist"])
+            assert_same_adapters(out, tmp / "two")
+    # a different global batch is a different run: refused
+    raw = copy.deepcopy(r["raw2"])
+    raw["train"]["batch_size"] = 3
+    path = tmp / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = subprocess.run(
+        [sys.executable, "-m", "mftk", "train", str(path), "-o", str(tmp / "resume1"), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert res.returncode == 2 and "global batch" in res.stderr, res.stderr[-2000:]
+
+
+def test_fsdp2_router_focal_matches_one_process(cache_dir, tmp_path):
+    over = dict(
+        adapter={"router": "softmax"},
+        loss={"mode": "focal", "focal_gamma": 1.5, "router_balance": 0.1},
+        stages=[{"steps": 3}],
+        train={"batch_size": 4, "eval_every": 3},
+        data={"packing": False},
+    )
+    raw1 = tiny_raw(cache_dir, tmp_path / "one", **over)
+    single = one_process(raw1).train()
+    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
+    raw2["train"]["batch_size"] = 2
+    raw2["distributed"] = {"strategy": "fsdp2"}
+    got, _ = torchrun(2, raw2, tmp_path)
+    assert_close_runs(got, single)
+    a = torch.tensor(got["history"]["router_accuracy"])
+    b = torch.tensor(single["history"]["router_accuracy"])
+    assert torch.allclose(a, b, atol=1e-6)
+    assert_same_adapters(tmp_path / "two", tmp_path / "one")
+    assert any(k.endswith("router_weight") for k in adapters(tmp_path / "two"))
+
+
+# ----------------------------------------------------------------------------- pieces, in process
+
+
+def _simulated_ranks(monkeypatch, fn, shards):
+    """Run fn(shard) for every shard as if each were a rank: a first pass records the values
+    each would all-reduce, a second pass answers with their sum. returns the second pass."""
+    seen = []
+    monkeypatch.setattr(D, "_all_reduce", lambda t: seen.append(t.detach().double()) or t.double())
+    for s in shards:
+        fn(s)
+    total = torch.stack(seen).sum(0)
+    monkeypatch.setattr(D, "_all_reduce", lambda t: total.clone())
+    return [fn(s) for s in shards]
+
+
+@pytest.mark.parametrize("mode", ["token", "balanced", "focal", "coba"])
+def test_rank_shares_sum_to_global_gradient(monkeypatch, mode):
+    b, s, v, t = 5, 7, 11, 3
+    logits = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (b, s))
+    targets[torch.rand(b, s) < 0.3] = IGNORE
+    task_ids = torch.randint(-1, t, (b, s))
+    task_ids[:, :2] = 2  # task 2 only in ranks' first columns; task 1 absent from rows 0-1
+    task_ids[:2][task_ids[:2] == 1] = 0
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    want, _, _ = mft_loss(logits, targets, task_ids, weights, mode, 1.5)
+    (g_want,) = torch.autograd.grad(want, logits)
+    rows = [slice(0, 2), slice(2, 5)]  # uneven ranks
+
+    def share(r):
+        tl = torch.nn.functional.cross_entropy(
+            logits[r].reshape(-1, v), targets[r].reshape(-1), ignore_index=IGNORE, reduction="none"
+        ).view(targets[r].shape)
+        n = int((task_ids[r] >= 0).sum())
+        return D.global_task_loss(tl, targets[r], task_ids[r], weights, mode, 1.5, n)
+
+    outs = _simulated_ranks(monkeypatch, share, rows)
+    (g_got,) = torch.autograd.grad(sum(o[0] for o in outs), logits)
+    err = (g_got - g_want).abs().max().item()
+    assert err < 1e-6, f"max grad error {err:.3g}"
+    assert all(abs(o[1] - want.item()) < 1e-6 for o in outs)
+    assert outs[0][4] == int((task_ids >= 0).sum())
+
+
+def test_router_rank_shares_sum_to_global_gradient(monkeypatch):
+    n, t, layers = 13, 4, 3
+    zs = [torch.randn(n, t, dtype=torch.float64, requires_grad=True) for _ in range(layers)]
+    ids = torch.randint(-1, t, (n,))
+    want = router_losses(zs, ids)
+    total_want = want["balance"] * 0.3 + want["supervision"]
+    g_want = torch.autograd.grad(total_want, zs)
+    parts = [slice(0, 6), slice(6, n)]
+    outs = _simulated_ranks(
+        monkeypatch, lambda p: D.global_router_losses([z[p] for z in zs], ids[p]), parts
+    )
+    g_got = torch.autograd.grad(sum(o["balance"] * 0.3 + o["supervision"] for o in outs), zs)
+    for a, b in zip(g_got, g_want):
+        assert (a - b).abs().max().item() < 1e-6
+    for o in outs:
+        assert abs(o["balance_value"] - want["balance"].item()) < 1e-6
+        assert abs(o["supervision_value"] - want["supervision"].item()) < 1e-6
+        assert abs(o["accuracy"] - want["accuracy"].item()) < 1e-6
+
+
+def test_rank_shard_splits_the_global_batch():
+    g = torch.Generator().manual_seed(1)
+    tasks = [
+        [Sample(k, list(range(n)), [IGNORE] * 2 + list(range(2, n))) for n in
+         torch.randint(3, 30, (20,), generator=g).tolist()]
+        for k in range(3)
+    ]  # fmt: skip
+    one = MultiTaskSampler(tasks, 0, 64)
+    ranks = [D.RankShard(MultiTaskSampler(tasks, 0, 64), r, 2) for r in range(2)]
+    for _ in range(5):
+        want = one.next_rows(6, 40, True)
+        got = [row for sh in ranks for row in sh.next_rows(3, 40, True)]
+        assert [[x.input_ids for x in row] for row in got] == [
+            [x.input_ids for x in row] for row in want
+        ]
+    assert ranks[0].state_dict() == ranks[1].state_dict() == one.state_dict()
+
+
+def test_distributed_config_section(cache_dir, tmp_path, monkeypatch):
+    raw = tiny_raw(cache_dir, tmp_path)
+    cfg = config_from_dict(copy.deepcopy(raw), EXAMPLE)
+    assert cfg.distributed.strategy == "none" and D.trainer_class(cfg) is Trainer
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="distributed.strategy: launched on 2 processes"):
+        D.trainer_class(cfg)
+    bad = [
+        ({"strategy": "fsdp"}, "distributed.strategy"),
+        ({"backend": "mpi"}, "distributed.backend"),
+        ({"activation_checkpointing": True}, "distributed.activation_checkpointing"),
+        ({"strategy": "fsdp2", "mixed_precision": {"param_dtype": "fp8"}}, "param_dtype"),
+        ({"strategy": "fsdp2", "mixed_precision": {"reduce_dtyp": "float32"}}, "reduce_dtype"),
+    ]
+    for section, where in bad:
+        r = copy.deepcopy(raw)
+        r["distributed"] = section
+        with pytest.raises(ConfigError, match=where):
+            config_from_dict(r, EXAMPLE)
+    r = copy.deepcopy(raw)
+    r["distributed"] = {"strategy": "fsdp2"}
+    assert D.trainer_class(config_from_dict(r, EXAMPLE)) is D.DistributedTrainer
+
+
+def test_deepseek33b_example_config_validates(tmp_path):
+    with open(os.path.join(ROOT, "examples", "deepseek33b", "config.yaml")) as f:
+        raw = yaml.safe_load(f)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    raw["model"]["path"] = str(tmp_path / "model")  # the weights are not shipped
+    for t in raw["tasks"]:  # nor the data
+        (tmp_path / t["name"]).mkdir()
+        (tmp_path / t["name"] / "a.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+        t["data"] = str(tmp_path / t["name"] / "*.jsonl")
+    cfg = config_from_dict(raw, os.path.join(ROOT, "examples", "deepseek33b"))
+    d = cfg.distributed
+    assert (d.strategy, d.activation_checkpointing) == ("fsdp2", True)
+    assert (d.mixed_precision.param_dtype, d.mixed_precision.reduce_dtype) == (
+        "bfloat16",
+        "float32",
+    )
+    assert D.trainer_class(cfg) is D.DistributedTrainer
+
+
+def test_flash_attention_falls_back_to_sdpa_on_cpu():
+    assert not D.flash_attention_available(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_fsdp2_bf16_on_gpus(cache_dir, tmp_path):
+    """bf16 base, fp32 adapter masters, bf16 compute, activation checkpointing on every visible
+    GPU (nccl); flash-attn varlen when installed, SDPA otherwise, agree on the first loss."""
+    n = torch.cuda.device_count()
+    runs = {}
+    attns = ["sdpa"] + (["flash_attention_2"] if D.flash_attention_available(
+        torch.device("cuda")) else [])  # fmt: skip
+    for attn in attns:
+        raw = tiny_raw(cache_dir, tmp_path / attn, stages=[{"steps": 6}])
+        raw["model"].update(dtype="bfloat16", attn_implementation=attn)
+        raw["train"].update(batch_size=max(1, 8 // n), device="cuda")
+        raw["distributed"] = {
+            "strategy": "fsdp2",
+            "activation_checkpointing": True,
+            "mixed_precision": {"param_dtype": "bfloat16", "reduce_dtype": "float32"},
+        }
+        runs[attn], _ = torchrun(n, raw, tmp_path, name=attn)
+        loss = runs[attn]["history"]["loss"]
+        assert all(torch.isfinite(torch.tensor(loss))) and loss[-1] < loss[0]
+        ad = adapters(tmp_path / attn)  # gathered from the fp32 masters
+        assert all(v.dtype == torch.float32 for k, v in ad.items() if k.endswith("lora_a"))
+    if len(runs) == 2:
+        a, b = runs["sdpa"]["history"]["loss"][0], runs["flash_attention_2"]["history"]["loss"][0]
+        assert abs(a - b) < 2e-2 * abs(a)
