@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mftk.train.cli", "fine-tune a model on a YAML list of tasks"),
     "plan": ("mftk.plan", "estimate per-GPU memory and step time for a model on G GPUs"),
+    "scan": ("mftk.scan", "classify a codebase's functions with a task's head (CI gate)"),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -73,9 +74,16 @@ def heads(model: nn.Module) -> nn.ModuleDict:
 
 
 def add_head(
-    model: nn.Module, task: str, labels: Sequence[str], kind: str = "classify"
+    model: nn.Module,
+    task: str,
+    labels: Sequence[str],
+    kind: str = "classify",
+    meta: dict[str, Any] | None = None,
 ) -> ClassificationHead:
     """Give a task of a patched model a classification head (on the model's device); returns it.
+
+    meta: extra JSON-serialisable settings kept in mftk_config.heads[task] (the trainer stores
+    how it rendered inputs: prompt_template, bos, seq_len, so that `mftk scan` renders alike).
     Raises ValueError for an unknown task, a task that already has a head, or bad labels."""
     model = unwrap(model)
     cfg = get_config(model)
@@ -90,7 +98,12 @@ def add_head(
     ref = next(iter(model.parameters()))
     head.to(device=ref.device)
     hs[task] = head
-    cfg.heads[task] = {"type": kind, "labels": list(head.labels), "hidden_size": head.hidden_size}
+    cfg.heads[task] = {
+        **(meta or {}),
+        "type": kind,
+        "labels": list(head.labels),
+        "hidden_size": head.hidden_size,
+    }
     return head
 
 
@@ -111,7 +124,7 @@ def ensure_heads(model: nn.Module, spec: dict[str, dict]) -> None:
     hs = heads(model)
     for task, meta in spec.items():
         if task not in hs:
-            add_head(model, task, meta["labels"], meta.get("type", "classify"))
+            add_head(model, task, meta["labels"], meta.get("type", "classify"), meta)
         elif hs[task].labels != list(meta["labels"]):
             raise ValueError(
                 f"task {task!r}: the model's head labels {hs[task].labels} differ from "

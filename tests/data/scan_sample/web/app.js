@@ -1,0 +1,25 @@
+// a sample non-Python file: split into line windows
+function f1(a) { return a + 1; }
+function f2(a) { return a + 2; }
+function f3(a) { return a + 3; }
+function f4(a) { return a + 4; }
+function f5(a) { return a + 5; }
+function f6(a) { return a + 6; }
+function f7(a) { return a + 7; }
+function f8(a) { return a + 8; }
+function f9(a) { return a + 9; }
+function f10(a) { return a + 10; }
+function f11(a) { return a + 11; }
+function f12(a) { return a + 12; }
+function f13(a) { return a + 13; }
+function f14(a) { return a + 14; }
+function f15(a) { return a + 15; }
+function f16(a) { return a + 16; }
+function f17(a) { return a + 17; }
+function f18(a) { return a + 18; }
+function f19(a) { return a + 19; }
+function f20(a) { return a + 20; }
+function f21(a) { return a + 21; }
+function f22(a) { return a + 22; }
+function f23(a) { return a + 23; }
+function f24(a) { return a + 24; }
