@@ -95,8 +95,9 @@ def assert_close_runs(got, want, exact=False):
         assert torch.allclose(a, b, **TOL), f"{key}: max error {err:.3g}: {hg[key]} vs {hw[key]}"
     for t in want["tasks"]:
         for part in ("train", "eval"):
-            a = torch.tensor(hg[part][t], dtype=torch.float64)
-            b = torch.tensor(hw[part][t], dtype=torch.float64)
+            assert [x is None for x in hg[part][t]] == [x is None for x in hw[part][t]]
+            a = torch.tensor([x for x in hg[part][t] if x is not None], dtype=torch.float64)
+            b = torch.tensor([x for x in hw[part][t] if x is not None], dtype=torch.float64)
             assert torch.allclose(a, b, **TOL), (part, t, (a - b).abs().max().item())
     assert hg["eval_step"] == hw["eval_step"]
 
