@@ -11,12 +11,16 @@ nothing. Relative paths are resolved against the config file's folder.
       (per task also: format auto|prompt_completion|chat_rounds|csv, prompt, completion,
        prompt_template: the jsonl keys / csv columns, or a str.format template over a row;
        eval: loss|exec, exec_problems: a jsonl of execution-checked problems for `eval: exec`,
-       see mftk.evaluate)
+       see mftk.evaluate; type: generate (default) | classify with labels: [...] and label:
+       the csv column / jsonl key holding each record's label (default "label"), trained with
+       cross-entropy on a head over the last prompt token (mftk.heads); rank: this task's own
+       adapter rank (default adapter.rank; mixed ranks are padded, see mftk.pyramid))
     model:   {path: DIR} or {tiny: {...}, vocab_size, pretrain: {steps, lr, batch_size}},
              dtype, attn_implementation (sdpa|eager|flash_attention_2), cache_dir
     adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout,
              mode (per_task|shared: one LoRA for all tasks, MFTCoder's way), match_params
-             (shared: rank T*rank and alpha T*alpha, the per-task setup's adapter parameters)
+             (shared: rank T*rank and alpha T*alpha, the per-task setup's adapter parameters),
+             layers: decoder layers that get adapters ("18:", [0, 3], null = all)
     data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
              noise_token_rate
     train:   steps, lr, schedule (cosine|linear|constant), warmup_steps, batch_size (rows of up
@@ -62,6 +66,7 @@ TINY_KEYS = (
     "rope_theta",
 )
 NOISE_KINDS = ("random_tokens", "swap_answer")
+TASK_TYPES = ("generate", "classify")
 
 
 @dataclass
@@ -77,6 +82,10 @@ class TaskConfig:
     prompt_template: str | None = None
     eval: str = "loss"  # exec: also generate for exec_problems and run their unit tests
     exec_problems: str | None = None
+    type: str = "generate"  # classify: a head over the last prompt token, CE on `label`
+    labels: list[str] | None = None  # classify: the class names, in head order
+    label: str = "label"  # classify: the csv column / jsonl key of the label
+    rank: int | None = None  # this task's adapter rank (default adapter.rank)
     files: list[str] = field(default_factory=list)  # filled by validation: the matched files
 
 
@@ -108,6 +117,7 @@ class AdapterConfig:
     dropout: float = 0.0
     mode: str = "per_task"  # shared: one adapter for every task (the MFTCoder baseline)
     match_params: bool = False  # shared: rank and alpha times the number of tasks
+    layers: str | int | list[int] | None = None  # decoder layers with adapters (None: all)
 
 
 @dataclass
@@ -330,6 +340,17 @@ def _validate(cfg: Config) -> None:
         seen.add(t.name)
         _check(t.loss_weight > 0, f"{w}.loss_weight", f"must be > 0, got {t.loss_weight}")
         _choice(t.format, FORMATS, f"{w}.format")
+        _choice(t.type, TASK_TYPES, f"{w}.type")
+        if t.type == "classify":
+            _check(
+                t.labels is not None and len(t.labels) >= 2,
+                f"{w}.labels",
+                "a classify task needs labels: [...] (at least 2 class names)",
+            )
+            _check(len(set(t.labels)) == len(t.labels), f"{w}.labels", "duplicate labels")
+        else:
+            _check(t.labels is None, f"{w}.labels", "only for type: classify")
+        _check(t.rank is None or t.rank >= 1, f"{w}.rank", f"must be >= 1, got {t.rank}")
         _check(len(t.data) > 0, f"{w}.data", "needs at least one file or glob")
         files: list[str] = []
         for j, pattern in enumerate(t.data):
@@ -386,6 +407,16 @@ def _validate(cfg: Config) -> None:
     _check(
         a.mode != "shared" or a.router is None, "adapter.router", "a router needs mode: per_task"
     )
+    for i, t in enumerate(cfg.tasks):
+        if t.type == "classify":
+            _check(a.mode == "per_task", f"tasks[{i}].type", "classify needs adapter.mode per_task")
+            _check(
+                cfg.distributed.strategy == "none",
+                f"tasks[{i}].type",
+                "classify tasks train in one process (distributed.strategy: none) for now",
+            )
+        if t.rank is not None:
+            _check(a.mode == "per_task", f"tasks[{i}].rank", "per-task ranks need mode: per_task")
     if a.top_k is not None:
         _check(a.router is not None, "adapter.top_k", "only applies with adapter.router")
         _check(1 <= a.top_k <= len(cfg.tasks), "adapter.top_k", f"must be in [1, {len(cfg.tasks)}]")
