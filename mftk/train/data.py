@@ -37,11 +37,13 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One record as text: segments of (text, carries_loss)."""
+    """One record as text: segments of (text, carries_loss); label: the class index of a
+    classify task's record (its only segment is the prompt), -1 for generate tasks."""
 
     task: int
     segments: list[tuple[str, bool]]
     where: str  # "file:line"
+    label: int = -1
 
     def text(self) -> str:
         return "".join(s for s, _ in self.segments)
@@ -54,6 +56,7 @@ class Sample:
     task: int
     input_ids: list[int]
     labels: list[int]
+    cls_label: int = -1  # classify tasks: the class index (read on the last token); else -1
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -107,6 +110,23 @@ def _pc_segments(prompt: Any, completion: Any, pk: str, ck: str, bos: str, eos: 
     return [(bos + prompt, False), (completion + eos, True)]
 
 
+def _answer_key(task: TaskConfig) -> str:
+    return task.label if task.type == "classify" else task.completion
+
+
+def _record_segments(task: TaskConfig, prompt: Any, rec: dict, bos: str, eos: str):
+    """Segments of a prompt/completion record, or (segments, label index) for classify tasks:
+    the prompt alone, no loss token (the head's cross-entropy is the task's loss)."""
+    if task.type != "classify":
+        return _pc_segments(prompt, rec[task.completion], task.prompt, task.completion, bos, eos)
+    if not isinstance(prompt, str):
+        raise ValueError(f"'{task.prompt}' must be a string, got {type(prompt).__name__}")
+    value = rec[task.label]
+    if not isinstance(value, str) or value not in task.labels:
+        raise ValueError(f"label {value!r} in '{task.label}' is not one of {task.labels}")
+    return [(bos + prompt, False)], task.labels.index(value)
+
+
 def _template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f]
 
@@ -132,7 +152,7 @@ def _read_jsonl(path: str, task: TaskConfig, fmt: str, bos: str, eos: str):
                         raise ValueError("missing key 'chat_rounds'")
                     segs = _chat_segments(rec["chat_rounds"], eos)  # "<s>role\n" opens each turn
                 else:
-                    for key in (task.completion,) + (
+                    for key in (_answer_key(task),) + (
                         () if task.prompt_template else (task.prompt,)
                     ):
                         if key not in rec:
@@ -142,9 +162,7 @@ def _read_jsonl(path: str, task: TaskConfig, fmt: str, bos: str, eos: str):
                         if task.prompt_template
                         else rec[task.prompt]
                     )
-                    segs = _pc_segments(
-                        prompt, rec[task.completion], task.prompt, task.completion, bos, eos
-                    )
+                    segs = _record_segments(task, prompt, rec, bos, eos)
             except ValueError as err:
                 yield where, err
                 continue
@@ -167,7 +185,7 @@ def _read_csv(path: str, task: TaskConfig, bos: str, eos: str):
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}:1: empty csv file (needs a header row)") from None
-        needed = [task.completion] + (
+        needed = [_answer_key(task)] + (
             _template_fields(task.prompt_template) if task.prompt_template else [task.prompt]
         )
         for col in needed:
@@ -194,9 +212,7 @@ def _read_csv(path: str, task: TaskConfig, bos: str, eos: str):
                 prompt = (
                     _format(task.prompt_template, rec) if task.prompt_template else rec[task.prompt]
                 )
-                segs = _pc_segments(
-                    prompt, rec[task.completion], task.prompt, task.completion, bos, eos
-                )
+                segs = _record_segments(task, prompt, rec, bos, eos)
             except ValueError as err:
                 yield where, err
                 continue
@@ -225,7 +241,8 @@ def read_examples(
                         raise DataError(f"{where}: {item}")
                     skipped[str(item).split(" (")[0]] += 1
                     continue
-                out.append(Example(task_index, item, where))
+                segs, label = item if isinstance(item, tuple) else (item, -1)
+                out.append(Example(task_index, segs, where, label))
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not out:
@@ -261,10 +278,10 @@ def tokenize(examples: list[Example], tokenizer: Any, seq_len: int) -> tuple[lis
             labels.extend(seg if is_answer else [IGNORE] * len(seg))
         input_ids, labels = input_ids[:seq_len], labels[:seq_len]
         # the first token is never a target (nothing precedes it): keep at least one later answer
-        if all(lab == IGNORE for lab in labels[1:]):
+        if ex.label < 0 and all(lab == IGNORE for lab in labels[1:]):
             dropped += 1
             continue
-        out.append(Sample(ex.task, input_ids, labels))
+        out.append(Sample(ex.task, input_ids, labels, ex.label))
     return out, dropped
 
 

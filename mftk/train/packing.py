@@ -26,7 +26,9 @@ from mftk.train.data import IGNORE, Sample
 @dataclass
 class Batch:
     """input_ids, targets, task_ids, position_ids, seq_ids: (B, S) int64;
-    attention_mask: (B, 1, S, S) additive float; num_tokens: real (non-pad) tokens."""
+    attention_mask: (B, 1, S, S) additive float; num_tokens: real (non-pad) tokens;
+    cls_labels: (B, S) int64, the class index on the last token of each classify-task sample,
+    -100 elsewhere (None when built without it)."""
 
     input_ids: Tensor
     targets: Tensor
@@ -35,6 +37,7 @@ class Batch:
     seq_ids: Tensor
     attention_mask: Tensor
     num_tokens: int
+    cls_labels: Tensor | None = None
 
     def model_inputs(self, varlen: bool = False) -> dict[str, Tensor]:
         """Keyword arguments for a Hugging Face causal LM. varlen (flash-attention, which takes
@@ -49,8 +52,11 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on device."""
+        cls = None if self.cls_labels is None else self.cls_labels.to(device)
         return Batch(
-            *(getattr(self, k).to(device) for k in BATCH_TENSORS), num_tokens=self.num_tokens
+            *(getattr(self, k).to(device) for k in BATCH_TENSORS),
+            num_tokens=self.num_tokens,
+            cls_labels=cls,
         )
 
 
@@ -88,6 +94,7 @@ def rows_to_batch(
     task = torch.full((b, s), -1, dtype=torch.long)
     pos = torch.zeros((b, s), dtype=torch.long)
     seq = torch.full((b, s), -1, dtype=torch.long)
+    cls = torch.full((b, s), IGNORE, dtype=torch.long)
     n = 0
     for r, row in enumerate(rows):
         off = 0
@@ -100,9 +107,11 @@ def rows_to_batch(
             task[r, off : off + L] = smp.task
             pos[r, off : off + L] = torch.arange(L)
             seq[r, off : off + L] = k
+            if smp.cls_label >= 0:
+                cls[r, off + L - 1] = smp.cls_label
             off += L
             n += L
-    return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n)
+    return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n, cls)
 
 
 def pack_rows(samples: list[Sample], seq_len: int, max_rows: int, packing: bool = True):
@@ -132,7 +141,7 @@ class MultiTaskSampler:
     - `random_tokens`: each prompt (non-answer) token is replaced by a uniformly random vocabulary
       token with probability `noise_token_rate` (adversarial inputs, clean answers);
     - `swap_answer`: the answer tokens are replaced by another random sample's answer of the same
-      task (a mislabelled sample).
+      task (a mislabelled sample; a classify sample takes the other sample's label).
     The whole state (RNG, per-task order and cursor, the sample left over by the last batch) is in
     state_dict(), so a resumed run draws exactly the same batches.
     """
@@ -184,7 +193,7 @@ class MultiTaskSampler:
         return i
 
     def _corrupt(self, smp: Sample) -> Sample:
-        ids, labels = list(smp.input_ids), list(smp.labels)
+        ids, labels, cls = list(smp.input_ids), list(smp.labels), smp.cls_label
         if self.noise_kind == "random_tokens":
             for i, lab in enumerate(labels):
                 if lab == IGNORE and i > 0 and self.rng.random() < self.noise_token_rate:
@@ -196,7 +205,8 @@ class MultiTaskSampler:
             ids = ids[:n_prompt] + ans
             labels = [IGNORE] * n_prompt + ans
             ids, labels = ids[: len(smp)], labels[: len(smp)]
-        return Sample(smp.task, ids, labels)
+            cls = other.cls_label  # classify: a mislabelled sample
+        return Sample(smp.task, ids, labels, cls)
 
     def draw(self) -> Sample:
         if self.pending is not None:
@@ -223,7 +233,8 @@ class MultiTaskSampler:
     def state_dict(self) -> dict:
         pend = None
         if self.pending is not None:
-            pend = [self.pending.task, self.pending.input_ids, self.pending.labels]
+            p = self.pending
+            pend = [p.task, p.input_ids, p.labels, p.cls_label]
         return {
             "rng": self.rng.getstate(),
             "orders": self.orders,
@@ -240,7 +251,9 @@ class MultiTaskSampler:
         self.orders = [list(o) for o in state["orders"]]
         self.cursors = list(state["cursors"])
         p = state["pending"]
-        self.pending = None if p is None else Sample(int(p[0]), list(p[1]), list(p[2]))
+        self.pending = (
+            None if p is None else Sample(int(p[0]), list(p[1]), list(p[2]), *map(int, p[3:]))
+        )
         self.weights = list(state["weights"])
         self.noise = float(state["noise"])
         self.drawn = list(state["drawn"])
