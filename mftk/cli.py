@@ -13,6 +13,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mftk.train.cli", "fine-tune a model on a YAML list of tasks"),
     "plan": ("mftk.plan", "estimate per-GPU memory and step time for a model on G GPUs"),
+    "eval": ("mftk.evaluate", "per-task held-out loss, router accuracy and pass@k of a run"),
+    "compare": ("mftk.compare", "side-by-side per-task eval loss and pass@k of runs, with a plot"),
     "scan": ("mftk.scan", "classify a codebase's functions with a task's head (CI gate)"),
 }
 
