@@ -66,7 +66,53 @@ def require_bitsandbytes() -> Any:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if os.path.abspath(getattr(stray, "__file__", "") or "").startswith(here + os.sep):
             del sys.modules["kernels"]
+    _fix_cpu_dequantize(_bnb)
     return _bnb
+
+
+def dequantize_4bit_flat(
+    packed: Tensor,
+    absmax: Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: tuple[int, ...] | torch.Size,
+    dtype: torch.dtype,
+) -> Tensor:
+    """W = code[q] * absmax[block], blocks of `blocksize` over the flattened weight (bitsandbytes'
+    layout: its quantizer and CUDA kernels). packed: two 4-bit codes per byte, high nibble first;
+    absmax: (ceil(numel / blocksize),) float32 (already dequantized when double-quantized)."""
+    bnb = require_bitsandbytes()
+    n = 1
+    for d in shape:
+        n *= int(d)
+    a = packed.reshape(-1)
+    a = a if a.dtype == torch.uint8 else a.view(torch.uint8)
+    idx = torch.stack((a >> 4, a & 0xF), dim=-1).reshape(-1)[:n].long()
+    code = bnb.functional.get_4bit_type(quant_type, device=packed.device)
+    scale = absmax.float().repeat_interleave(blocksize)[:n]
+    return (code[idx] * scale).reshape(tuple(shape)).to(dtype)
+
+
+def _fix_cpu_dequantize(bnb: Any) -> None:
+    # bitsandbytes 0.50.2's CPU dequantize kernel restarts the blocks at every row, while its
+    # quantizer (and CUDA) run them over the flattened weight: any weight whose D_in is not a
+    # multiple of the block size comes back wrong (relative error ~0.25 instead of ~0.09), in the
+    # forward, the backward and dequantize alike. Detect that on a small weight and, if present,
+    # replace the CPU kernel of bitsandbytes::dequantize_4bit by the flat-block one above.
+    w = torch.arange(2 * 96, dtype=torch.float32).sin().reshape(2, 96)
+    q, st = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    got = bnb.functional.dequantize_4bit(q, st)
+    want = dequantize_4bit_flat(q, st.absmax, 64, "nf4", w.shape, torch.float32)
+    if torch.equal(got, want):
+        return
+    import warnings
+
+    def kernel(A, absmax, blocksize, quant_type, shape, dtype):  # the op's schema
+        return dequantize_4bit_flat(A, absmax, blocksize, quant_type, shape, dtype)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
+        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", kernel)
 
 
 def bitsandbytes_available() -> bool:
@@ -260,3 +306,44 @@ def base_linear_bytes(model: nn.Module, include_bias: bool = False) -> int:
                 seen.add(key)
                 total += t.untyped_storage().nbytes()
     return total
+
+
+def quantized_adapter_layer(
+    linear: nn.Linear,
+    num_tasks: int,
+    rank: int,
+    alpha: float | None,
+    quant_type: str,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+    **kw: Any,
+) -> nn.Module:
+    """A MultiAdapterLinear over `linear` quantized to 4 bits; adapters in linear's dtype/device.
+
+    kw: router, top_k, temperature, dropout, use_rslora (as MultiAdapterLinear.from_linear).
+    """
+    from mftk.nn import MultiAdapterLinear
+
+    w = linear.weight
+    q = quantize_linear(linear, quant_type, double_quant, compute_dtype)
+    return MultiAdapterLinear.from_base_layer(
+        q, linear.in_features, linear.out_features, num_tasks, rank, alpha, device=w.device,
+        dtype=w.dtype, **kw,
+    )  # fmt: skip
+
+
+def quantize_linears(
+    model: nn.Module,
+    names: list[str],
+    quant_type: str,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+) -> None:
+    """Replace the nn.Linear modules `names` of model by frozen 4-bit Linear4bit, one at a time
+    (each dense weight is freed as soon as its layer is swapped, unless something else holds it)."""
+    for name in names:
+        lin = model.get_submodule(name)
+        q = quantize_linear(lin, quant_type, double_quant, compute_dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        del lin
