@@ -25,10 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from the latest complete checkpoint in the output dir",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="single-task baseline: train only this task's data (output dir gets -TASK)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from mftk.train.config import ConfigError, load_config
+    from mftk.train.config import ConfigError, load_config, single_task
     from mftk.train.data import DataError
     from mftk.train.distributed import trainer_class
 
@@ -37,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg = load_config(args.config)
+        if args.task is not None:
+            cfg = single_task(cfg, args.task)
         trainer = trainer_class(cfg)(
             cfg,
             output_dir=args.output,

@@ -494,6 +494,24 @@ def _validate(cfg: Config) -> None:
     _choice(mp.reduce_dtype, DTYPES, "distributed.mixed_precision.reduce_dtype")
 
 
+def single_task(cfg: Config, name: str) -> Config:
+    """The single-task baseline of a multi-task config (`mftk train CONFIG --task NAME`).
+
+    Every stage draws only task `name` (mix {name: 1}); tasks, eval split, adapters and steps
+    stay as they are, so the run's eval compares task by task with the multi-task run (the other
+    tasks' per-task adapters stay untrained: their eval is the base model's). output.dir gets
+    "-NAME" appended; the tiny base's cache stays the multi-task run's. Returns cfg, changed.
+    """
+    if name not in cfg.task_names:
+        raise ConfigError(f"--task: unknown task {name!r}{_suggest(name, cfg.task_names)}")
+    if cfg.model.cache_dir is None:
+        cfg.model.cache_dir = os.path.join(cfg.output.dir, "cache")
+    cfg.output.dir = cfg.output.dir.rstrip(os.sep) + f"-{name}"
+    for s in cfg.stages:
+        s.mix = {name: 1.0}
+    return cfg
+
+
 def config_from_dict(raw: Any, base_dir: str = ".") -> Config:
     """Build and validate a Config from parsed YAML; relative paths resolve against base_dir."""
     cfg = _build(Config, raw, "")
