@@ -2,7 +2,8 @@
 
 Three tasks built from the same small families of Python functions, with random names:
 - data/completion/*.jsonl  Python completion, {"prompt": signature + docstring, "completion": body}
-- data/bugs/*.csv          bug detection, columns code,verdict ("ok" or "bug: <kind>")
+- data/bugs/*.csv          bug detection, columns code,verdict ("ok" or "bug: <kind>"),label
+                           ("ok" or "bug": the classify task's label)
 - data/docstrings/*.jsonl  docstring generation, MFTCoder chat_rounds (system/human/bot and
                            user/assistant turns)
 
@@ -196,10 +197,10 @@ def bug_rows(rng: random.Random) -> list[dict]:
     for _ in range(N_PER_TASK):
         header, body, _, bugs = make_function(rng)
         if rng.random() < 0.5:
-            out.append({"code": f"{header}\n    {body}", "verdict": "ok"})
+            out.append({"code": f"{header}\n    {body}", "verdict": "ok", "label": "ok"})
         else:
             bad, kind = rng.choice(bugs)
-            out.append({"code": f"{header}\n    {bad}", "verdict": f"bug: {kind}"})
+            out.append({"code": f"{header}\n    {bad}", "verdict": f"bug: {kind}", "label": "bug"})
     return out
 
 
@@ -230,7 +231,7 @@ def main() -> None:
         with open(os.path.join(paths["completion"], f"part{k}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in chunk)
     with open(os.path.join(paths["bugs"], "bugs.csv"), "w", encoding="utf-8", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["code", "verdict"])
+        w = csv.DictWriter(f, fieldnames=["code", "verdict", "label"])
         w.writeheader()
         w.writerows(bug_rows(rng))
     with open(os.path.join(paths["docstrings"], "chat.jsonl"), "w", encoding="utf-8") as f:

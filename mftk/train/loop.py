@@ -24,6 +24,7 @@ import torch
 
 import mftk
 from mftk.train import checkpointing as ckpt
+from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
 from mftk.train.coba import CoBa
 from mftk.train.config import Config, ConfigError
 from mftk.train.data import build_task_data, describe, load_examples
@@ -130,19 +131,27 @@ class Trainer:
         rank, alpha = a.rank, a.alpha
         if self.shared and a.match_params:  # T rank-r adapters' parameters; same alpha / rank
             rank, alpha = a.rank * len(self.tasks), a.alpha * len(self.tasks)
-        mftk.patch_model(
-            self.model,
-            tasks=self.adapter_tasks,
-            rank=rank,
-            alpha=alpha,
-            target_modules=a.target_modules,
-            router=a.router,
-            top_k=a.top_k,
-            dropout=a.dropout,
-        )
-        self.params = list(mftk.adapter_parameters(self.model))
+        pk = patch_kwargs(cfg)  # per-task ranks, layer range
+        try:
+            mftk.patch_model(
+                self.model,
+                tasks=self.adapter_tasks,
+                rank=pk.pop("rank", rank),
+                alpha=alpha,
+                target_modules=a.target_modules,
+                router=a.router,
+                top_k=a.top_k,
+                dropout=a.dropout,
+                **pk,
+            )
+        except ValueError as err:
+            raise as_config_error(err) from None
+        self.cls = ClassifyTasks(cfg, self.model, bos, train_labels(self.data))
+        self.params = list(mftk.adapter_parameters(self.model)) + self.cls.params()
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            self.cls.param_groups(self.params, cfg.train.lr),
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps)
@@ -205,9 +214,13 @@ class Trainer:
     def forward(self, batch):
         """(logits (B, S, V), router losses dict or None) for one batch (on self.device)."""
         ids = None if self.router else self.route_ids(batch.task_ids)
-        with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
+        with (
+            mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state,
+            self.cls.capture() as cap,
+        ):
             logits = self.model(**batch.model_inputs(self.varlen)).logits
             rl = router_losses(state.pop_router_logits(), batch.task_ids) if self.router else None
+        self.hidden = None if cap is None else cap.hidden  # classify heads read it
         return logits, rl
 
     def route_ids(self, task_ids: torch.Tensor) -> torch.Tensor:
@@ -221,9 +234,12 @@ class Trainer:
         n = len(self.tasks)
         sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         acc, acc_n = 0.0, 0
+        self.cls.eval_begin()
         for batch in self.eval_set:
             batch = batch.to(self.device)
             logits, rl = self.forward(batch)
+            if self.cls.active:
+                self.cls.eval_batch(self.hidden, batch)
             means, cnt = task_token_means(
                 token_losses(logits, batch.targets), batch.targets, batch.task_ids, n
             )
@@ -234,6 +250,7 @@ class Trainer:
                 acc_n += batch.num_tokens
         self.model.train()
         out = {t: float(sums[i] / counts[i]) for i, t in enumerate(self.tasks)}
+        self.cls.eval_end(out)  # classify: CE mean, accuracy, macro-F1
         if acc_n:
             out["router_accuracy"] = acc / acc_n
         return out
@@ -244,6 +261,9 @@ class Trainer:
             self.history["eval"][t].append(ev[t])
         if "router_accuracy" in ev:
             self.history["router_accuracy"].append(ev["router_accuracy"])
+        for k in ev:
+            if "/" in k:  # classify: <task>/accuracy, <task>/f1
+                self.history.setdefault("classify", {}).setdefault(k, []).append(ev[k])
         if self.cfg.loss.mode == "coba":
             self.coba.update([ev[t] for t in self.tasks], self.step)
 
@@ -257,9 +277,15 @@ class Trainer:
             rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
             batch = rows_to_batch(rows, self.pad_id, self.dtype).to(self.device)
             logits, rl = self.forward(batch)
-            loss, means, cnt = mft_loss(
-                logits, batch.targets, batch.task_ids, weights, cfg.loss.mode, cfg.loss.focal_gamma
-            )
+            if self.cls.active:  # classify tasks: head CE in place of their token means
+                loss, means, cnt = self.cls.loss(
+                    logits, self.hidden, batch, weights, cfg.loss.mode, cfg.loss.focal_gamma
+                )
+            else:
+                loss, means, cnt = mft_loss(
+                    logits, batch.targets, batch.task_ids, weights, cfg.loss.mode,
+                    cfg.loss.focal_gamma,
+                )  # fmt: skip
             if rl is not None:
                 loss = (
                     loss
@@ -460,6 +486,8 @@ class Trainer:
             if "router_accuracy" in ev:
                 h["router_accuracy"].append(ev["router_accuracy"])
         ckpt.save_adapter_outputs(self.model, self.adapter_tasks, self.out)
+        if self.cls.active:  # `mftk scan --adapters out/adapters` needs the tokenizer
+            self.tokenizer.save_pretrained(os.path.join(self.out, "adapters"))
         eval_after = {t: h["eval"][t][-1] for t in self.tasks}
         metrics = {
             "tasks": self.tasks,
@@ -475,6 +503,7 @@ class Trainer:
             "stages": self.stages,
             "loss_mode": self.cfg.loss.mode,
             "router_accuracy": h["router_accuracy"][-1] if h["router_accuracy"] else None,
+            "classify": self.cls.last_metrics,
             "skipped": {d.name: dict(d.skipped) for d in self.data},
             "samples": {d.name: {"train": len(d.train), "eval": len(d.eval)} for d in self.data},
             "model": self.model_info,
@@ -484,6 +513,12 @@ class Trainer:
             json.dump(metrics, f, indent=1)
         plot_losses(h, self.tasks, self.stages, os.path.join(self.out, "loss.png"))
         self.log("eval after:  " + _fmt(eval_after))
+        for t, m in self.cls.last_metrics.items():
+            self.log(
+                f"{t}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} on "
+                f"{m['eval_samples']} eval samples (majority class '{m['majority_label']}': "
+                f"accuracy {m['majority_accuracy']:.3f}, macro-F1 {m['majority_macro_f1']:.3f})"
+            )
         self.log(
             f"wrote {self.out}/loss.png, metrics.json, adapters/, peft/ "
             f"({self.step} steps, {metrics['tokens_per_second']:.0f} tok/s, wall {wall:.1f}s)"
