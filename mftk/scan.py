@@ -3,7 +3,7 @@
     mftk scan --adapters examples/tiny/out/adapters --task bugs examples/
 
 Python files are split into functions and methods with the standard library's `ast` (a file that
-does not parse falls back to windows); files of other extensions into fixed-size line windows
+does not parse, or has no function, falls back to windows); files of other extensions into fixed-size line windows
 with overlap. Every unit is rendered the way the trainer rendered the task's samples (the head's
 prompt_template, bos and seq_len stored in mftk_config.json), classified in batches, and listed in
 a JSON report and a table sorted by score. score = 1 - P(negative label), the negative label being
@@ -104,7 +104,7 @@ def split_file(path: str, window: int = 40, overlap: int = 10) -> list[Unit]:
         return []
     if path.endswith(".py"):
         units = python_units(path, source)
-        if units is not None:
+        if units:  # a script without functions (or that does not parse) goes by windows
             return units
     return window_units(path, source, window, overlap)
 
@@ -123,6 +123,7 @@ def render(text: str, meta: dict[str, Any]) -> str:
 def load_classifier(adapters: str, task: str, base: str | None, tokenizer: str | None, device):
     """(model, tokenizer, head meta) for a save_adapters folder with a head for task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     import mftk
     from mftk.checkpoint import read_config
@@ -148,6 +149,7 @@ def load_classifier(adapters: str, task: str, base: str | None, tokenizer: str |
                 break
     if tok_dir is None:
         raise ValueError(f"--tokenizer: no tokenizer in {adapters} or {base}; pass --tokenizer DIR")
+    hf_logging.disable_progress_bar()  # our own bar is the one that matters
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = AutoModelForCausalLM.from_pretrained(base)
     mftk.from_pretrained(model, adapters)
