@@ -3,11 +3,12 @@
     mftk scan --adapters examples/tiny/out/adapters --task bugs examples/
 
 Python files are split into functions and methods with the standard library's `ast` (a file that
-does not parse, or has no function, falls back to windows); files of other extensions into fixed-size line windows
-with overlap. Every unit is rendered the way the trainer rendered the task's samples (the head's
-prompt_template, bos and seq_len stored in mftk_config.json), classified in batches, and listed in
-a JSON report and a table sorted by score. score = 1 - P(negative label), the negative label being
-the head's first label unless --negative says otherwise (for labels [ok, bug]: P(bug)).
+does not parse, or has no function, falls back to windows); files of other extensions into
+fixed-size line windows with overlap. Every unit is rendered the way the trainer rendered the
+task's samples (the head's prompt_template, bos and seq_len stored in mftk_config.json),
+classified in batches, and listed in a JSON report and a table sorted by score.
+score = 1 - P(negative label), the negative label being the head's first label unless
+--negative says otherwise (for labels [ok, bug]: P(bug)).
 `--fail-above S` exits 1 when any unit scores above S, so that the scan can gate CI.
 """
 
