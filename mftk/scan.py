@@ -1,6 +1,6 @@
 """`mftk scan`: run a task's classification head over a codebase, function by function.
 
-    mftk scan --adapters examples/tiny/out/adapters --task bugs examples/
+    mftk scan --adapters examples/tiny/out/adapters --task bug_detection examples/
 
 Python files are split into functions and methods with the standard library's `ast` (a file that
 does not parse, or has no function, falls back to windows); files of other extensions into

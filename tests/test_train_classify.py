@@ -1,0 +1,139 @@
+"""Classify tasks in the trainer (mftk.train.classify): a head trained by cross-entropy in the
+same packed batches as a generate task, metrics, saved heads, per-task rank / layer range, bad
+configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import mftk
+from mftk.train.classify import accuracy_f1
+from mftk.train.config import ConfigError, config_from_dict
+from mftk.train.data import DataError, Sample
+from mftk.train.loop import Trainer
+from mftk.train.packing import rows_to_batch
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny")
+CLASSIFY = {
+    "name": "bug_detection",
+    "type": "classify",
+    "data": "./data/bugs/*.csv",
+    "prompt_template": "Is there a bug?\n{code}\nAnswer:",
+    "label": "label",
+    "labels": ["ok", "bug"],
+}
+
+
+def raw_config(out, cache, steps=40, **over):
+    raw = {
+        "tasks": [
+            {"name": "completion", "data": "./data/completion/*.jsonl", "rank": 4},
+            dict(CLASSIFY),
+        ],
+        "model": {
+            "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2},
+            "vocab_size": 320,
+            "attn_implementation": "eager",
+            "pretrain": {"steps": 20, "lr": 0.003, "batch_size": 8},
+            "cache_dir": cache,
+        },
+        "adapter": {"rank": 8, "alpha": 16},
+        "data": {"seq_len": 96, "eval_max_samples": 24},
+        "train": {
+            "steps": steps,
+            "lr": 0.003,
+            "batch_size": 6,
+            "threads": 1,
+            "eval_every": 20,
+            "log_every": 20,
+            "warmup_steps": 2,
+        },  # fmt: skip
+        "output": {"dir": str(out)},
+    }
+    for k, v in over.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return raw
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cls_cache"))
+
+
+def test_accuracy_f1():
+    assert accuracy_f1([0, 1, 1, 0], [0, 1, 0, 0], 2) == (0.75, pytest.approx((0.8 + 2 / 3) / 2))
+    assert accuracy_f1([1, 1], [1, 1], 3) == (1.0, 1.0)  # absent labels leave the macro mean
+
+
+def test_packed_batch_marks_last_token_of_classify_samples():
+    rows = [[Sample(0, [5, 6, 7], [-100, 6, 7]), Sample(1, [8, 9], [-100, -100], 1)],
+            [Sample(1, [3, 4, 5, 6], [-100] * 4, 0)]]  # fmt: skip
+    b = rows_to_batch(rows, pad_id=0)
+    assert b.cls_labels.tolist() == [[-100, -100, -100, -100, 1], [-100, -100, -100, 0, -100]]
+    assert (b.targets[0, 3:] == -100).all() and (b.targets[1] == -100).all()
+    assert b.to("cpu").cls_labels is not None
+
+
+def test_classify_trains_next_to_generate(cache, tmp_path):
+    logs = []
+    cfg = config_from_dict(raw_config(tmp_path / "out", cache), EXAMPLE)
+    trainer = Trainer(cfg, progress=False, log=logs.append)
+    m = trainer.train()
+    # the mixed batches hold both tasks; both losses fall
+    h = m["history"]["train"]
+    assert all(v is not None for v in h["bug_detection"][:5] + h["completion"][:5])
+    first = sum(h["bug_detection"][:8]) / 8
+    last = sum(h["bug_detection"][-8:]) / 8
+    assert last < first - 0.02, (first, last)
+    assert m["eval_after"]["completion"] < m["eval_before"]["completion"]
+    c = m["classify"]["bug_detection"]
+    assert c["eval_samples"] == 24 and 0 <= c["accuracy"] <= 1 and 0 <= c["macro_f1"] <= 1
+    assert {"majority_accuracy", "majority_macro_f1", "majority_label"} <= set(c)
+    assert len(m["history"]["classify"]["bug_detection/accuracy"]) == len(m["history"]["eval_step"])
+    assert any(x.startswith("bug_detection: accuracy") for x in logs)
+    # per-task rank: completion at 4, bug_detection at the adapter rank 8 (padded to 8)
+    layers = list(mftk.patch.adapter_layers(trainer.model))
+    assert all(mod.lora_rank.tolist() == [4, 8] for _, mod in layers)
+    # the head is saved with the adapters (and the tokenizer, for mftk scan), and loads back
+    ad = tmp_path / "out" / "adapters"
+    with safe_open(str(ad / "mftk_adapters.safetensors"), "pt") as f:
+        assert "heads.bug_detection.weight" in f.keys()
+    assert (ad / "tokenizer.json").is_file()
+    saved = json.loads((ad / "mftk_config.json").read_text())
+    assert saved["heads"]["bug_detection"]["labels"] == ["ok", "bug"]
+    assert saved["heads"]["bug_detection"]["prompt_template"] == CLASSIFY["prompt_template"]
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(m["model"]["cache"], attn_implementation="eager")
+    mftk.from_pretrained(base, str(ad))
+    w = trainer.model.mftk_heads["bug_detection"].weight
+    assert torch.equal(base.mftk_heads["bug_detection"].weight, w) and w.abs().sum() > 0
+
+
+def test_bad_classify_and_layer_configs(cache, tmp_path):
+    raw = raw_config(tmp_path / "o", cache)
+    bad = copy.deepcopy(raw)
+    del bad["tasks"][1]["labels"]
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.labels: a classify task needs labels"):
+        config_from_dict(bad, EXAMPLE)
+    bad = copy.deepcopy(raw)
+    bad["tasks"][0]["labels"] = ["a", "b"]
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.labels: only for type: classify"):
+        config_from_dict(bad, EXAMPLE)
+    bad = copy.deepcopy(raw)
+    bad["tasks"][1]["type"] = "clasify"
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.type"):
+        config_from_dict(bad, EXAMPLE)
+    bad = copy.deepcopy(raw)
+    bad["tasks"][1]["labels"] = ["fine", "bug"]  # "ok" rows match no label
+    with pytest.raises(DataError, match="label 'ok' in 'label' is not one of"):
+        Trainer(config_from_dict(bad, EXAMPLE), progress=False, log=lambda s: None).train()
+    bad = raw_config(tmp_path / "o2", cache, adapter={"layers": "2:"})  # the model has 2 layers
+    with pytest.raises(ConfigError, match=r"adapter\.layers: .*the model.s 2 decoder layers"):
+        Trainer(config_from_dict(bad, EXAMPLE), progress=False, log=lambda s: None).train()
