@@ -25,6 +25,8 @@ from mftk.quant import (
     check_quant_args,
     dequantize_weight,
     dtype_name,
+    is_4bit,
+    quant_info,
     quant_settings,
     quantize_linear,
     quantize_linears,
@@ -280,7 +282,8 @@ def patch_model(
     bitsandbytes Linear4bit (double_quant: 8-bit absmax constants; matmuls in compute_dtype),
     quantized on its device one layer at a time; the adapters stay in the layer's dtype and go
     through the op with weight=None. quantize_all_linear=True also quantizes every other nn.Linear
-    except the output layer (lm_head). See mftk.quant.
+    except the output layer (lm_head). See mftk.quant. Targets that already are 4-bit Linear4bit
+    layers (mftk.quant.quantize_model, or transformers' BitsAndBytesConfig) are wrapped as they are.
 
     rank: an int, or per task a {task: rank} dict / a list in task order. Mixed ranks are padded
     to R = max rank; the padded slices are zero and held at exactly zero (gradient hooks; see
@@ -333,7 +336,7 @@ def patch_model(
         )  # fmt: skip
     new = {
         n: MultiAdapterLinear.from_linear(model.get_submodule(n), len(tasks), rank, alpha, **kw)
-        if quantize is None
+        if quantize is None and not is_4bit(model.get_submodule(n))
         else quantized_adapter_layer(
             model.get_submodule(n), len(tasks), rank, alpha, quantize, double_quant, qdtype, **kw
         )
@@ -341,6 +344,8 @@ def patch_model(
     }
     if quantize_all_linear:
         quantize_linears(model, others, quantize, double_quant, qdtype)
+    if qinfo is None:  # quantized before patching (quantize_model, transformers' bnb loading)
+        qinfo = quant_info(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
     for n, m in new.items():

@@ -320,15 +320,21 @@ def quantized_adapter_layer(
 ) -> nn.Module:
     """A MultiAdapterLinear over `linear` quantized to 4 bits; adapters in linear's dtype/device.
 
-    kw: router, top_k, temperature, dropout, use_rslora (as MultiAdapterLinear.from_linear).
+    linear: an nn.Linear (quantized here), or a Linear4bit already (e.g. from transformers'
+    BitsAndBytesConfig or quantize_model), used as is; the adapters then take the dtype the
+    weight was quantized from. kw: router, top_k, temperature, dropout, use_rslora.
     """
     from mftk.nn import MultiAdapterLinear
 
-    w = linear.weight
-    q = quantize_linear(linear, quant_type, double_quant, compute_dtype)
+    if is_4bit(linear):
+        q, dtype = linear, linear.weight.quant_state.dtype
+        q.support_avx512bf16_for_cpu = False  # see quantize_linear
+    else:
+        q, dtype = quantize_linear(linear, quant_type, double_quant, compute_dtype), None
+    w = q.weight
     return MultiAdapterLinear.from_base_layer(
         q, linear.in_features, linear.out_features, num_tasks, rank, alpha, device=w.device,
-        dtype=w.dtype, **kw,
+        dtype=dtype or linear.weight.dtype, **kw,
     )  # fmt: skip
 
 
@@ -347,3 +353,42 @@ def quantize_linears(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
         del lin
+
+
+def quantize_model(
+    model: nn.Module,
+    quant_type: str,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+    target_modules: str | list[str] = "all-linear",
+    all_linear: bool = False,
+) -> list[str]:
+    """Quantize a loaded model's linears to 4 bits in place, one layer at a time (each dense
+    weight is freed once its layer is swapped): the target modules (patch_model's rule), or every
+    nn.Linear with all_linear; never the output layer (lm_head). patch_model then puts adapters
+    over the 4-bit targets. Returns the names quantized."""
+    from mftk.patch import find_targets, unwrap
+
+    check_quant_args(quant_type, double_quant, compute_dtype)
+    model = unwrap(model)
+    names = find_targets(model, "all-linear" if all_linear else target_modules)
+    names = [n for n in names if not is_4bit(model.get_submodule(n))]
+    quantize_linears(model, names, quant_type, double_quant, compute_dtype)
+    return names
+
+
+def quant_info(model: nn.Module, targets: list[str]) -> dict[str, Any] | None:
+    """MftkConfig.quantize for a model with 4-bit linears (None if it has none): the first 4-bit
+    layer's settings, compute_dtype as a name, and whether linears other than the adapter
+    targets (module names) are 4-bit too."""
+    from mftk.patch import unwrap
+
+    model = unwrap(model)
+    four = [(n, m) for n, m in model.named_modules() if is_4bit(m)]
+    if not four:
+        return None
+    info = quant_settings(four[0][1])
+    info["compute_dtype"] = dtype_name(info["compute_dtype"])
+    targets = set(targets)
+    info["quantize_all_linear"] = any(n.removesuffix(".base_layer") not in targets for n, _ in four)
+    return info

@@ -350,3 +350,63 @@ def test_4bit_base_matches_a_hand_dequantization(quant_type, shape):
     y = q(x.float())
     want = x @ w_hand.T + lin.bias.double()
     assert torch.allclose(y.double(), want, atol=1e-5, rtol=1e-5), max_err(y, want)
+
+
+def test_patch_over_a_model_quantized_beforehand():
+    # the trainer's path (and transformers' BitsAndBytesConfig models): Linear4bit targets are
+    # wrapped as they are, with adapters in the dtype the weights were quantized from
+    base = tiny_llama(torch.float32)
+    pre = copy.deepcopy(base)
+    names = quant.quantize_model(pre, "nf4", True, torch.float32, ["q_proj", "down_proj"])
+    assert names == [n for n, m in pre.named_modules() if quant.is_4bit(m)]
+    pre = mftk.patch_model(pre, TASKS, rank=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    q = mftk.patch_model(
+        copy.deepcopy(base), TASKS, rank=4, alpha=8, target_modules=["q_proj", "down_proj"],
+        quantize="nf4", compute_dtype=torch.float32,
+    )  # fmt: skip
+    assert pre.mftk_config.quantize == q.mftk_config.quantize
+    assert pre.mftk_config.quantize["quantize_all_linear"] is False
+    randomize_adapters(q)
+    _copy_adapters(q, pre)
+    ids = tokens(2, 7)
+    a, b = _logits(pre, ids, ["sql", "docs"]), _logits(q, ids, ["sql", "docs"])
+    assert torch.equal(a, b), max_err(a, b)
+    assert all(m.lora_a.dtype == torch.float32 for _, m in adapter_layers(pre))
+    allq = quant.quantize_model(copy.deepcopy(base), "fp4", all_linear=True)
+    assert len(allq) == sum(isinstance(m, nn.Linear) for m in base.modules()) - 1
+
+
+def test_trainer_config_quantize_keys(tmp_path):
+    from mftk.train.config import ConfigError, config_from_dict
+
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"prompt": "p", "completion": "c"}\n')
+
+    def cfg(**model):
+        raw = {
+            "tasks": [{"name": "a", "data": str(data)}],
+            "model": {"tiny": {"hidden_size": 32}, **model},
+            "train": {"steps": 1},
+        }
+        return config_from_dict(raw, str(tmp_path))
+
+    c = cfg(quantize="nf4", double_quant=False, compute_dtype="float32")
+    assert (c.model.quantize, c.model.double_quant, c.model.compute_dtype) == (
+        "nf4", False, "float32",
+    )  # fmt: skip
+    assert cfg().model.quantize is None
+    for model, needle in (
+        ({"quantize": "int4"}, "model.quantize"),
+        ({"quantize": "nf4", "compute_dtype": "float64"}, "model.compute_dtype"),
+        ({"quantize_all_linear": True}, "model.quantize_all_linear: needs model.quantize"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            cfg(**model)
+    raw = {
+        "tasks": [{"name": "a", "data": str(data)}],
+        "model": {"tiny": {"hidden_size": 32}, "quantize": "nf4"},
+        "train": {"steps": 1},
+        "distributed": {"strategy": "fsdp2"},
+    }
+    with pytest.raises(ConfigError, match="model.quantize: 4-bit bases are not supported with"):
+        config_from_dict(raw, str(tmp_path))

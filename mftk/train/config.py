@@ -16,7 +16,10 @@ nothing. Relative paths are resolved against the config file's folder.
        cross-entropy on a head over the last prompt token (mftk.heads); rank: this task's own
        adapter rank (default adapter.rank; mixed ranks are padded, see mftk.pyramid))
     model:   {path: DIR} or {tiny: {...}, vocab_size, pretrain: {steps, lr, batch_size}},
-             dtype, attn_implementation (sdpa|eager|flash_attention_2), cache_dir
+             dtype, attn_implementation (sdpa|eager|flash_attention_2), cache_dir,
+             quantize (null|nf4|fp4: QLoRA, a frozen 4-bit base quantized on the CPU one layer at
+             a time after loading; needs bitsandbytes), double_quant, compute_dtype (the 4-bit
+             matmul's dtype), quantize_all_linear (also the non-target linears, never lm_head)
     adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout,
              mode (per_task|shared: one LoRA for all tasks, MFTCoder's way), match_params
              (shared: rank T*rank and alpha T*alpha, the per-task setup's adapter parameters),
@@ -102,6 +105,10 @@ class ModelConfig:
     tiny: dict[str, Any] | None = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    quantize: str | None = None  # nf4 | fp4: QLoRA (mftk.quant)
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    quantize_all_linear: bool = False
     vocab_size: int = 512  # tokenizer size for the built-in tiny model
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     cache_dir: str | None = None
@@ -392,6 +399,28 @@ def _validate(cfg: Config) -> None:
     _check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
     _check(m.pretrain.steps >= 0, "model.pretrain.steps", "must be >= 0")
     _check(m.pretrain.lr > 0, "model.pretrain.lr", "must be > 0")
+    if m.quantize is not None:
+        from mftk.quant import QUANT_TYPES, bitsandbytes_available
+
+        _choice(m.quantize, QUANT_TYPES, "model.quantize")
+        _choice(m.compute_dtype, DTYPES, "model.compute_dtype")
+        _check(isinstance(m.double_quant, bool), "model.double_quant", "must be true or false")
+        _check(
+            cfg.distributed.strategy == "none",
+            "model.quantize",
+            "4-bit bases are not supported with distributed.strategy: fsdp2 (sharding "
+            "bitsandbytes' packed weights with fully_shard is unverified in mftk); train QLoRA in "
+            "one process (a 4-bit 33B fits one 80 GB GPU: see mftk plan --quantize nf4)",
+        )
+        _check(
+            bitsandbytes_available(),
+            "model.quantize",
+            "needs bitsandbytes: pip install bitsandbytes (or the mftk 'qlora' extra)",
+        )
+    else:
+        _check(
+            not m.quantize_all_linear, "model.quantize_all_linear", "needs model.quantize: nf4|fp4"
+        )
     if m.cache_dir is not None:
         m.cache_dir = _resolve(m.cache_dir, cfg.base_dir)
     a = cfg.adapter
