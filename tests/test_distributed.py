@@ -39,17 +39,34 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_raw(cache_dir, out, **over):
-    """The tiny example, shortened: 20 pretraining steps (cached), 4 steps of one stage."""
-    with open(os.path.join(EXAMPLE, "config.yaml")) as f:
-        raw = yaml.safe_load(f)
-    for t in raw["tasks"]:
-        t["data"] = os.path.join(os.path.abspath(EXAMPLE), t["data"])
-    raw["model"]["pretrain"]["steps"] = 20
-    raw["model"]["cache_dir"] = cache_dir
-    raw["data"]["eval_max_samples"] = 8
-    raw["train"].update(eval_every=2, log_every=1, warmup_steps=1, threads=1)
-    raw["stages"] = [{"name": "a", "steps": 4}]
-    raw["output"] = {"dir": str(out), "save_every": 2}
+    """Three tasks of the tiny example's data on a 2-layer tiny Llama (20 pretraining steps,
+    cached), 4 steps of one stage."""
+    data = os.path.join(os.path.abspath(EXAMPLE), "data")
+    raw = {
+        "tasks": [
+            {"name": "completion", "data": f"{data}/completion/*.jsonl"},
+            {
+                "name": "bugs",
+                "data": f"{data}/bugs/*.csv",
+                "prompt_template": "Is there a bug?\n{code}\nAnswer:",
+                "completion": "verdict",
+            },
+            {"name": "docstrings", "data": f"{data}/docstrings/*.jsonl"},
+        ],
+        "model": {
+            "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
+            "vocab_size": 512,
+            "attn_implementation": "eager",
+            "pretrain": {"steps": 20, "lr": 0.003, "batch_size": 8},
+            "cache_dir": cache_dir,
+        },
+        "adapter": {"rank": 8, "alpha": 16},
+        "data": {"seq_len": 128, "eval_fraction": 0.1, "eval_max_samples": 8},
+        "train": {"lr": 0.003, "warmup_steps": 1, "eval_every": 2, "log_every": 1, "threads": 1},
+        "loss": {"mode": "balanced"},
+        "stages": [{"name": "a", "steps": 4}],
+        "output": {"dir": str(out), "save_every": 2},
+    }
     for k, v in over.items():
         raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
     return raw
@@ -117,11 +134,18 @@ def assert_same_adapters(out_a, out_b, atol=2e-5):
 @pytest.fixture(scope="module")
 def hard_runs(cache_dir, tmp_path_factory):
     """One process (global batch 4 × accum 2) and 2 FSDP2 ranks (2 each × accum 2, activation
-    checkpointing), hard routing, balanced loss; both save at steps 2 and 4."""
+    checkpointing), hard routing, balanced loss, clipping at 0.2 (grad norms are ~0.3); both
+    save at steps 2 and 4. Records the one-process run's grad norms."""
     tmp = tmp_path_factory.mktemp("hard")
-    over = dict(train={"batch_size": 4, "grad_accum": 2})
+    over = dict(train={"batch_size": 4, "grad_accum": 2, "clip": 0.2})
     raw1 = tiny_raw(cache_dir, tmp / "one", **over)
-    single = one_process(raw1).train()  # also fills the tiny-model cache for the ranks
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: norms.append(clip(*a, **k)))
+        single = one_process(raw1).train()  # also fills the tiny-model cache for the ranks
+    # (the first run also pretrains the tiny base, which clips too: keep the last steps)
+    single["grad_norm"] = [float(x) for x in norms[-len(single["history"]["loss"]) :]]
     raw2 = tiny_raw(cache_dir, tmp / "two", **over)
     raw2["train"]["batch_size"] = 2
     raw2["distributed"] = {"strategy": "fsdp2", "activation_checkpointing": True}
@@ -135,6 +159,10 @@ def test_fsdp2_two_ranks_match_one_process(hard_runs):
     assert_close_runs(r["dist"], r["single"])
     assert r["dist"]["train_tokens"] == r["single"]["train_tokens"]
     assert_same_adapters(r["tmp"] / "two", r["tmp"] / "one")
+    # clipping used the global norm over all shards (and really clipped)
+    got, want = r["dist"]["history"]["grad_norm"], r["single"]["grad_norm"]
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), rtol=1e-5), (got, want)
+    assert max(want) > 0.2
     for t in r["single"]["tasks"]:  # PEFT exports written by rank 0 from the gathered adapters
         a = load_file(r["tmp"] / "two" / "peft" / t / "adapter_model.safetensors")
         b = load_file(r["tmp"] / "one" / "peft" / t / "adapter_model.safetensors")
@@ -143,6 +171,8 @@ def test_fsdp2_two_ranks_match_one_process(hard_runs):
     assert (r["tmp"] / "two" / "loss.png").is_file()
     # only rank 0 logs: one line per step
     assert r["logs"].count("step 3/4 [a] loss") == 1
+    assert "fsdp2: 2 ranks (gloo, cpu), 2 decoder layers" in r["logs"]
+    assert "activation checkpointing on" in r["logs"]
     ck = r["tmp"] / "two" / "checkpoints"
     assert sorted(os.listdir(ck)) == ["step-000002", "step-000004"]  # no .tmp left over
     assert {"dcp", "trainer_state.pt", "rng-rank0.pt", "rng-rank1.pt"} <= set(

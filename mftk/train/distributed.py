@@ -286,8 +286,9 @@ def shard_model(
     device: torch.device,
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
-) -> None:
-    """fully_shard every decoder layer, then the root, on a 1-D mesh over all ranks (in place).
+) -> int:
+    """fully_shard every decoder layer, then the root, on a 1-D mesh over all ranks (in place);
+    returns the number of decoder layers.
 
     The adapter tensors are sharded on their feature dim (SHARD_DIMS), everything else on dim 0.
     A model on the CPU with a CUDA mesh moves only each rank's shard to its GPU.
@@ -308,9 +309,11 @@ def shard_model(
     def place(p: nn.Parameter):
         return Shard(dims[id(p)]) if id(p) in dims else None
 
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, shard_placement_fn=place)
     fully_shard(model, mesh=mesh, mp_policy=mp, shard_placement_fn=place)
+    return len(layers)
 
 
 @contextlib.contextmanager
@@ -335,6 +338,12 @@ class DistributedTrainer(Trainer):
     """The Trainer under FSDP2 (see the module docstring); same arguments and outputs."""
 
     def __init__(self, cfg: Config, *args: Any, **kwargs: Any) -> None:
+        classify = [t.name for t in cfg.tasks if getattr(t, "type", "generate") == "classify"]
+        if classify:
+            raise ConfigError(
+                f"distributed.strategy: fsdp2 does not train classify tasks yet ({classify}); "
+                "use distributed.strategy: none"
+            )
         super().__init__(cfg, *args, **kwargs)
         self.rank, self.world, self.dist_device, self._owns_group = init_distributed(cfg)
         self.is_main = self.rank == 0
@@ -383,13 +392,21 @@ class DistributedTrainer(Trainer):
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
         mp = di.mixed_precision
-        shard_model(
+        n_layers = shard_model(
             model,
             self.device,
             DTYPES[mp.param_dtype or cfg.model.dtype],
             DTYPES[mp.reduce_dtype],
         )
         self.sampler = RankShard(self.sampler, self.rank, self.world)
+        self.log(
+            f"fsdp2: {self.world} ranks ({dist.get_backend()}, {self.device.type}), "
+            f"{n_layers} decoder layers + root sharded, params in "
+            f"{DTYPES[mp.param_dtype or cfg.model.dtype]}, grads reduced in {mp.reduce_dtype}, "
+            f"adapters fp32, activation checkpointing "
+            f"{'on' if getattr(model, 'is_activation_checkpointing', False) else 'off'}, attention "
+            f"{model.config._attn_implementation}"
+        )
         # the optimizer over the sharded (DTensor) parameters that replaced the originals
         from mftk.train.loop import lr_lambda
 
@@ -450,7 +467,7 @@ class DistributedTrainer(Trainer):
             rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
             batch = rows_to_batch(rows, self.pad_id, self.dtype).to(self.device)
             self.model.set_requires_gradient_sync(k == accum - 1)
-            ids = None if self.router else batch.task_ids
+            ids = None if self.router else self.route_ids(batch.task_ids)
             with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
                 logits = self.model(**batch.model_inputs(self.varlen)).logits
                 loss, value, means, cnt, ntok = global_task_loss(
@@ -475,8 +492,10 @@ class DistributedTrainer(Trainer):
             sums += means * cnt
             counts += cnt
             tokens += ntok
-        if cfg.train.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.clip)
+        if cfg.train.clip:  # the global norm over all shards (DTensor grads)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            self.history.setdefault("grad_norm", []).append(float(norm))
         self.opt.step()
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
