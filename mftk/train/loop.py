@@ -123,6 +123,8 @@ class Trainer:
         if dev == "auto":
             dev = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(dev)
+        if cfg.model.quantize is not None:  # QLoRA: 4-bit bases, on the CPU, layer by layer
+            self.quantize_base()
         self.model.to(self.device)
         # flash-attention takes no 4D mask: packed boundaries come from the position ids
         self.varlen = cfg.model.attn_implementation == "flash_attention_2"
@@ -189,6 +191,25 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+
+    def quantize_base(self) -> None:
+        from mftk.quant import base_linear_bytes, quantize_model
+
+        m = self.cfg.model
+        before = base_linear_bytes(self.model)
+        try:
+            names = quantize_model(
+                self.model, m.quantize, m.double_quant, m.compute_dtype,
+                self.cfg.adapter.target_modules, m.quantize_all_linear,
+            )  # fmt: skip
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.quantize: {err}") from None
+        after = base_linear_bytes(self.model)
+        self.log(
+            f"quantized {len(names)} linears to {m.quantize} (double_quant={m.double_quant}, "
+            f"compute {m.compute_dtype}): base linear weights {before / 2**20:.2f} -> "
+            f"{after / 2**20:.2f} MiB"
+        )
 
     # ------------------------------------------------------------------ pieces
 
