@@ -410,3 +410,34 @@ def test_trainer_config_quantize_keys(tmp_path):
     }
     with pytest.raises(ConfigError, match="model.quantize: 4-bit bases are not supported with"):
         config_from_dict(raw, str(tmp_path))
+
+
+def test_trainer_runs_the_tiny_qlora_example(tmp_path):
+    import os
+
+    import yaml
+
+    from mftk.train.config import config_from_dict
+    from mftk.train.loop import Trainer
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny")
+    with open(os.path.join(example, "config-qlora.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["model"]["pretrain"]["steps"] = 40
+    raw["model"]["cache_dir"] = str(tmp_path / "cache")
+    raw["data"]["eval_max_samples"] = 12
+    raw["train"].update(steps=30, eval_every=10, log_every=10, warmup_steps=2)
+    raw["output"] = {"dir": str(tmp_path / "out"), "save_every": 30}
+    logs = []
+    trainer = Trainer(config_from_dict(raw, example), progress=False, log=logs.append)
+    m = trainer.train()
+    print(f"\nQLoRA tiny example, eval loss before -> after 30 steps: {m['eval_before']} -> "
+          f"{m['eval_after']}")  # fmt: skip
+    for t in ("completion", "bugs", "docstrings"):
+        assert m["eval_after"][t] < m["eval_before"][t] - 0.02, (t, m)
+    layers = adapter_layers(trainer.model)
+    assert layers and all(quant.is_4bit(la.base_layer) for _, la in layers)
+    assert trainer.model.mftk_config.quantize["quant_type"] == "nf4"
+    assert any(x.startswith("quantized 14 linears to nf4") for x in logs), logs[:5]
+    assert not quant.is_4bit(trainer.model.lm_head)
+    assert (tmp_path / "out" / "peft" / "bugs" / "adapter_model.safetensors").is_file()
