@@ -60,16 +60,28 @@ def read_config(path: str | os.PathLike) -> MftkConfig:
 _SETTINGS = ("rank", "router", "top_k", "target_modules", "layers")
 
 
-def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapters(model: nn.Module, path: str | os.PathLike, grow: bool = False) -> nn.Module:
     """Load a save_adapters folder into a model patched with the same tasks, rank, router and
-    target modules. Raises ValueError naming the first mismatch. Returns the model."""
+    target modules. Raises ValueError naming the first mismatch. Returns the model.
+
+    grow=True: the model may have more tasks (the checkpoint's task list is a prefix of the
+    model's) and a larger rank R; the checkpoint fills the first tasks' slots, [:T_old, :R_old],
+    and the other tasks keep their values (see mftk.add_task; the trainer's resume with new tasks).
+    """
     model = unwrap(model)
     cfg, saved = get_config(model), read_config(path)
-    if cfg.tasks != saved.tasks:
+    n_old = len(saved.tasks)
+    grown = grow and cfg.tasks[:n_old] == saved.tasks and len(cfg.tasks) > n_old
+    if cfg.tasks != saved.tasks and not grown:
         raise ValueError(
             f"path: checkpoint tasks {saved.tasks} differ from the model's {cfg.tasks}"
+            + (" (grow=True needs them as the model's first tasks)" if grow else "")
         )
+    if grown and saved.rank > cfg.rank:
+        raise ValueError(f"path: checkpoint rank {saved.rank} exceeds the model's {cfg.rank}")
     for k in _SETTINGS:
+        if grown and k == "rank":
+            continue
         if getattr(cfg, k) != getattr(saved, k):
             raise ValueError(
                 f"path: checkpoint {k}={getattr(saved, k)!r} differs from the model's "
@@ -93,6 +105,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             )
         loaded = {k: f.get_tensor(k) for k in own}
     for k, v in loaded.items():
+        if grown and v.dim() == own[k].dim() and all(a <= b for a, b in zip(v.shape, own[k].shape)):
+            continue  # a prefix block of the grown tensor
         if v.shape != own[k].shape:
             raise ValueError(
                 f"module {k.rsplit('.', 1)[0]!r}: {k} has shape {tuple(v.shape)} in the file, "
@@ -100,7 +114,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             )
     with torch.no_grad():
         for k, v in loaded.items():
-            own[k].copy_(v)
+            own[k][tuple(slice(0, n) for n in v.shape)].copy_(v)
+    if grown:  # the model's config already describes every task; update the old ones
+        cfg.task_adapters.update(saved.task_adapters)
+        return model
     cfg.task_adapters = dict(saved.task_adapters)
     cfg.ranks = saved.ranks
     return model

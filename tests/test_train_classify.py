@@ -137,3 +137,91 @@ def test_bad_classify_and_layer_configs(cache, tmp_path):
     bad = raw_config(tmp_path / "o2", cache, adapter={"layers": "2:"})  # the model has 2 layers
     with pytest.raises(ConfigError, match=r"adapter\.layers: .*the model.s 2 decoder layers"):
         Trainer(config_from_dict(bad, EXAMPLE), progress=False, log=lambda s: None).train()
+
+
+def _hf_dir(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mftk.train.tiny_model import train_tokenizer
+
+    texts = [open(os.path.join(EXAMPLE, "data", "bugs", "bugs.csv")).read()]
+    tok = train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_resume_with_an_extra_task_keeps_old_state(tmp_path):
+    from mftk.train.grow import _without, checkpoint_tasks, new_tasks
+    from mftk.train.loop import run_key
+
+    hf = _hf_dir(tmp_path / "hf")
+    raw = raw_config(tmp_path / "out", "unused", steps=8)
+    raw["model"] = {"path": hf, "attn_implementation": "eager"}
+    raw["tasks"][0].pop("rank")
+    raw["tasks"] = [raw["tasks"][0]]  # the first run: completion only
+    raw["train"].update(eval_every=4, log_every=4)
+    raw["output"]["save_every"] = 4
+    quiet = dict(progress=False, log=lambda s: None)
+    Trainer(config_from_dict(copy.deepcopy(raw), EXAMPLE), max_steps=4, **quiet).train()
+    ck = tmp_path / "out" / "checkpoints" / "step-000004"
+    old = torch.load(ck / "trainer_state.pt", weights_only=False)
+    assert checkpoint_tasks(old) == ["completion"]
+    grown = copy.deepcopy(raw)
+    grown["tasks"].append(dict(CLASSIFY, rank=12))  # a larger rank: R grows from 8 to 12
+    cfg = config_from_dict(copy.deepcopy(grown), EXAMPLE)
+    t = Trainer(cfg, resume=True, **quiet)
+    t.setup()
+    t.load_checkpoint(str(ck))
+    assert t.step == 4
+    # adapters: the old slots hold the checkpoint exactly, the new task is fresh (B = 0)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ck / "adapters" / "mftk_adapters.safetensors"))
+    for name, m in mftk.patch.adapter_layers(t.model):
+        assert torch.equal(m.lora_a[:1, :8], saved[f"{name}.lora_a"])
+        assert torch.equal(m.lora_b[:1, :, :8], saved[f"{name}.lora_b"])
+        assert not m.lora_b[1].any() and not m.lora_a[0, 8:].any()
+        assert m.lora_rank.tolist() == [8, 12]
+    # optimizer: the old moments kept slice for slice, zero for the new slots
+    new_sd = t.opt.state_dict()
+    n_checked = 0
+    for io, inew in zip(old["optimizer"]["param_groups"][0]["params"],
+                        new_sd["param_groups"][0]["params"]):  # fmt: skip
+        so, sn = old["optimizer"]["state"][io], new_sd["state"][inew]
+        for k in ("exp_avg", "exp_avg_sq"):
+            blk = tuple(slice(0, n) for n in so[k].shape)
+            assert torch.equal(sn[k][blk], so[k]), k
+            rest = sn[k].clone()
+            rest[blk] = 0
+            assert not rest.any(), k  # the new slots start at zero
+        assert torch.equal(sn["step"], so["step"])
+        n_checked += 1
+    assert n_checked == 2 * len(mftk.patch.adapter_layers(t.model))
+    assert len(new_sd["param_groups"]) == 2  # the new head's group
+    # and training continues to the end with the new task
+    m = Trainer(config_from_dict(copy.deepcopy(grown), EXAMPLE), resume=True, **quiet).train()
+    assert m["steps"] == 8 and m["resumed_from"].endswith("step-000004")
+    tr = m["history"]["train"]["bug_detection"]
+    assert tr[:4] == [None] * 4 and all(v is not None for v in tr[4:])
+    assert "bug_detection" in m["classify"] and "bug_detection" in m["eval_before"]
+    # what is refused: new tasks not at the end, other changes, the tiny model
+    front = copy.deepcopy(grown)
+    front["tasks"] = front["tasks"][::-1]
+    with pytest.raises(ConfigError, match="must be the config's first tasks"):
+        new_tasks(config_from_dict(front, EXAMPLE), old, run_key)
+    other = copy.deepcopy(grown)
+    other["train"]["lr"] = 0.01
+    with pytest.raises(ConfigError, match="the config differs from the run"):
+        new_tasks(config_from_dict(other, EXAMPLE), old, run_key)
+    tiny = raw_config(tmp_path / "o3", "unused")
+    tcfg = config_from_dict(tiny, EXAMPLE)
+    st = {"tasks": ["completion"], "run_key": run_key(_without(tcfg, 1))}
+    with pytest.raises(ConfigError, match="needs model.path"):
+        new_tasks(tcfg, st, run_key)

@@ -353,6 +353,7 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "eval_before": getattr(self, "eval_before", None),
             "run_key": run_key(self.cfg),
+            "tasks": list(self.tasks),
         }
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
@@ -374,8 +375,12 @@ class Trainer:
         ckpt.set_rng_state(st["rng"])
 
     def load_checkpoint(self, path: str) -> None:
-        """Adapters into the model and the trainer state from checkpoint folder path."""
-        self.load_state_dict(ckpt.load_checkpoint(path, self.model))
+        """Adapters into the model and the trainer state from checkpoint folder path (with tasks
+        appended to the config since: see mftk.train.grow)."""
+        from mftk.train.grow import load_grown_checkpoint
+
+        st = load_grown_checkpoint(self, path, run_key)
+        self.load_state_dict(ckpt.load_checkpoint(path, self.model) if st is None else st)
 
     def save(self) -> str:
         path = ckpt.save_checkpoint(
