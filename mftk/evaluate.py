@@ -22,6 +22,7 @@ through its one adapter, a router softly (no ids; what it would do on unlabelled
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -143,15 +144,25 @@ class Evaluator:
         from mftk.train.losses import task_token_means, token_losses
 
         tr, n = self.trainer, len(self.tasks)
+        cls = getattr(tr, "cls", None)  # classify tasks: the trainer's heads score them
+        cls = cls if cls is not None and cls.active else None
+        if cls is not None:
+            cls.eval_begin()
         sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         hits = {"all": [torch.zeros(n, dtype=torch.float64) for _ in range(2)]}
         hits["answer"] = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
+        per_layer: list[list[float]] = []  # [correct, total] over answer tokens, per router call
         for batch in tr.eval_set:
             batch = batch.to(tr.device)
             ids = None if tr.router else tr.route_ids(batch.task_ids)
-            with mftk.use_tasks(self.model, ids, collect_router_logits=tr.router) as state:
+            with (
+                mftk.use_tasks(self.model, ids, collect_router_logits=tr.router) as state,
+                cls.capture() if cls is not None else contextlib.nullcontext() as cap,
+            ):
                 logits = self.model(**batch.model_inputs(tr.varlen)).logits
                 rl = state.pop_router_logits() if tr.router else None
+            if cls is not None:
+                cls.eval_batch(cap.hidden, batch)
             means, cnt = task_token_means(
                 token_losses(logits, batch.targets), batch.targets, batch.task_ids, n
             )
@@ -162,11 +173,23 @@ class Evaluator:
                     c, t = router_hits(rl, batch.task_ids, n, mask)
                     hits[key][0] += c
                     hits[key][1] += t
+                if not per_layer:
+                    per_layer = [[0.0, 0.0] for _ in rl]
+                for acc, z in zip(per_layer, rl):
+                    c, t = router_hits([z], batch.task_ids, n, batch.targets != IGNORE)
+                    acc[0] += float(c.sum())
+                    acc[1] += float(t.sum())
         out: dict[str, Any] = {"tasks": {}}
         for i, t in enumerate(self.tasks):
-            loss = float(sums[i] / counts[i])
+            loss = float(sums[i] / counts[i]) if counts[i] else math.nan
             out["tasks"][t] = {"loss": loss, "perplexity": math.exp(loss), "tokens": int(counts[i])}
-        losses = [v["loss"] for v in out["tasks"].values()]
+        if cls is not None:  # loss = the head's mean CE; accuracy, macro-F1, majority baseline
+            flat: dict[str, float] = {}
+            cls.eval_end(flat)
+            for name, m in cls.last_metrics.items():
+                out["tasks"][name] = {"type": "classify", "loss": flat[name], **m}
+        # the average is over generation tasks: a classifier's CE is not on the same scale
+        losses = [v["loss"] for v in out["tasks"].values() if v.get("type") != "classify"]
         out["average_loss"] = sum(losses) / len(losses)
         if tr.router:
             for key, (c, t) in hits.items():
@@ -174,6 +197,12 @@ class Evaluator:
                 for i, name in enumerate(self.tasks):
                     out["tasks"][name][f"router_accuracy_{key}"] = float(c[i] / t[i])
             out["router_accuracy"] = out["router_accuracy_all"]
+            names = [name for name, _ in mftk.patch.adapter_layers(self.model)]
+            if len(names) != len(per_layer):  # a layer called twice per forward: index them
+                names = [str(i) for i in range(len(per_layer))]
+            out["router_accuracy_answer_per_layer"] = {
+                name: c / t for name, (c, t) in zip(names, per_layer)
+            }
         return out
 
     def _route(self, task: str):
@@ -310,7 +339,9 @@ def evaluate_run(
 def format_table(result: dict[str, Any]) -> str:
     """A plain-text table of evaluate_run's result."""
     router = "router_accuracy" in result
-    head = ["task", "loss", "ppl", "tokens"] + (["router acc (all/answer)"] if router else [])
+    head = ["task", "loss", "ppl", "tokens / classify"] + (
+        ["router acc (all/answer)"] if router else []
+    )
     exec_cols = sorted(
         {k for v in result["tasks"].values() for k in v.get("exec", {}) if k.startswith("pass@")},
         key=lambda s: (s != "pass@1_greedy", s),
@@ -318,8 +349,13 @@ def format_table(result: dict[str, Any]) -> str:
     head += exec_cols
     rows = []
     for t, v in result["tasks"].items():
-        row = [t, f"{v['loss']:.4f}", f"{v['perplexity']:.3f}", str(v["tokens"])]
-        if router:
+        if v.get("type") == "classify":
+            row = [t, f"{v['loss']:.4f}", "-", f"acc {v['accuracy']:.3f} f1 {v['macro_f1']:.3f}"]
+        else:
+            row = [t, f"{v['loss']:.4f}", f"{v['perplexity']:.3f}", str(v["tokens"])]
+        if router and "router_accuracy_all" not in v:
+            row.append("-")
+        elif router:
             row.append(f"{v['router_accuracy_all']:.3f} / {v['router_accuracy_answer']:.3f}")
         row += [f"{v['exec'][c]:.3f}" if c in v.get("exec", {}) else "-" for c in exec_cols]
         rows.append(row)

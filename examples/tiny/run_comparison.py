@@ -1,0 +1,173 @@
+"""Reproduce examples/tiny/RESULTS.md: shared LoRA vs per-task adapters vs router (and single-task
+runs) on the tiny example, at equal steps, over a few seeds; each run trained then `mftk eval`ed.
+
+    python examples/tiny/run_comparison.py                     # all variants, seeds 0,1,2
+    python examples/tiny/run_comparison.py --variants shared,per_task --seeds 0
+
+Runs go to examples/tiny/runs/<variant>-s<seed>/ (ignored by git; one shared tiny-base cache in
+runs/cache); the collected numbers to examples/tiny/comparison.json; markdown tables to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# routers everywhere except layer 0's q/k/v, whose input is the bare token embedding (no context)
+NO_LAYER0_QKV = (
+    r"^model\.layers\.(0\.(self_attn\.o_proj|mlp\.(gate|up|down)_proj)"
+    r"|[1-9]\d*\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj))$"
+)
+# every variant is config-shared.yaml or config-router.yaml (the three generation tasks) with
+# one switch changed; single_<task>: per-task adapters trained on that task only (--task)
+PER_TASK = {"adapter": {"mode": "per_task", "match_params": False}}
+VARIANTS = {
+    "shared": ("config-shared.yaml", {}),  # one LoRA, rank 24 = 3 tasks x 8 (match_params)
+    "shared_r8": ("config-shared.yaml", {"adapter": {"match_params": False}}),
+    "per_task": ("config-shared.yaml", PER_TASK),  # one rank-8 LoRA per task, hard routing
+    "router": ("config-router.yaml", {}),  # the same adapters mixed by softmax routers
+    "router_ctx": ("config-router.yaml", {"adapter": {"target_modules": NO_LAYER0_QKV}}),
+    "single_completion": ("config-shared.yaml", PER_TASK),
+    "single_bugs": ("config-shared.yaml", PER_TASK),
+    "single_docstrings": ("config-shared.yaml", PER_TASK),
+}
+
+
+def _merge(raw: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict):
+            _merge(raw.setdefault(k, {}), v)
+        else:
+            raw[k] = v
+    return raw
+
+
+def load(variant: str, seed: int):
+    from mftk.train.config import config_from_dict, single_task
+
+    name, over = VARIANTS[variant]
+    with open(os.path.join(HERE, name)) as f:
+        raw = _merge(yaml.safe_load(f), copy.deepcopy(over))
+    raw["train"]["seed"] = seed
+    raw["model"]["cache_dir"] = "./runs/cache"
+    raw["output"]["dir"] = f"./runs/{variant}-s{seed}"
+    raw["output"]["save_every"] = None
+    cfg = config_from_dict(raw, HERE)
+    if variant.startswith("single_"):
+        out = cfg.output.dir
+        cfg = single_task(cfg, variant.removeprefix("single_"))
+        cfg.output.dir = out
+    return cfg
+
+
+def run_one(variant: str, seed: int, samples: int) -> dict:
+    from mftk.evaluate import evaluate_run
+    from mftk.train.loop import Trainer
+
+    cfg = load(variant, seed)
+    quiet = lambda msg: None  # noqa: E731
+    t0 = time.perf_counter()
+    metrics = Trainer(cfg, progress=False, log=quiet).train()
+    wall = time.perf_counter() - t0
+    res = evaluate_run(
+        cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet, samples=samples, ks=(1, 5)
+    )
+    for t in res["tasks"].values():  # keep the JSON small: per-problem rows stay in eval.json
+        t.get("exec", {}).pop("per_problem", None)
+    with open(os.path.join(cfg.output.dir, "eval.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    res["train_seconds"] = metrics["train_seconds"]
+    res["train_wall_seconds"] = wall
+    res["tokens_per_second"] = metrics["tokens_per_second"]
+    print(
+        f"{variant} seed {seed}: avg loss {res['average_loss']:.4f} "
+        + " ".join(f"{k} {v['loss']:.4f}" for k, v in res["tasks"].items())
+        + (f" router acc {res['router_accuracy']:.3f}" if "router_accuracy" in res else "")
+        + f" | train {metrics['train_seconds']:.1f}s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return res
+
+
+def _ms(vals: list[float], digits: int = 4) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def tables(results: dict[str, dict[str, dict]]) -> str:
+    """Markdown: per-task held-out loss (mean ± std over seeds), router accuracy, pass@k, time."""
+    variants = list(results)
+    tasks = list(next(iter(next(iter(results.values())).values()))["tasks"])
+    head = "| variant | adapter params | " + " | ".join(tasks) + " | average | vs shared |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    base = None
+    if "shared" in results:
+        base = statistics.mean(r["average_loss"] for r in results["shared"].values())
+    for v in variants:
+        runs = list(results[v].values())
+        avg = statistics.mean(r["average_loss"] for r in runs)
+        rel = f"{100 * (avg / base - 1):+.1f}%" if base else "-"
+        cells = [_ms([r["tasks"][t]["loss"] for r in runs]) for t in tasks]
+        lines.append(
+            f"| {v} | {runs[0]['adapter_parameters']} | "
+            + " | ".join(cells)
+            + f" | {_ms([r['average_loss'] for r in runs])} | {rel} |"
+        )
+    lines += ["", "| variant | seeds | router acc (all tokens) | router acc (answer tokens) | "
+              "completion pass@1 greedy | pass@1 (n samples) | pass@5 | train s/run |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for v in variants:
+        runs = list(results[v].values())
+        ex = [r["tasks"]["completion"].get("exec", {}) for r in runs]
+
+        def col(key: str, ex=ex) -> str:
+            vals = [e[key] for e in ex if key in e]
+            return _ms(vals, 3) if vals else "-"
+
+        ra = [r["router_accuracy_all"] for r in runs if "router_accuracy_all" in r]
+        rn = [r["router_accuracy_answer"] for r in runs if "router_accuracy_answer" in r]
+        lines.append(
+            f"| {v} | {len(runs)} | {_ms(ra, 3) if ra else '-'} | {_ms(rn, 3) if rn else '-'} | "
+            f"{col('pass@1_greedy')} | {col('pass@1')} | {col('pass@5')} | "
+            f"{_ms([r['train_seconds'] for r in runs], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--samples", type=int, default=10, help="samples per exec problem (pass@k)")
+    p.add_argument("--out", default=os.path.join(HERE, "comparison.json"))
+    p.add_argument("--tables-only", action="store_true", help="print tables from --out")
+    args = p.parse_args()
+    results: dict[str, dict[str, dict]] = {}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    if not args.tables_only:
+        for v in args.variants.split(","):
+            if v not in VARIANTS:
+                p.error(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
+            for s in (int(x) for x in args.seeds.split(",")):
+                results.setdefault(v, {})[str(s)] = run_one(v, s, args.samples)
+                with open(args.out, "w") as f:  # after every run: a partial sweep is kept
+                    json.dump(results, f, indent=1)
+    order = [v for v in VARIANTS if v in results]
+    print(tables({v: results[v] for v in order}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
