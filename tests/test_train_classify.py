@@ -82,7 +82,7 @@ def test_packed_batch_marks_last_token_of_classify_samples():
 
 def test_classify_trains_next_to_generate(cache, tmp_path):
     logs = []
-    cfg = config_from_dict(raw_config(tmp_path / "out", cache), EXAMPLE)
+    cfg = config_from_dict(raw_config(tmp_path / "out", cache, adapter={"layers": "1:"}), EXAMPLE)
     trainer = Trainer(cfg, progress=False, log=logs.append)
     m = trainer.train()
     # the mixed batches hold both tasks; both losses fall
@@ -100,6 +100,10 @@ def test_classify_trains_next_to_generate(cache, tmp_path):
     # per-task rank: completion at 4, bug_detection at the adapter rank 8 (padded to 8)
     layers = list(mftk.patch.adapter_layers(trainer.model))
     assert all(mod.lora_rank.tolist() == [4, 8] for _, mod in layers)
+    # adapter.layers "1:": layer 0 keeps its plain frozen nn.Linear modules
+    assert layers and all(name.startswith("model.layers.1.") for name, _ in layers)
+    assert type(trainer.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert trainer.model.mftk_config.layers == [1]
     # the head is saved with the adapters (and the tokenizer, for mftk scan), and loads back
     ad = tmp_path / "out" / "adapters"
     with safe_open(str(ad / "mftk_adapters.safetensors"), "pt") as f:
