@@ -302,6 +302,16 @@ def test_training_steps_lower_every_task_loss_and_checkpoint_round_trip(tmp_path
     x = data["sql"]
     a, b = _logits(q, x, "sql"), _logits(q2, x, "sql")
     assert torch.equal(a, b)
+    # from_pretrained re-applies the 4-bit setting, or puts the adapters on the fp32 base
+    q3 = mftk.from_pretrained(tiny_llama(torch.float32), tmp_path / "ck")
+    assert q3.mftk_config.quantize == q.mftk_config.quantize
+    assert torch.equal(_logits(q3, x, "sql"), a)
+    f = mftk.from_pretrained(tiny_llama(torch.float32), tmp_path / "ck", quantize=False)
+    assert f.mftk_config.quantize is None and not any(quant.is_4bit(m) for m in f.modules())
+    sd, sd_f = mftk.adapter_state_dict(q), mftk.adapter_state_dict(f)
+    assert sd.keys() == sd_f.keys() and all(torch.equal(sd[k], sd_f[k]) for k in sd)
+    w = f.model.layers[0].mlp.down_proj.weight
+    assert torch.equal(w, tiny_llama(torch.float32).model.layers[0].mlp.down_proj.weight)
 
 
 def test_bad_settings_raise_clear_errors():
