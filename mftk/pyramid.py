@@ -16,7 +16,7 @@
   (N=4096 tokens, D_in=D_out=1024, T=8 tasks of 512 tokens each) and ranks 64,64,32,32,16,16,8,8
   a training step's adapters cost 3.22 GFLOP per layer padded vs 1.51 ragged: +1.71 GFLOP, 10.0%
   of the frozen base's 17.2 GFLOP (fwd+bwd); {64, 16} on half the tokens each: +1.21, 7.0%.
-  The adapter GEMMs are memory-bound, so the time cost is below the FLOP ratio.
+  (FLOPs only; step time was not measured.)
 - add_task: grow a patched model by one task, leaving every other task's values bit-identical.
 """
 
