@@ -180,31 +180,44 @@ def test_fsdp2_two_ranks_match_one_process(hard_runs):
     )
 
 
-def test_sharded_checkpoint_resumes_on_two_and_one_ranks(hard_runs):
+@pytest.mark.parametrize("nproc, batch", [(2, 2), (1, 4)], ids=["2ranks", "1rank"])
+def test_sharded_checkpoint_resumes(hard_runs, nproc, batch):
+    """Resume the 2-rank run's step-2 checkpoint on 2 ranks (bit for bit) and on 1 rank with
+    the same global batch (adapters and AdamW state resharded by torch.distributed.checkpoint)."""
     r, tmp = hard_runs, hard_runs["tmp"]
-    for nproc, batch in ((2, 2), (1, 4)):
-        out = tmp / f"resume{nproc}"
-        (out / "checkpoints").mkdir(parents=True)
-        shutil.copytree(
-            tmp / "two" / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002"
-        )
-        raw = copy.deepcopy(r["raw2"])
-        raw["train"]["batch_size"] = batch  # same global batch on 1 rank
-        got, logs = torchrun(nproc, raw, tmp, "-o", str(out), "--resume", name=f"r{nproc}")
-        assert got["resumed_from"].endswith("step-000002"), logs[-2000:]
-        if nproc == 2:  # same ranks: bit for bit
-            assert_close_runs(got, r["dist"], exact=True)
-            assert_same_adapters(out, tmp / "two", atol=0.0)
-        else:
-            assert_close_runs(got, r["dist"])
-            assert_same_adapters(out, tmp / "two")
-    # a different global batch is a different run: refused
+    out = tmp / f"resume{nproc}"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp / "two" / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002"
+    )
     raw = copy.deepcopy(r["raw2"])
+    raw["train"]["batch_size"] = batch
+    got, logs = torchrun(nproc, raw, tmp, "-o", str(out), "--resume", name=f"r{nproc}")
+    assert got["resumed_from"].endswith("step-000002"), logs[-2000:]
+    assert "resumed from" in logs and f"fsdp2: {nproc} ranks" in logs
+    if nproc == 2:
+        assert_close_runs(got, r["dist"], exact=True)
+        assert_same_adapters(out, tmp / "two", atol=0.0)
+    else:
+        assert_close_runs(got, r["dist"])
+        assert_same_adapters(out, tmp / "two")
+
+
+def test_resume_with_another_global_batch_is_refused(hard_runs):
+    """A different global batch (batch_size × ranks) is a different run (no torchrun here: a
+    group of one)."""
+    tmp = hard_runs["tmp"]
+    out = tmp / "refused"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        tmp / "two" / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002"
+    )
+    raw = copy.deepcopy(hard_runs["raw2"])
     raw["train"]["batch_size"] = 3
     path = tmp / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     res = subprocess.run(
-        [sys.executable, "-m", "mftk", "train", str(path), "-o", str(tmp / "resume1"), "--resume"],
+        [sys.executable, "-m", "mftk", "train", str(path), "-o", str(out), "--resume"],
         capture_output=True,
         text=True,
         timeout=120,
