@@ -451,3 +451,24 @@ def test_trainer_runs_the_tiny_qlora_example(tmp_path):
     assert any(x.startswith("quantized 14 linears to nf4") for x in logs), logs[:5]
     assert not quant.is_4bit(trainer.model.lm_head)
     assert (tmp_path / "out" / "peft" / "bugs" / "adapter_model.safetensors").is_file()
+
+
+def test_no_dense_base_weight_is_saved_for_backward():
+    lin = nn.Linear(128, 192)
+    m = quant.quantized_adapter_layer(lin, 3, 4, 8.0, "nf4", True, torch.float32)
+    del lin
+    x = torch.randn(5, 7, 128, requires_grad=True)
+    ids = torch.randint(-1, 3, (5, 7))
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype, t.untyped_storage().nbytes()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x, ids)
+    assert saved, "the op saves its inputs"
+    assert all(s[0] != (192, 128) for s in saved), saved  # no dense (D_out, D_in) weight
+    y.square().sum().backward()
+    assert x.grad is not None and m.lora_a.grad is not None and m.lora_b.grad is not None
+    assert all(p.grad is None for p in m.base_layer.parameters())
