@@ -472,3 +472,15 @@ def test_no_dense_base_weight_is_saved_for_backward():
     y.square().sum().backward()
     assert x.grad is not None and m.lora_a.grad is not None and m.lora_b.grad is not None
     assert all(p.grad is None for p in m.base_layer.parameters())
+
+
+def test_without_bitsandbytes_mftk_works_and_quantize_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(quant, "_bnb", None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails
+    assert not quant.bitsandbytes_available() and not quant.is_4bit(nn.Linear(2, 2))
+    model = mftk.patch_model(tiny_llama(torch.float32), TASKS, rank=2)  # full precision: fine
+    assert model.mftk_config.quantize is None
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        mftk.patch_model(tiny_llama(torch.float32), TASKS, rank=2, quantize="nf4")
