@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers_models import max_err, tiny_llama, tokens
 
 import mftk
 from mftk.heads import (
@@ -16,7 +17,6 @@ from mftk.heads import (
     head_parameters,
     last_token_index,
 )
-from tests.helpers_models import max_err, tiny_llama, tokens
 
 
 def test_head_math_and_errors():
