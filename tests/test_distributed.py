@@ -397,8 +397,30 @@ def test_deepseek33b_example_config_validates(tmp_path):
     assert D.trainer_class(cfg) is D.DistributedTrainer
 
 
-def test_flash_attention_falls_back_to_sdpa_on_cpu():
+def test_flash_attention_config_runs_sdpa_without_flash_attn(hard_runs):
+    """`attn_implementation: flash_attention_2` where flash-attn cannot run (CPU): SDPA with the
+    block mask; also fsdp2 without torchrun (a process group of one)."""
     assert not D.flash_attention_available(torch.device("cpu"))
+    tmp = hard_runs["tmp"]
+    raw = copy.deepcopy(hard_runs["raw2"])
+    raw["model"]["attn_implementation"] = "flash_attention_2"
+    raw["stages"] = [{"steps": 1}]
+    raw["train"]["batch_size"] = 4  # the global batch of the runs above, on one rank
+    raw["output"] = {"dir": str(tmp / "flash")}
+    path = tmp / "flash.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = subprocess.run(
+        [sys.executable, "-m", "mftk", "train", str(path), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "flash-attn is not usable here" in res.stderr
+    assert "fsdp2: 1 ranks (gloo, cpu)" in res.stderr and "attention sdpa" in res.stderr
+    m = json.loads((tmp / "flash" / "metrics.json").read_text())
+    assert abs(m["history"]["loss"][0] - hard_runs["single"]["history"]["loss"][0]) < 1e-4
 
 
 # ----------------------------------------------------------------------------- GPU
