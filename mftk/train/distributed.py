@@ -34,6 +34,12 @@ What `DistributedTrainer` changes over the one-process `Trainer`:
 - Attention: flash-attn 2 varlen over the packed samples when configured (flash_attention_2) and
   usable (CUDA and the flash_attn package); SDPA with the block-diagonal mask otherwise.
 - Only rank 0 logs, shows the progress bar and writes metrics.json and loss.png.
+
+Limits: every rank loads the whole base on its CPU before sharding (host memory G × the model);
+the output dir must be one filesystem shared by all nodes; classify tasks are refused; all ranks
+share one torch seed, so dropout masks repeat across ranks (and a dropout > 0 run is not the
+one-process run). An fsdp2 checkpoint resumes under fsdp2 only (on any number of ranks, one
+included: `mftk train` without torchrun forms a group of one).
 """
 
 from __future__ import annotations
