@@ -159,5 +159,6 @@ def test_load_config_file_and_yaml_errors(base, tmp_path):
 def test_example_config_is_valid():
     here = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny", "config.yaml")
     cfg = load_config(here)
-    assert cfg.task_names == ["completion", "bugs", "docstrings"]
+    assert cfg.task_names == ["completion", "bugs", "docstrings", "bug_detection"]
+    assert cfg.tasks[3].type == "classify" and cfg.tasks[3].labels
     assert len(cfg.tasks[0].files) == 2 and cfg.tasks[1].files[0].endswith(".csv")
