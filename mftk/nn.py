@@ -268,8 +268,17 @@ class MultiAdapterLinear(nn.Module):
             return self._forward_base_layer(x, ids, soft, routed)
         if self.dropout > 0 and self.training and routed:
             return self._forward_dropout(x, ids, soft)
+        return self._call_op(x, self.weight, ids, soft, bias=self.bias)
+
+    def _call_op(
+        self, x: Tensor, weight: Tensor | None, ids, soft: bool, bias: Tensor | None = None
+    ) -> Tensor:
+        """One op call with this layer's adapters (and router when soft); records router logits.
+
+        x: (..., D_in); weight: (D_out, D_in) or None (adapters only) -> (..., D_out).
+        """
         out = multi_adapter_linear(
-            x, self.weight, self.lora_a, self.lora_b, bias=self.bias, scaling=self.lora_scaling,
+            x, weight, self.lora_a, self.lora_b, bias=bias, scaling=self.lora_scaling,
             task_ids=ids, router_weight=self.router_weight if soft else None,
             router_bias=self.router_bias if soft else None, top_k=self.top_k,
             temperature=self.temperature, return_router_logits=soft,
@@ -286,16 +295,7 @@ class MultiAdapterLinear(nn.Module):
         base = multi_adapter_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias)
         xd = nn.functional.dropout(x, p=self.dropout, training=True)
         zero_w = self.weight.new_zeros(()).expand(self.out_features, self.in_features)
-        out = multi_adapter_linear(
-            xd, zero_w, self.lora_a, self.lora_b, scaling=self.lora_scaling, task_ids=ids,
-            router_weight=self.router_weight if soft else None,
-            router_bias=self.router_bias if soft else None, top_k=self.top_k,
-            temperature=self.temperature, return_router_logits=soft,
-        )  # fmt: skip
-        if soft:
-            out, logits = out
-            self._record(logits)
-        return base + out
+        return base + self._call_op(xd, zero_w, ids, soft)
 
     def _forward_base_layer(self, x: Tensor, ids, soft: bool, routed: bool) -> Tensor:
         # The base from base_layer (bitsandbytes' 4-bit matmul dequantizes one layer on the fly and
@@ -305,16 +305,7 @@ class MultiAdapterLinear(nn.Module):
             return base
         if self.dropout > 0 and self.training:
             x = nn.functional.dropout(x, p=self.dropout, training=True)
-        out = multi_adapter_linear(
-            x, None, self.lora_a, self.lora_b, scaling=self.lora_scaling, task_ids=ids,
-            router_weight=self.router_weight if soft else None,
-            router_bias=self.router_bias if soft else None, top_k=self.top_k,
-            temperature=self.temperature, return_router_logits=soft,
-        )  # fmt: skip
-        if soft:
-            out, logits = out
-            self._record(logits)
-        return base + out
+        return base + self._call_op(x, None, ids, soft)
 
     def _record(self, logits: Tensor) -> None:
         state = self._mftk_routing
