@@ -115,28 +115,6 @@ def make_inputs(shape: Shape, dtype: torch.dtype) -> Inputs:
     )
 
 
-def _peft_layer(inp: Inputs, shape: Shape):
-    """A PEFT LoRA Linear holding T adapters t0..t{T-1} with inp's weights."""
-    import peft
-    from torch import nn
-
-    base = nn.Sequential(nn.Linear(shape.d_in, shape.d_out, device=DEV, dtype=inp.weight.dtype))
-    with torch.no_grad():
-        base[0].weight.copy_(inp.weight)
-        base[0].bias.copy_(inp.bias)
-    cfg = peft.LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=["0"])
-    model = peft.LoraModel(base, cfg, "t0")
-    for t in range(1, shape.tasks):
-        model.peft_config[f"t{t}"] = cfg
-        model.inject_adapter(model.model, f"t{t}")
-    layer = model.model[0].to(device=DEV, dtype=inp.weight.dtype)
-    with torch.no_grad():
-        for t in range(shape.tasks):
-            layer.lora_A[f"t{t}"].weight.copy_(inp.lora_a[t])
-            layer.lora_B[f"t{t}"].weight.copy_(inp.lora_b[t])
-    return layer
-
-
 def forward_fn(provider: str, routing: str, inp: Inputs, shape: Shape) -> tuple[Callable, list]:
     """(f(x) -> y, the leaves that get gradients) for one provider."""
     import mftk
@@ -162,7 +140,9 @@ def forward_fn(provider: str, routing: str, inp: Inputs, shape: Shape) -> tuple[
     if provider == "dense":
         return (lambda x: reference.soft_dense_torch(x, w, a, bb, b, 1.0, rw)), leaves
     if provider == "peft":
-        layer = _peft_layer(inp, shape)
+        from providers import peft_layer  # the CPU benchmarks' builder, one copy
+
+        layer = peft_layer(w, b, a, bb)
         layer.set_adapter("t0")  # training: one adapter for the whole batch
         params = [layer.lora_A["t0"].weight, layer.lora_B["t0"].weight]
         return layer, params

@@ -83,25 +83,31 @@ def make_inputs(shape: Shape, dtype: torch.dtype = torch.float32, seed: int = 0)
     )
 
 
-def _peft_layer(inp: Inputs, shape: Shape):
-    """A PEFT LoRA Linear holding T adapters, weights copied from inp."""
+def peft_layer(weight: Tensor, bias: Tensor, lora_a: Tensor, lora_b: Tensor):
+    """A PEFT LoRA Linear holding T adapters t0..t{T-1} with these weights (lora_alpha = R).
+
+    weight: (D_out, D_in); bias: (D_out,); lora_a: (T, R, D_in); lora_b: (T, D_out, R). The layer
+    lives on weight's device and dtype. Shared by the CPU providers and benchmarks/gpu_suite.py.
+    """
     import peft
     from torch import nn
 
-    base = nn.Sequential(nn.Linear(shape.d_in, shape.d_out))
+    (d_out, d_in), (tasks, rank) = weight.shape, lora_a.shape[:2]
+    dev, dtype = weight.device, weight.dtype
+    base = nn.Sequential(nn.Linear(d_in, d_out, device=dev, dtype=dtype))
     with torch.no_grad():
-        base[0].weight.copy_(inp.weight)
-        base[0].bias.copy_(inp.bias)
-    cfg = peft.LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=["0"])
+        base[0].weight.copy_(weight)
+        base[0].bias.copy_(bias)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"])
     model = peft.LoraModel(base, cfg, "t0")
-    for t in range(1, shape.tasks):
+    for t in range(1, tasks):
         model.peft_config[f"t{t}"] = cfg
         model.inject_adapter(model.model, f"t{t}")
-    layer = model.model[0]
+    layer = model.model[0].to(device=dev, dtype=dtype)  # PEFT creates the adapters in fp32
     with torch.no_grad():
-        for t in range(shape.tasks):
-            layer.lora_A[f"t{t}"].weight.copy_(inp.lora_a[t])
-            layer.lora_B[f"t{t}"].weight.copy_(inp.lora_b[t])
+        for t in range(tasks):
+            layer.lora_A[f"t{t}"].weight.copy_(lora_a[t])
+            layer.lora_B[f"t{t}"].weight.copy_(lora_b[t])
     return layer
 
 
@@ -128,7 +134,7 @@ def build(provider: str, routing: str, direction: str, inp: Inputs, shape: Shape
         rw = inp.router_weight
         fwd = lambda: soft_dense_torch(x, w, a, bb, b, 1.0, rw)  # noqa: E731
     elif provider == "peft":
-        layer = _peft_layer(inp, shape)
+        layer = peft_layer(w, b, a, bb)
         if direction == "fwd":
             names = ["__base__" if i < 0 else f"t{i}" for i in inp.task_ids.tolist()]
 
