@@ -25,6 +25,14 @@ def base_linear_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None, d_out
     return y + bias if bias is not None else y
 
 
+def _base_and_scaling(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, scaling: float | Tensor, lora_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """What every routing mode starts from: (base output y (N, D_out), per-task scaling s (T,))."""
+    num_tasks, d_out = lora_b.shape[0], lora_b.shape[1]
+    return base_linear_ref(x, weight, bias, d_out), scaling_vector(scaling, num_tasks, x)
+
+
 def router_probs(
     x: Tensor,
     router_weight: Tensor,
@@ -71,8 +79,7 @@ def multi_adapter_linear_ref(
     returns (y (N, D_out), router logits (N, T) or None)
     """
     num_tasks = lora_a.shape[0]
-    s = scaling_vector(scaling, num_tasks, x)
-    y = base_linear_ref(x, weight, bias, lora_b.shape[1])
+    y, s = _base_and_scaling(x, weight, bias, scaling, lora_b)
     logits = None
     if task_ids is not None:
         for t in range(num_tasks):
@@ -106,9 +113,7 @@ def grouped_mm_hard(
 
     perm (N,), offsets (T + 1,): a routing plan (mftk.build_plan). returns y (N, D_out).
     """
-    num_tasks = lora_a.shape[0]
-    s = scaling_vector(scaling, num_tasks, x)
-    y = torch.nn.functional.linear(x, weight, bias)
+    y, s = _base_and_scaling(x, weight, bias, scaling, lora_b)
     routed = int(offsets[-1])
     if routed == 0:
         return y
@@ -138,9 +143,9 @@ def soft_dense_torch(
     The rank-T*R LoRA view: y = x W^T + b + ((x A_cat^T) * coef) B_cat^T. returns y (N, D_out).
     """
     num_tasks, rank, d_in = lora_a.shape
-    s = scaling_vector(scaling, num_tasks, x)
+    y, s = _base_and_scaling(x, weight, bias, scaling, lora_b)
     p, _ = router_probs(x, router_weight, router_bias, top_k, temperature)
     coef = (p * s).repeat_interleave(rank, dim=1)
     shrink = x @ lora_a.reshape(num_tasks * rank, d_in).t()
     b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_tasks * rank)
-    return torch.nn.functional.linear(x, weight, bias) + (shrink * coef) @ b_cat.t()
+    return y + (shrink * coef) @ b_cat.t()
