@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -38,7 +39,33 @@ VARIANTS = {
     "single_completion": ("config-shared.yaml", PER_TASK),
     "single_bugs": ("config-shared.yaml", PER_TASK),
     "single_docstrings": ("config-shared.yaml", PER_TASK),
+    # + a 4th task that conflicts with completion (see conflict_data)
+    "conflict_shared": ("config-shared.yaml", {}),
+    "conflict_per_task": ("config-shared.yaml", PER_TASK),
+    # 3x the steps of every stage (the 300-step runs are still improving)
+    "long_shared": ("config-shared.yaml", {}),
+    "long_per_task": ("config-shared.yaml", PER_TASK),
 }
+
+
+def conflict_data() -> str:
+    """A bug-injection task that conflicts with `completion`: the same kind of prompt (signature
+    + docstring, same families as make_data.py), answered with a buggy body. Nothing in the text
+    tells the two tasks apart; only the task id does. Written to runs/conflict_data/."""
+    sys.path.insert(0, HERE)
+    import make_data
+
+    rng = random.Random(4321)
+    out = os.path.join(HERE, "runs", "conflict_data")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "inject_bug.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(make_data.N_PER_TASK):
+            header, _, doc, bugs = make_data.make_function(rng)
+            buggy, _ = rng.choice(bugs)
+            prompt = f'{header}\n    """{doc}"""\n    '
+            f.write(json.dumps({"prompt": prompt, "completion": buggy + "\n"}) + "\n")
+    return path
 
 
 def _merge(raw: dict, over: dict) -> dict:
@@ -57,6 +84,14 @@ def load(variant: str, seed: int):
     with open(os.path.join(HERE, name)) as f:
         raw = _merge(yaml.safe_load(f), copy.deepcopy(over))
     raw["train"]["seed"] = seed
+    if variant.startswith("long_"):
+        for st in raw["stages"]:
+            st["steps"] *= 3
+    if variant.startswith("conflict_"):
+        raw["tasks"].append({"name": "inject_bug", "data": conflict_data(), "loss_weight": 1.0})
+        for st in raw["stages"]:
+            if st.get("mix"):
+                st["mix"]["inject_bug"] = 1
     raw["model"]["cache_dir"] = "./runs/cache"
     raw["output"]["dir"] = f"./runs/{variant}-s{seed}"
     raw["output"]["save_every"] = None
@@ -98,6 +133,22 @@ def run_one(variant: str, seed: int, samples: int) -> dict:
     return res
 
 
+def timing(variants: list[str], rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per training step, the variants interleaved round by round (so that a shared
+    machine's load hits them alike); the first `eval` and setup are not timed."""
+    from mftk.train.loop import Trainer
+
+    out: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants:
+            cfg = load(v, 0)
+            cfg.output.dir += "-timing"
+            m = Trainer(cfg, max_steps=steps, progress=False, log=lambda msg: None).train()
+            out[v].append(m["train_seconds"] / m["steps"])
+            print(f"timing round {r} {v}: {1000 * out[v][-1]:.1f} ms/step", file=sys.stderr)
+    return out
+
+
 def _ms(vals: list[float], digits: int = 4) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.{digits}f}"
@@ -105,14 +156,23 @@ def _ms(vals: list[float], digits: int = 4) -> str:
 
 
 def tables(results: dict[str, dict[str, dict]]) -> str:
-    """Markdown: per-task held-out loss (mean ± std over seeds), router accuracy, pass@k, time."""
+    """Markdown, one table per task set: per-task held-out loss (mean ± std over seeds) and,
+    after them, router accuracy, pass@k and training time."""
+    groups: dict[tuple, dict] = {}
+    for v, runs in results.items():
+        groups.setdefault(tuple(next(iter(runs.values()))["tasks"]), {})[v] = runs
+    return "\n\n".join(loss_table(g) for g in groups.values()) + "\n\n" + other_table(results)
+
+
+def loss_table(results: dict[str, dict[str, dict]]) -> str:
     variants = list(results)
     tasks = list(next(iter(next(iter(results.values())).values()))["tasks"])
     head = "| variant | adapter params | " + " | ".join(tasks) + " | average | vs shared |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = None
-    if "shared" in results:
-        base = statistics.mean(r["average_loss"] for r in results["shared"].values())
+    shared = [v for v in variants if v.endswith("shared")]
+    if shared:
+        base = statistics.mean(r["average_loss"] for r in results[shared[0]].values())
     for v in variants:
         runs = list(results[v].values())
         avg = statistics.mean(r["average_loss"] for r in runs)
@@ -123,7 +183,12 @@ def tables(results: dict[str, dict[str, dict]]) -> str:
             + " | ".join(cells)
             + f" | {_ms([r['average_loss'] for r in runs])} | {rel} |"
         )
-    lines += ["", "| variant | seeds | router acc (all tokens) | router acc (answer tokens) | "
+    return "\n".join(lines)
+
+
+def other_table(results: dict[str, dict[str, dict]]) -> str:
+    variants = list(results)
+    lines = ["", "| variant | seeds | router acc (all tokens) | router acc (answer tokens) | "
               "completion pass@1 greedy | pass@1 (n samples) | pass@5 | train s/run |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for v in variants:
@@ -151,7 +216,15 @@ def main() -> int:
     p.add_argument("--samples", type=int, default=10, help="samples per exec problem (pass@k)")
     p.add_argument("--out", default=os.path.join(HERE, "comparison.json"))
     p.add_argument("--tables-only", action="store_true", help="print tables from --out")
+    p.add_argument("--timing", type=int, default=0, help="N rounds of interleaved step timing")
+    p.add_argument("--timing-steps", type=int, default=60)
     args = p.parse_args()
+    if args.timing:
+        res = timing(args.variants.split(","), args.timing, args.timing_steps)
+        for v, secs in res.items():
+            print(f"| {v} | {1000 * statistics.median(secs):.1f} | "
+                  f"{', '.join(f'{1000 * x:.1f}' for x in secs)} |")  # fmt: skip
+        return 0
     results: dict[str, dict[str, dict]] = {}
     if os.path.isfile(args.out):
         with open(args.out) as f:
