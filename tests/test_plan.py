@@ -134,8 +134,8 @@ def test_shipped_config_by_alias_and_by_path(tmp_path):
 # --------------------------------------------------------------------------- memory, by hand
 
 
-def _shard(shape, g):
-    return math.ceil(shape[0] / g) * math.prod(shape[1:])
+def _shard(shape, g, dim=0):
+    return math.ceil(shape[dim] / g) * math.prod(shape) // shape[dim]
 
 
 def test_memory_rows_by_hand_bf16(tiny_path):
@@ -149,9 +149,11 @@ def test_memory_rows_by_hand_bf16(tiny_path):
     base = L * sum(_shard(sh, G) for sh in layer_shapes) + 2 * _shard((V, H), G) + _shard((H,), G)
     assert base == 15_682
     assert rows["base_weights"] == 2 * base
-    # lora_a (T, R, in), lora_b (T, out, R): dim 0 is T = 2 < G = 3 -> one task's rows per rank
-    ad = L * sum(_shard((T, R, i_), G) + _shard((T, o_, R), G) for o_, i_ in TINY_LINEARS)
-    assert ad == L * R * sum(o_ + i_ for o_, i_ in TINY_LINEARS) == 5328
+    # lora_a (T, R, in) sharded on in, lora_b (T, out, R) on out (mftk.train.distributed's
+    # SHARD_DIMS), not on T = 2 < G = 3: the fullest rank holds ceil(d / 3) of each feature dim
+    ad = L * sum(_shard((T, R, i_), G, 2) + _shard((T, o_, R), G, 1) for o_, i_ in TINY_LINEARS)
+    assert ad == L * T * R * sum(math.ceil(o_ / G) + math.ceil(i_ / G) for o_, i_ in TINY_LINEARS)
+    assert ad == 3672  # dim-0 sharding would hold a whole task: L * R * sum(o + i) = 5328
     assert (rows["adapter_params"], rows["adapter_grads"], rows["adapter_adamw"]) == (
         4 * ad, 4 * ad, 8 * ad,
     )  # fmt: skip
@@ -166,8 +168,8 @@ def test_memory_rows_by_hand_bf16(tiny_path):
     loss = 10 * V * n
     bwd = a_layer * n + 4 * H * n + max(6 * I * n, n * (10 * H + 4 * KV + 4 * A)) + 2 * V * n
     assert rows["peak_transient"] == max(loss, bwd) == 69_568
-    assert mem["allocated"] == pytest.approx(338_196)
-    assert mem["total"] == pytest.approx(1.1 * 338_196)
+    assert mem["allocated"] == pytest.approx(311_700)
+    assert mem["total"] == pytest.approx(1.1 * 311_700)
     assert mem["budget"] == (1 - 1.0 - 0.5) * 2**30 and not mem["fits"]
 
     o.activation_checkpointing = False
@@ -206,6 +208,28 @@ def test_memory_rows_by_hand_nf4_one_gpu_and_sdpa(tiny_path):
         assert rows["activations_other"] == n * ((4 * H + 4) + 2 * H + 4 * HD + 40) + b * s * s
         bwd = a_layer * n + 4 * H * n + max(6 * I * n, n * (10 * H + 4 * KV + 4 * A)) + 2 * V * n
         assert rows["peak_transient"] == max(10 * V * n, bwd)
+
+
+def test_adapter_shard_dims_are_the_trainers():
+    from mftk.train.distributed import SHARD_DIMS
+
+    assert P.ADAPTER_SHARD_DIMS == SHARD_DIMS
+
+
+def test_33b_adapters_split_evenly_over_8_gpus(ds33b):
+    """4 tasks on 8 GPUs: sharded on the feature dims (7168, 1024, 19200 all divide by 8), each
+    rank holds exactly 1/8 of the adapters; dim-0 sharding would give the fullest rank 1/4."""
+    o = P.PlanOptions(gpus=8, gpu_mem_gib=40, rank=16, tasks=4)
+    rows = {k: v for k, _, v in P.memory_rows(ds33b, o)["rows"]}
+    total = sum(p.numel for p in ds33b.adapters)
+    assert {p.shard_dim for p in ds33b.adapters if p.name.endswith("lora_a")} == {2}
+    assert {p.shard_dim for p in ds33b.adapters if p.name.endswith("lora_b")} == {1}
+    assert rows["adapter_params"] == 4 * total / 8
+    p = P.plan(ds33b, o)
+    assert p["adapters"]["shard_padding_params_per_gpu"] == 0
+    dim0 = sum(math.ceil(p_.shape[0] / 8) * p_.numel // p_.shape[0] for p_ in ds33b.adapters)
+    saved = 16 * (dim0 - total / 8) / 2**30  # master + grad + AdamW, fp32
+    assert 0.9 < saved < 0.95  # what the dim-0 model overstated on the fullest rank
 
 
 def test_nf4_bits_per_param_match_qlora():
@@ -394,7 +418,7 @@ def test_cli_json_parses(tiny_path, capsys):
     assert rc == 0
     p = json.loads(out)
     assert p["model"]["params"] == 45_800
-    assert p["memory"]["allocated"] == pytest.approx(338_196)
+    assert p["memory"]["allocated"] == pytest.approx(311_700)
     assert {r["key"] for r in p["memory"]["rows"]} >= {"base_weights", "activations", "fsdp_root"}
     assert isinstance(p["largest_micro_batch"], int)
 

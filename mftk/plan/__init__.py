@@ -8,8 +8,9 @@ no download) and its tensors are listed; the adapters are added by `mftk.patch_m
 model (the same shapes training will use). Everything else is the arithmetic below, per GPU, in
 bytes; b = micro-batch, s = seq_len, n = b*s tokens per GPU per micro-step, G = GPUs.
 
-Persistent state (FSDP2 `fully_shard` per decoder layer and on the root, sharding every parameter
-on dim 0 with padding, so one rank holds ceil(d0/G) * prod(rest) elements of each tensor):
+Persistent state (FSDP2 `fully_shard` per decoder layer and on the root, sharding each parameter
+on one dim d with padding, so one rank holds ceil(shape[d]/G) * (numel / shape[d]) elements of it;
+d = 0 for the base, a feature dim for the adapters, as mftk.train.distributed does):
 - frozen base: bf16, 2 bytes/param; or, with --quantize nf4|fp4, the weight of every target linear
   (all nn.Linear but lm_head, as QLoRA does) packed 2 per byte, plus bitsandbytes' QuantState per
   tensor of n elements (blocksize 64): without double quant an fp32 absmax per block (0.5
@@ -18,9 +19,10 @@ on dim 0 with padding, so one rank holds ceil(d0/G) * prod(rest) elements of eac
   16-entry fp32 nf4 code and an fp32 offset. The QuantState is not an nn.Parameter, so FSDP does
   not shard it: replicated.
 - adapters (lora_a (T, R, D_in), lora_b (T, D_out, R), router (T, D_in) + (T,)): fp32 master,
-  fp32 grads, AdamW exp_avg + exp_avg_sq fp32 = 16 bytes/param, sharded on dim 0 = T. With T < G
-  each rank that holds data holds ceil(T/G) = 1 task's rows: dim-0 sharding cannot split below one
-  task (the plan prints the padding waste).
+  fp32 grads, AdamW exp_avg + exp_avg_sq fp32 = 16 bytes/param, sharded on a feature dim (lora_a
+  on D_in, lora_b on D_out, router on D_in; the (T,) router bias on T), not on dim 0 = T, which
+  with T < G would leave ranks empty and give the fullest a whole task; the padding left (feature
+  dims not a multiple of G) is reported.
 FSDP2 buffers (G > 1; torch/distributed/fsdp/_fully_shard): the root group (embeddings, final
 norm, lm_head) stays unsharded for the whole step (fully_shard's default
 reshard_after_forward=None does not reshard the root after forward); per layer, the unsharded
@@ -98,6 +100,7 @@ from mftk.plan.memory import (
     shard_numel,
 )
 from mftk.plan.model import (
+    ADAPTER_SHARD_DIMS,
     LLAMA_LAYER_LINEARS,
     SHIPPED,
     ModelInfo,
@@ -109,6 +112,7 @@ from mftk.plan.model import (
 from mftk.plan.report import format_plan, plan, step_flops
 
 __all__ = [
+    "ADAPTER_SHARD_DIMS",
     "DRIVER_CONTEXT_GIB",
     "GIB",
     "GPUS",

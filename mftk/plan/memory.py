@@ -85,11 +85,12 @@ class PlanOptions:
 # ------------------------------------------------------------------------------------- memory
 
 
-def shard_numel(shape: tuple[int, ...], gpus: int) -> int:
-    """Elements of one tensor on its fullest rank under FSDP2's dim-0 sharding over `gpus`."""
+def shard_numel(shape: tuple[int, ...], gpus: int, dim: int = 0) -> int:
+    """Elements of one tensor on its fullest rank when FSDP2 shards it on `dim` over `gpus`
+    (Shard(dim) pads that dim to a multiple of gpus: the fullest rank holds ceil(d/gpus) slices)."""
     if not shape:
         return 1
-    return math.ceil(shape[0] / gpus) * math.prod(shape[1:])
+    return math.ceil(shape[dim] / gpus) * (math.prod(shape) // shape[dim])
 
 
 def quant_constant_bytes(numel: int, double_quant: bool, blocksize: int = 64) -> int:
@@ -164,7 +165,7 @@ def memory_rows(info: ModelInfo, o: PlanOptions, micro_batch: int | None = None)
         add("quant_constants", f"4-bit constants ({dq}), replicated on every GPU", consts)
     else:
         add("base_weights", f"frozen base weights, bf16, {shard}", base)
-    ad = sum(shard_numel(p.shape, G) for p in info.adapters)
+    ad = sum(shard_numel(p.shape, G, p.shard_dim) for p in info.adapters)
     what = "adapters + routers" if o.router else "adapters"
     add("adapter_params", f"{what}: fp32 master params", 4 * ad)
     add("adapter_grads", f"{what}: fp32 grads", 4 * ad)

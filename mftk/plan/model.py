@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LLAMA_LAYER_LINEARS = 7  # q, k, v, o, gate, up, down
+# The dim FSDP2 shards each adapter tensor on: the trainer's shard_placement_fn puts them on a
+# feature dim, not on dim 0 = T (mftk.train.distributed.SHARD_DIMS; tests/test_plan.py pins the two
+# together; a copy here keeps the planner free of the trainer's imports).
+ADAPTER_SHARD_DIMS = {"lora_a": 2, "lora_b": 1, "router_weight": 1, "router_bias": 0}
 
 # The configs shipped in mftk/configs/ (package data), by name and alias.
 SHIPPED = {
@@ -22,12 +26,13 @@ SHIPPED = {
 @dataclass(frozen=True)
 class TensorInfo:
     """One parameter of the model. layer: decoder-layer index (None: root). quantized: the weight of
-    a target linear, stored 4-bit under --quantize."""
+    a target linear, stored 4-bit under --quantize. shard_dim: the dim FSDP2 shards it on."""
 
     name: str
     shape: tuple[int, ...]
     layer: int | None
     quantized: bool = False
+    shard_dim: int = 0
 
     @property
     def numel(self) -> int:
@@ -192,18 +197,18 @@ def count_adapters(info: ModelInfo, meta_model: Any, rank: int, tasks: int, rout
             for p_name, p in layer.named_parameters():
                 if p.requires_grad:
                     full = f"{lname}.{p_name}"
-                    adapters.append(TensorInfo(full, tuple(p.shape), _layer_of(full, prefix)))
+                    dim = ADAPTER_SHARD_DIMS.get(p_name, 0)
+                    layer_i = _layer_of(full, prefix)
+                    adapters.append(TensorInfo(full, tuple(p.shape), layer_i, False, dim))
         info.adapter_source = "mftk.patch_model on the meta-device model"
     else:
         for n, d_in, d_out, layer in info.targets:
-            adapters += [
-                TensorInfo(f"{n}.lora_a", (tasks, rank, d_in), layer),
-                TensorInfo(f"{n}.lora_b", (tasks, d_out, rank), layer),
-            ]
+            shapes = {"lora_a": (tasks, rank, d_in), "lora_b": (tasks, d_out, rank)}
             if router:
-                adapters += [
-                    TensorInfo(f"{n}.router_weight", (tasks, d_in), layer),
-                    TensorInfo(f"{n}.router_bias", (tasks,), layer),
-                ]
+                shapes.update(router_weight=(tasks, d_in), router_bias=(tasks,))
+            adapters += [
+                TensorInfo(f"{n}.{k}", sh, layer, False, ADAPTER_SHARD_DIMS[k])
+                for k, sh in shapes.items()
+            ]
         info.adapter_source = "target nn.Linear shapes of the meta-device model (no mftk.patch)"
     info.adapters = adapters

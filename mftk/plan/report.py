@@ -73,7 +73,8 @@ def plan(info: ModelInfo, o: PlanOptions) -> dict[str, Any]:
     gathered = 2 * sum(_layer_stored_bytes(info, li, o.quantize) for li in range(info.num_layers))
     gathered += sum(2 * p.numel for p in info.params if p.layer is None)
     ag = gathered * (o.gpus - 1) / o.gpus
-    pad = sum(shard_numel(p.shape, o.gpus) for p in info.adapters) - adapter_total / o.gpus
+    pad = sum(shard_numel(p.shape, o.gpus, p.shard_dim) for p in info.adapters)
+    pad -= adapter_total / o.gpus
     return {
         "model": {
             "name": info.name,
@@ -103,7 +104,7 @@ def plan(info: ModelInfo, o: PlanOptions) -> dict[str, Any]:
             "params_all_tasks": lora_total,
             "router_params": adapter_total - lora_total,
             "trainable_params": adapter_total,
-            "dim0_padding_params_per_gpu": pad,
+            "shard_padding_params_per_gpu": pad,
         },
         "options": asdict(o),
         "gpu": {"name": gpu.name, "peak_tflops": peak / 1e12, "mem_gib": o.gpu_mem_gib},
@@ -232,10 +233,11 @@ def format_plan(p: dict[str, Any]) -> str:
             f"this model has {m['target_linears_per_layer']} linears per layer, so activations "
             "are a rough estimate"
         )
-    if a["dim0_padding_params_per_gpu"] > 0.1 * a["trainable_params"] / o["gpus"]:
+    if a["shard_padding_params_per_gpu"] > 0.1 * a["trainable_params"] / o["gpus"]:
         lines.append(
-            f"  note: FSDP2's dim-0 sharding of the (T, ...) adapter tensors over {o['gpus']} GPUs "
-            f"pads the fullest rank by {_count(a['dim0_padding_params_per_gpu'])} params; "
-            "sharding them on another dim (fully_shard's shard_placement_fn) avoids it"
+            f"  note: FSDP2's sharding of the adapter tensors on their feature dim over "
+            f"{o['gpus']} GPUs pads the fullest rank by "
+            f"{_count(a['shard_padding_params_per_gpu'])} params (feature dims not a multiple of "
+            "the GPU count)"
         )
     return "\n".join(lines)
