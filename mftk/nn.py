@@ -51,8 +51,8 @@ class MultiAdapterLinear(nn.Module):
     dropout > 0 (training only) drops the adapter input as PEFT does: the base sees x, the adapters
     (and the router) see dropout(x); this costs one extra base-sized GEMM, so dropout=0 is the
     fused fast path.
-    On the meta device (deferred init), call reset_adapters() after to_empty(): the adapters and
-    the scaling/rank buffers are not materialised with values.
+    On the meta device (deferred init), call reset_adapters(full_rank=True) after to_empty(): the
+    adapters and the scaling/rank buffers are not materialised with values.
     """
 
     def __init__(
@@ -215,15 +215,27 @@ class MultiAdapterLinear(nn.Module):
             bound = 1 / math.sqrt(self.in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def reset_adapters(self, task: int | None = None) -> None:
-        """Re-initialise one task's adapter (or all): A Kaiming-uniform, B zeros, full rank."""
+    def reset_adapters(self, task: int | None = None, *, full_rank: bool = False) -> None:
+        """Re-initialise one task's adapter (or all) at the rank the task uses, r = lora_rank[t]:
+        A[t, :r] Kaiming-uniform and A[t, r:] exactly 0, B[t] zeros. lora_rank and lora_scaling
+        (per-task rank and alpha, mftk.pyramid) are kept, and so are the padding-gradient hooks
+        (they live on the Parameters, updated in place). The router is re-initialised only when
+        all tasks are.
+
+        full_rank=True first resets both buffers to the module's rank R and alpha / R: the state
+        of a freshly built module, needed after to_empty() on a meta-built one.
+        """
         tasks = range(self.num_tasks) if task is None else [task]
+        slots = torch.arange(self.rank, device=self.lora_rank.device)
         with torch.no_grad():
             for t in tasks:
+                if full_rank:
+                    self.lora_scaling[t] = lora_scale(self.alpha, self.rank, self.use_rslora)
+                    self.lora_rank[t] = self.rank
                 init_lora_a_(self.lora_a[t : t + 1])
+                used = (slots < self.lora_rank[t]).to(self.lora_a.device, self.lora_a.dtype)
+                self.lora_a[t].mul_(used[:, None])  # tensor ops only: no sync, works on meta
                 self.lora_b[t].zero_()
-                self.lora_scaling[t] = lora_scale(self.alpha, self.rank, self.use_rslora)
-                self.lora_rank[t] = self.rank
             if self.router_weight is not None and task is None:
                 nn.init.normal_(self.router_weight, std=0.02)
                 nn.init.zeros_(self.router_bias)

@@ -185,6 +185,55 @@ def test_per_task_rank_padding_stays_zero_under_adamw(tmp_path):
     assert torch.allclose(got, want, atol=1e-5), max_err(got, want)
 
 
+def test_reset_adapters_keeps_per_task_rank_scaling_and_hooks():
+    base = tiny_llama(torch.float64)
+    tasks, ranks = ["code", "bugs", "docs"], [8, 2, 5]
+    model = mftk.patch_model(copy.deepcopy(base), tasks, rank=dict(zip(tasks, ranks)), alpha=16.0)
+    layers = adapter_layers(model)
+    scaling = [m.lora_scaling.clone() for _, m in layers]
+    assert torch.equal(scaling[0], torch.tensor([2.0, 8.0, 3.2], dtype=torch.float64))
+    _fill_active(model)
+    before = [(m.lora_a[[0, 2]].clone(), m.lora_b[[0, 2]].clone()) for _, m in layers]
+    for _, m in layers:
+        m.reset_adapters(1)  # one task: the others are untouched
+    for (name, m), s, (a02, b02) in zip(layers, scaling, before):
+        assert m.lora_rank.tolist() == ranks, name
+        assert torch.equal(m.lora_scaling, s), name
+        assert torch.equal(m.lora_a[[0, 2]], a02) and torch.equal(m.lora_b[[0, 2]], b02), name
+        assert m.lora_a[1, :2].abs().min() > 0, name  # Kaiming-uniform on the used rows
+        assert not m.lora_a[1, 2:].any() and not m.lora_b[1].any(), name
+    for _, m in layers:
+        m.reset_adapters()
+    ids = tokens(3, 7)
+    with mftk.use_tasks(model, tasks):
+        out = model(ids).logits
+    ref = base(ids).logits  # B = 0 everywhere: the base model exactly
+    assert torch.allclose(out, ref, **TOL), max_err(out, ref)
+    for (name, m), s in zip(layers, scaling):
+        assert m.lora_rank.tolist() == ranks and torch.equal(m.lora_scaling, s), name
+        for t, r in enumerate(ranks):
+            assert m.lora_a[t, :r].abs().min() > 0 and not m.lora_a[t, r:].any(), name
+    # the padding-gradient hooks survive the reset
+    out.pow(2).mean().backward()
+    for name, m in layers:
+        assert m.lora_b.grad[1, :, :2].abs().sum() > 0, name
+        for t, r in enumerate(ranks):
+            assert not m.lora_a.grad[t, r:].any() and not m.lora_b.grad[t, :, r:].any(), name
+
+
+def test_reset_adapters_full_rank_after_meta_init():
+    with torch.device("meta"):
+        m = mftk.MultiAdapterLinear(13, 11, num_tasks=3, rank=4, alpha=6.0)
+    m = m.to_empty(device="cpu")
+    with torch.no_grad():
+        m.lora_rank.fill_(-7)  # what uninitialised memory may hold
+        m.lora_scaling.fill_(float("nan"))
+    m.reset_adapters(full_rank=True)
+    assert m.lora_rank.tolist() == [4, 4, 4]
+    assert torch.equal(m.lora_scaling, torch.full((3,), 1.5, dtype=torch.float64))
+    assert m.lora_a.abs().min() > 0 and not m.lora_b.any()
+
+
 def test_rank_argument_errors():
     base = tiny_llama()
     with pytest.raises(ValueError, match="rank"):
