@@ -102,6 +102,39 @@ def _strategy(n: int, d_in: int, d_out: int, weight: Tensor | None) -> str:
     return "addmm" if weight is None else choose_strategy(n, d_in, d_out)
 
 
+def _base_plus_adapters(
+    a: Tensor,
+    w: Tensor | None,
+    bias: Tensor | None,
+    width: int,
+    dtype: torch.dtype,
+    offsets: Tensor,
+    groups: int,
+    perm: Tensor | None = None,
+    **adapters,
+) -> Tensor:
+    """out = a w^T (+ bias) + the adapter range `adapters` (h, e, extra, coef, scale, h2, e2 of
+    grouped_gemm_fwd), by the strategy for this shape; the rows of y (forward) and dx (backward).
+
+    a: (N, K); w: (width, K) or None (adapters alone: addmm); offsets/groups: the routed groups
+    (hard: plan offsets and T, with perm (N,); soft: a single 0 and 1). returns (N, width), dtype.
+    """
+    n, k = a.shape
+    routed = {} if perm is None else {"perm": perm, "scatter_out": True}
+    if _strategy(n, k, width, w) == "fused":
+        out = torch.empty((n, width), dtype=dtype, device=a.device)
+        # hard routing adds the base-only tail as group T and gathers a's rows in plan order
+        tail = 0 if perm is None else 1
+        grouped_gemm_fwd(
+            out, offsets, groups + tail, dtype, gather_a=perm is not None, a=a, w=w, bias=bias,
+            **routed, **adapters,
+        )  # fmt: skip
+    else:
+        out = _base(a, w, bias, width)
+        grouped_gemm_fwd(out, offsets, groups, dtype, accumulate=True, **routed, **adapters)
+    return out
+
+
 # --- hard routing -------------------------------------------------------------------------
 
 
@@ -134,39 +167,9 @@ def hard_fwd(
     # S = x[perm] A_t^T over the routed rows, plan order, no padding
     grouped_gemm_fwd(shrink, offsets, t, x.dtype, perm=perm, gather_a=True, a=x, w=lora_a)
     h = shrink.unsqueeze(1).expand(n, t, r)  # h[i, t, :] = S[i]: the group picks its own adapter
-    if _strategy(n, d_in, d_out, weight) == "fused":
-        y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
-        grouped_gemm_fwd(
-            y,
-            offsets,
-            t + 1,
-            x.dtype,
-            perm=perm,
-            gather_a=True,
-            scatter_out=True,
-            a=x,
-            w=weight,
-            bias=bias,
-            h=h,
-            e=lora_b,
-            extra=1,
-            scale=s,
-        )  # groups 0..T-1 and the base-only tail T
-    else:
-        y = _base(x, weight, bias, d_out)
-        grouped_gemm_fwd(
-            y,
-            offsets,
-            t,
-            x.dtype,
-            perm=perm,
-            scatter_out=True,
-            h=h,
-            e=lora_b,
-            extra=1,
-            scale=s,
-            accumulate=True,
-        )
+    y = _base_plus_adapters(
+        x, weight, bias, d_out, x.dtype, offsets, t, perm, h=h, e=lora_b, extra=1, scale=s
+    )
     return y, shrink
 
 
@@ -225,36 +228,10 @@ def hard_bwd(
     )
     h = ds.unsqueeze(1).expand(n, t, r)
     e = lora_a.transpose(1, 2)  # (T, D_in, R)
-    if _strategy(n, d_in, d_out, weight) == "fused":
-        grad_x = torch.empty_like(x)
-        grouped_gemm_fwd(
-            grad_x,
-            offsets,
-            t + 1,
-            x.dtype,
-            perm=perm,
-            gather_a=True,
-            scatter_out=True,
-            a=grad_y,
-            w=weight.t(),
-            h=h,
-            e=e,
-            extra=1,
-        )
-    else:
-        grad_x = _base_dx(grad_y, weight, d_in)
-        grouped_gemm_fwd(
-            grad_x,
-            offsets,
-            t,
-            x.dtype,
-            perm=perm,
-            scatter_out=True,
-            h=h,
-            e=e,
-            extra=1,
-            accumulate=True,
-        )
+    w_t = weight.t() if weight is not None else None  # dx = dy W: W^T as the (D_in, D_out) "w"
+    grad_x = _base_plus_adapters(
+        grad_y, w_t, None, d_in, x.dtype, offsets, t, perm, h=h, e=e, extra=1
+    )
     return grad_x, grad_a, grad_b
 
 
@@ -295,27 +272,9 @@ def soft_fwd(
     )
     h = shrink.view(n, t, r)
     rows = torch.zeros(1, dtype=torch.int64, device=x.device)  # one group: all tokens
-    if _strategy(n, d_in, d_out, weight) == "fused":
-        y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
-        grouped_gemm_fwd(
-            y,
-            rows,
-            1,
-            x.dtype,
-            a=x,
-            w=weight,
-            bias=bias,
-            h=h,
-            e=lora_b,
-            extra=2,
-            coef=probs,
-            scale=s,
-        )
-    else:
-        y = _base(x, weight, bias, d_out)
-        grouped_gemm_fwd(
-            y, rows, 1, x.dtype, h=h, e=lora_b, extra=2, coef=probs, scale=s, accumulate=True
-        )
+    y = _base_plus_adapters(
+        x, weight, bias, d_out, x.dtype, rows, 1, h=h, e=lora_b, extra=2, coef=probs, scale=s
+    )
     return y, logits, probs, shrink
 
 
@@ -379,12 +338,8 @@ def soft_bwd(
     grad_rb = dl.sum(0).to(rw_dtype)
     rows = torch.zeros(1, dtype=torch.int64, device=x.device)
     kw = dict(h=ds.view(n, t, r), e=lora_a.transpose(1, 2), extra=2, h2=dl, e2=router_weight.t())
-    if _strategy(n, d_in, d_out, weight) == "fused":
-        grad_x = torch.empty_like(x)
-        grouped_gemm_fwd(grad_x, rows, 1, x.dtype, a=grad_y, w=weight.t(), **kw)
-    else:
-        grad_x = _base_dx(grad_y, weight, d_in)
-        grouped_gemm_fwd(grad_x, rows, 1, x.dtype, accumulate=True, **kw)
+    w_t = weight.t() if weight is not None else None
+    grad_x = _base_plus_adapters(grad_y, w_t, None, d_in, x.dtype, rows, 1, **kw)
     return grad_x, grad_a, grad_b, grad_rw, grad_rb
 
 
