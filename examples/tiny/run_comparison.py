@@ -115,10 +115,10 @@ def run_one(variant: str, seed: int, samples: int) -> dict:
     res = evaluate_run(
         cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet, samples=samples, ks=(1, 5)
     )
-    for t in res["tasks"].values():  # keep the JSON small: per-problem rows stay in eval.json
-        t.get("exec", {}).pop("per_problem", None)
     with open(os.path.join(cfg.output.dir, "eval.json"), "w") as f:
         json.dump(res, f, indent=1)
+    for t in res["tasks"].values():  # keep comparison.json small: per-problem rows stay in eval
+        t.get("exec", {}).pop("per_problem", None)
     res["train_seconds"] = metrics["train_seconds"]
     res["train_wall_seconds"] = wall
     res["tokens_per_second"] = metrics["tokens_per_second"]
