@@ -9,7 +9,14 @@ import torch
 
 from mftk.train.coba import CoBa, slope
 from mftk.train.data import IGNORE
-from mftk.train.losses import combine, mft_loss, router_losses, token_losses
+from mftk.train.losses import (
+    combine,
+    labelled_rows,
+    mft_loss,
+    router_losses,
+    token_losses,
+    top1_counts,
+)
 
 B, S, V, T = 3, 11, 13, 4
 
@@ -90,6 +97,20 @@ def test_token_losses_bf16_upcast():
     targets = torch.randint(0, 7, (2, 5))
     out = token_losses(logits, targets)
     assert out.dtype == torch.float32
+
+
+def test_labelled_rows_and_top1_counts_match_mask_and_bincount():
+    ids = torch.tensor([[2, -1, 0, 4], [-1, 2, 2, -1]])  # (B, S), task 1 and 3 never picked
+    rows, labels = labelled_rows(ids)
+    keep = ids.reshape(-1) >= 0
+    assert torch.equal(rows, keep.nonzero().squeeze(1))
+    assert torch.equal(labels, ids.reshape(-1)[keep])
+    top = torch.randint(0, 5, (37,))
+    top[top == 3] = 1
+    assert torch.equal(top1_counts(top, 5), torch.bincount(top, minlength=5))
+    assert torch.equal(top1_counts(top[:0], 5), torch.zeros(5, dtype=torch.int64))
+    none = labelled_rows(torch.full((3,), -1))
+    assert none[0].numel() == 0 and none[1].numel() == 0
 
 
 def test_router_losses_match_hand_computation():

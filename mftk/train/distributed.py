@@ -65,7 +65,7 @@ from mftk.train import checkpointing as ckpt
 from mftk.train.config import Config, ConfigError
 from mftk.train.data import IGNORE
 from mftk.train.loop import Trainer, run_key
-from mftk.train.losses import combine, token_losses
+from mftk.train.losses import combine, labelled_rows, token_losses, top1_counts
 from mftk.train.packing import rows_to_batch
 from mftk.train.tiny_model import DTYPES
 
@@ -236,19 +236,18 @@ def global_router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[
     """
     if not router_logits:
         raise ValueError("router_logits: empty (is the model patched with a router?)")
-    ids = task_ids.reshape(-1)
-    keep = ids >= 0
+    rows, labels = labelled_rows(task_ids)  # once per batch: no host sync inside the layer loop
     n_layers = len(router_logits)
     psums, ces, tops, correct = [], [], [], []
     for logits in router_logits:
-        z = logits.reshape(-1, logits.shape[-1])[keep]
+        z = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         t = z.shape[-1]
         top = z.argmax(-1)
         psums.append(z.softmax(-1).sum(0))
-        ces.append(F.cross_entropy(z, ids[keep], reduction="sum"))
-        tops.append(torch.bincount(top, minlength=t).double())
-        correct.append((top == ids[keep]).sum().double())
+        ces.append(F.cross_entropy(z, labels, reduction="sum"))
+        tops.append(top1_counts(top, t).double())
+        correct.append((top == labels).sum().double())
     psum, ce = torch.stack(psums), torch.stack(ces)  # (L, T), (L,)
     local = torch.cat(
         [
@@ -256,7 +255,7 @@ def global_router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[
             psum.detach().double().flatten(),
             ce.detach().double(),
             torch.stack(correct),
-            torch.tensor([float(keep.sum())], dtype=torch.float64, device=ids.device),
+            torch.tensor([float(len(rows))], dtype=torch.float64, device=rows.device),
         ]
     )
     glob = _all_reduce(local)

@@ -78,6 +78,21 @@ def mft_loss(
     return combine(mode, means, counts, weights, gamma), means, counts
 
 
+def labelled_rows(task_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, labels): the flat indices of the tokens with a task label (id >= 0) and their ids,
+    (M,) int64 each. One host sync per batch (the count); every layer then gathers with
+    index_select, which, unlike boolean-mask indexing, does not sync again."""
+    ids = task_ids.reshape(-1)
+    rows = (ids >= 0).nonzero().squeeze(1)
+    return rows, ids.index_select(0, rows)
+
+
+def top1_counts(top: Tensor, num_tasks: int) -> Tensor:
+    """(T,) int64: how many of the (M,) top-1 choices picked each task. torch.bincount (and
+    one_hot) read the max back to the host on CUDA; this compare-and-sum does not."""
+    return (top[:, None] == torch.arange(num_tasks, device=top.device)).sum(0)
+
+
 def router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[str, Tensor]:
     """Router losses averaged over layers.
 
@@ -90,19 +105,18 @@ def router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[str, Te
     """
     if not router_logits:
         raise ValueError("router_logits: empty (is the model patched with a router?)")
-    ids = task_ids.reshape(-1)
-    keep = ids >= 0
+    rows, labels = labelled_rows(task_ids)  # once per batch: no host sync inside the layer loop
     bal, sup, acc = [], [], []
     for logits in router_logits:
-        z = logits.reshape(-1, logits.shape[-1])[keep]
+        z = logits.reshape(-1, logits.shape[-1]).index_select(0, rows)
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         t = z.shape[-1]
         p = z.softmax(-1)
         top = z.argmax(-1)
-        f = torch.bincount(top, minlength=t).to(p.dtype) / max(len(top), 1)
+        f = top1_counts(top, t).to(p.dtype) / max(len(top), 1)
         bal.append(t * (f * p.mean(0)).sum())
-        sup.append(F.cross_entropy(z, ids[keep]))
-        acc.append((top == ids[keep]).to(p.dtype).mean())
+        sup.append(F.cross_entropy(z, labels))
+        acc.append((top == labels).to(p.dtype).mean())
     return {
         "balance": torch.stack(bal).mean(),
         "supervision": torch.stack(sup).mean(),
