@@ -230,6 +230,8 @@ def test_cli_errors_and_max_steps(cache_dir, tmp_path, capsys):
     raw["tasks"] = raw["tasks"][:1]
     for t in raw["tasks"]:
         t["data"] = os.path.abspath(os.path.join(EXAMPLE, t["data"]))
+        if "exec_problems" in t:  # relative to the example, like data
+            t["exec_problems"] = os.path.abspath(os.path.join(EXAMPLE, t["exec_problems"]))
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(raw))
     assert main(["train", str(p), "--max-steps", "2", "--no-progress"]) == 0
