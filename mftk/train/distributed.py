@@ -66,7 +66,6 @@ from mftk.train.config import Config, ConfigError
 from mftk.train.data import IGNORE
 from mftk.train.loop import Trainer, run_key
 from mftk.train.losses import combine, labelled_rows, token_losses, top1_counts
-from mftk.train.packing import rows_to_batch
 from mftk.train.tiny_model import DTYPES
 
 ADAPTER_PARAMS = ("lora_a", "lora_b", "router_weight", "router_bias")
@@ -456,10 +455,7 @@ class DistributedTrainer(Trainer):
                 stats[2 * n + 1] += batch.num_tokens
         stats = _all_reduce(stats)
         self.model.train()
-        out = {t: float(stats[i] / stats[n + i]) for i, t in enumerate(self.tasks)}
-        if stats[2 * n + 1] > 0:
-            out["router_accuracy"] = float(stats[2 * n] / stats[2 * n + 1])
-        return out
+        return self._eval_result(stats[:n], stats[n : 2 * n], stats[2 * n], stats[2 * n + 1])
 
     def train_step(self, stage: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -469,8 +465,7 @@ class DistributedTrainer(Trainer):
         total, tokens, racc = 0.0, 0, []
         accum = cfg.train.grad_accum
         for k in range(accum):
-            rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
-            batch = rows_to_batch(rows, self.pad_id, self.dtype).to(self.device)
+            batch = self._next_batch()
             self.model.set_requires_gradient_sync(k == accum - 1)
             ids = None if self.router else self.route_ids(batch.task_ids)
             with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
@@ -497,26 +492,14 @@ class DistributedTrainer(Trainer):
             sums += means * cnt
             counts += cnt
             tokens += ntok
-        if cfg.train.clip:  # the global norm over all shards (DTensor grads)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.clip)
+        return self._finish_step(total, sums, counts, tokens, racc, weights)
+
+    def _clip(self) -> None:
+        """Clip to the global norm over all shards (DTensor grads); recorded as grad_norm."""
+        if self.cfg.train.clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             self.history.setdefault("grad_norm", []).append(float(norm))
-        self.opt.step()
-        lr = self.sched.get_last_lr()[0]
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        per_task = {
-            t: (float(sums[i] / counts[i]) if counts[i] > 0 else None)
-            for i, t in enumerate(self.tasks)
-        }
-        return {
-            "loss": total,
-            "per_task": per_task,
-            "tokens": tokens,
-            "lr": lr,
-            "router_accuracy": sum(racc) / len(racc) if racc else None,
-            "weights": weights.tolist(),
-        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -541,14 +524,7 @@ class DistributedTrainer(Trainer):
                 "train.batch_size × ranks); resuming it would not continue that run. Use a new "
                 "--output, or restore the config."
             )
-        self.step = st["step"]
-        self.sched.load_state_dict(st["scheduler"])
-        self.sampler.load_state_dict(st["sampler"])
-        self.coba.load_state_dict(st["coba"])
-        self.history = st["history"]
-        self.tokens_seen = st["tokens_seen"]
-        self.train_seconds = st["train_seconds"]
-        self.eval_before = st["eval_before"]
+        self._load_progress(st)  # the optimizer comes from dcp/, the RNG from rng-rank<r>.pt
 
     def save(self) -> str:
         import torch.distributed.checkpoint as dcp
@@ -615,14 +591,7 @@ class DistributedTrainer(Trainer):
     def finish(self, wall: float, resumed_from: str | None) -> dict[str, Any] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        h = self.history
-        if not h["eval_step"] or h["eval_step"][-1] != self.step:  # collective: all ranks
-            ev = self.evaluate()
-            h["eval_step"].append(self.step)
-            for t in self.tasks:
-                h["eval"][t].append(ev[t])
-            if "router_accuracy" in ev:
-                h["router_accuracy"].append(ev["router_accuracy"])
+        self._final_eval()  # collective: all ranks (rank 0's super().finish then skips it)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         full = get_model_state_dict(self.model, options=opts)  # collective; full on rank 0
         metrics = None

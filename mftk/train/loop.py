@@ -270,10 +270,17 @@ class Trainer:
                 acc += float(rl["accuracy"]) * batch.num_tokens
                 acc_n += batch.num_tokens
         self.model.train()
+        return self._eval_result(sums, counts, acc, acc_n)
+
+    def _eval_result(
+        self, sums: torch.Tensor, counts: torch.Tensor, acc: float, acc_n: float
+    ) -> dict[str, float]:
+        """{task: mean answer-token loss} from (T,) fp64 sums and counts (classify tasks: CE
+        mean, accuracy, macro-F1), and router_accuracy = acc / acc_n when acc_n > 0."""
         out = {t: float(sums[i] / counts[i]) for i, t in enumerate(self.tasks)}
-        self.cls.eval_end(out)  # classify: CE mean, accuracy, macro-F1
+        self.cls.eval_end(out)
         if acc_n:
-            out["router_accuracy"] = acc / acc_n
+            out["router_accuracy"] = float(acc / acc_n)
         return out
 
     def record_eval(self, ev: dict[str, float]) -> None:
@@ -295,8 +302,7 @@ class Trainer:
         sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         total, tokens, racc = 0.0, 0, []
         for _ in range(cfg.train.grad_accum):
-            rows = self.sampler.next_rows(cfg.train.batch_size, cfg.data.seq_len, cfg.data.packing)
-            batch = rows_to_batch(rows, self.pad_id, self.dtype).to(self.device)
+            batch = self._next_batch()
             logits, rl = self.forward(batch)
             if self.cls.active:  # classify tasks: head CE in place of their token means
                 loss, means, cnt = self.cls.loss(
@@ -319,8 +325,34 @@ class Trainer:
             sums += (means.detach() * cnt).double().cpu()
             counts += cnt.double().cpu()
             tokens += batch.num_tokens
-        if cfg.train.clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.train.clip)
+        return self._finish_step(total, sums, counts, tokens, racc, weights)
+
+    def _next_batch(self):
+        """The next packed training micro-batch (this rank's rows under fsdp2), on self.device."""
+        c = self.cfg
+        rows = self.sampler.next_rows(c.train.batch_size, c.data.seq_len, c.data.packing)
+        return rows_to_batch(rows, self.pad_id, self.dtype).to(self.device)
+
+    def _clip(self) -> None:
+        """Clip the gradients' norm to train.clip (the distributed trainer: the global norm)."""
+        if self.cfg.train.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.clip)
+
+    def _finish_step(
+        self,
+        total: float,
+        sums: torch.Tensor,
+        counts: torch.Tensor,
+        tokens: int,
+        racc: list[float],
+        weights: torch.Tensor,
+    ) -> dict[str, Any]:
+        """Clip, step the optimizer and scheduler, zero the grads; the step's result dict.
+
+        total: the step's loss; sums, counts: (T,) fp64 per-task answer-token loss sums and
+        counts over the step's micro-batches; racc: per-micro-batch router accuracies.
+        """
+        self._clip()
         self.opt.step()
         lr = self.sched.get_last_lr()[0]
         self.sched.step()
@@ -363,8 +395,13 @@ class Trainer:
                 "data, model, adapter, loss, stages or training settings); resuming it would not "
                 "continue that run. Use a new --output, or restore the config."
             )
-        self.step = st["step"]
         self.opt.load_state_dict(st["optimizer"])
+        self._load_progress(st)
+        ckpt.set_rng_state(st["rng"])
+
+    def _load_progress(self, st: dict[str, Any]) -> None:
+        """Step, scheduler, sampler position, CoBa, history and counters from a trainer state."""
+        self.step = st["step"]
         self.sched.load_state_dict(st["scheduler"])
         self.sampler.load_state_dict(st["sampler"])
         self.coba.load_state_dict(st["coba"])
@@ -372,7 +409,6 @@ class Trainer:
         self.tokens_seen = st["tokens_seen"]
         self.train_seconds = st["train_seconds"]
         self.eval_before = st["eval_before"]
-        ckpt.set_rng_state(st["rng"])
 
     def load_checkpoint(self, path: str) -> None:
         """Adapters into the model and the trainer state from checkpoint folder path (with tasks
@@ -500,17 +536,23 @@ class Trainer:
             writer.close()
         return self.finish(time.perf_counter() - t_start, resumed_from)
 
-    def finish(self, wall: float, resumed_from: str | None) -> dict[str, Any]:
-        from mftk.train.plots import plot_losses
-
+    def _final_eval(self) -> None:
+        """Evaluate at the last step unless the schedule already did (stopped early by
+        --max-steps); recorded in the history (no CoBa update)."""
         h = self.history
-        if not h["eval_step"] or h["eval_step"][-1] != self.step:  # stopped early by --max-steps
+        if not h["eval_step"] or h["eval_step"][-1] != self.step:
             ev = self.evaluate()
             h["eval_step"].append(self.step)
             for t in self.tasks:
                 h["eval"][t].append(ev[t])
             if "router_accuracy" in ev:
                 h["router_accuracy"].append(ev["router_accuracy"])
+
+    def finish(self, wall: float, resumed_from: str | None) -> dict[str, Any]:
+        from mftk.train.plots import plot_losses
+
+        h = self.history
+        self._final_eval()
         ckpt.save_adapter_outputs(self.model, self.adapter_tasks, self.out)
         if self.cls.active:  # `mftk scan --adapters out/adapters` needs the tokenizer
             self.tokenizer.save_pretrained(os.path.join(self.out, "adapters"))
