@@ -241,3 +241,24 @@ def test_cli_errors_and_max_steps(cache_dir, tmp_path, capsys):
     p.write_text(yaml.safe_dump(raw))
     assert main(["train", str(p)]) == 2
     assert "train.lr_rate: unknown key" in capsys.readouterr().err
+
+
+def test_flash_attention_config_falls_back_to_sdpa(cache_dir, tmp_path):
+    """`attn_implementation: flash_attention_2` where flash-attn cannot run (the CPU): the
+    one-process trainer loads SDPA with a logged note (as fsdp2 does), trains the same losses
+    as an sdpa config, and keeps the configured value (its run_key) for resuming."""
+    from mftk.train.loop import flash_attention_available, run_key
+
+    assert not flash_attention_available(torch.device("cpu"))
+    over = {"stages": [{"steps": 3}]}
+    raw = example_raw(cache_dir, tmp_path / "sdpa", **over)
+    raw["model"]["attn_implementation"] = "sdpa"
+    _, ref, _ = run(raw)
+    raw["model"]["attn_implementation"] = "flash_attention_2"
+    raw["output"]["dir"] = str(tmp_path / "flash")
+    trainer, m, logs = run(raw)
+    assert any("flash-attn is not usable here" in s and "using sdpa" in s for s in logs)
+    assert trainer.model.config._attn_implementation == "sdpa" and not trainer.varlen
+    assert trainer.cfg.model.attn_implementation == "flash_attention_2"
+    assert run_key(trainer.cfg) == run_key(config_from_dict(copy.deepcopy(raw), EXAMPLE))
+    assert m["history"]["loss"] == ref["history"]["loss"]

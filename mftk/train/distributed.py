@@ -64,7 +64,12 @@ from mftk.patch import adapter_layers
 from mftk.train import checkpointing as ckpt
 from mftk.train.config import Config, ConfigError
 from mftk.train.data import IGNORE
-from mftk.train.loop import Trainer, run_key
+from mftk.train.loop import (  # noqa: F401 (flash_attention_available: re-exported)
+    Trainer,
+    flash_attention_available,
+    resolve_device,
+    run_key,
+)
 from mftk.train.losses import combine, labelled_rows, token_losses, top1_counts
 from mftk.train.tiny_model import DTYPES
 
@@ -90,17 +95,6 @@ def trainer_class(cfg: Config) -> type[Trainer]:
     return DistributedTrainer
 
 
-def flash_attention_available(device: torch.device) -> bool:
-    """flash-attn 2 can run: a CUDA device and the flash_attn package importable."""
-    if device.type != "cuda":
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,10 +103,7 @@ def _free_port() -> int:
 
 def init_distributed(cfg: Config) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether this call created the process group)."""
-    dev = cfg.train.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = torch.device(dev).type
+    kind = resolve_device(cfg.train.device).type
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if kind == "cuda" else "gloo"
@@ -366,14 +357,13 @@ class DistributedTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup
 
+    def attention_device(self) -> torch.device:
+        return self.dist_device  # setup loads on the CPU, but attention runs here
+
     def setup(self) -> None:
         cfg = self.cfg
-        device_cfg, attn_cfg = cfg.train.device, cfg.model.attn_implementation
+        device_cfg = cfg.train.device
         cfg.train.device = "cpu"  # load and patch on the CPU; fully_shard moves only the shards
-        if attn_cfg == "flash_attention_2" and not flash_attention_available(self.dist_device):
-            # packed samples stay apart through the 4D block mask instead of varlen boundaries
-            self.log("flash-attn is not usable here (needs CUDA and flash_attn): using sdpa")
-            cfg.model.attn_implementation = "sdpa"
         try:
             if self.is_main:  # rank 0 first: it writes the tiny model's cache, the others read it
                 super().setup()
@@ -382,7 +372,7 @@ class DistributedTrainer(Trainer):
                 dist.barrier()
                 super().setup()
         finally:  # restored: the run's fingerprint (run_key) is the configured one
-            cfg.train.device, cfg.model.attn_implementation = device_cfg, attn_cfg
+            cfg.train.device = device_cfg
         self.device = self.dist_device
         di = cfg.distributed
         model = self.model

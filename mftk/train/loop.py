@@ -51,6 +51,24 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def resolve_device(device: str) -> torch.device:
+    """train.device as a torch.device (auto: cuda when available, else cpu)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def flash_attention_available(device: torch.device) -> bool:
+    """flash-attn 2 can run: a CUDA device and the flash_attn package importable."""
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Trainer:
     """Model, data and optimizer from a Config; train() runs (or resumes) and returns metrics."""
 
@@ -110,24 +128,27 @@ class Trainer:
         texts = [ex.text() for part in examples[:2] for exs in part for ex in exs]
         pre_docs = [[seg for seg, _ in ex.segments] for exs in examples[0] for ex in exs]
         cache = cfg.model.cache_dir or os.path.join(self.out, "cache")
-        self.model, self.tokenizer, self.model_info = load_model_and_tokenizer(
-            cfg.model, texts, pre_docs, cfg.data.seq_len, cfg.train.seed, cache, self.log
-        )
+        attn_cfg = cfg.model.attn_implementation
+        attn = self.attention(self.attention_device())
+        cfg.model.attn_implementation = attn
+        try:
+            self.model, self.tokenizer, self.model_info = load_model_and_tokenizer(
+                cfg.model, texts, pre_docs, cfg.data.seq_len, cfg.train.seed, cache, self.log
+            )
+        finally:  # restored: the run's fingerprint (run_key) is the configured one
+            cfg.model.attn_implementation = attn_cfg
         self.data = build_task_data(cfg, self.tokenizer, examples)
         self.log(f"data: {describe(self.data)}")
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.dtype = DTYPES[cfg.model.dtype]
-        dev = cfg.train.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(dev)
+        self.device = resolve_device(cfg.train.device)
         if cfg.model.quantize is not None:  # QLoRA: 4-bit bases, on the CPU, layer by layer
             self.quantize_base()
         self.model.to(self.device)
         # flash-attention takes no 4D mask: packed boundaries come from the position ids
-        self.varlen = cfg.model.attn_implementation == "flash_attention_2"
+        self.varlen = attn == "flash_attention_2"
         a = cfg.adapter
         torch.manual_seed(cfg.train.seed)
         rank, alpha = a.rank, a.alpha
@@ -191,6 +212,20 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+
+    def attention_device(self) -> torch.device:
+        """The device the model's attention runs on (the fsdp2 trainer: this rank's device)."""
+        return resolve_device(self.cfg.train.device)
+
+    def attention(self, device: torch.device) -> str:
+        """The attention implementation to load the model with: the configured one, or sdpa
+        (with a logged note) for flash_attention_2 where flash-attn cannot run on device."""
+        attn = self.cfg.model.attn_implementation
+        if attn == "flash_attention_2" and not flash_attention_available(device):
+            # packed samples stay apart through the 4D block mask instead of varlen boundaries
+            self.log("flash-attn is not usable here (needs CUDA and flash_attn): using sdpa")
+            return "sdpa"
+        return attn
 
     def quantize_base(self) -> None:
         from mftk.quant import base_linear_bytes, quantize_model
