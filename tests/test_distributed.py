@@ -423,6 +423,29 @@ def test_flash_attention_config_runs_sdpa_without_flash_attn(hard_runs):
     assert abs(m["history"]["loss"][0] - hard_runs["single"]["history"]["loss"][0]) < 1e-4
 
 
+def test_shared_mode_with_layers_two_ranks_match_one_process(cache_dir, tmp_path):
+    """adapter.mode shared (one adapter for all tasks) on a layer range under fsdp2: 2 ranks
+    match one process, and the exports name the adapter (`shared`), not the tasks."""
+    over = dict(
+        adapter={"rank": 4, "alpha": 8, "mode": "shared", "layers": "1:"},
+        train={"batch_size": 4},
+        stages=[{"name": "a", "steps": 2}],
+    )
+    raw1 = tiny_raw(cache_dir, tmp_path / "one", **over)
+    single = one_process(raw1).train()
+    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
+    raw2["train"]["batch_size"] = 2
+    raw2["distributed"] = {"strategy": "fsdp2"}
+    got, _ = torchrun(2, raw2, tmp_path)
+    assert_close_runs(got, single)
+    assert_same_adapters(tmp_path / "two", tmp_path / "one")
+    ad = adapters(tmp_path / "two")
+    assert ad and all(".layers.1." in k for k in ad)  # layers "1:" of 2
+    assert all(v.shape[0] == 1 for k, v in ad.items() if k.endswith(("lora_a", "lora_b")))
+    assert os.listdir(tmp_path / "two" / "peft") == ["shared"]
+    assert set(got["eval_after"]) == set(single["tasks"])  # losses stay per task
+
+
 # ----------------------------------------------------------------------------- GPU
 
 

@@ -162,3 +162,22 @@ def test_example_config_is_valid():
     assert cfg.task_names == ["completion", "bugs", "docstrings", "bug_detection"]
     assert cfg.tasks[3].type == "classify" and cfg.tasks[3].labels
     assert len(cfg.tasks[0].files) == 2 and cfg.tasks[1].files[0].endswith(".csv")
+
+
+def test_shared_mode_combinations(base):
+    """adapter.mode shared: per-task ranks are refused naming the key (one adapter has one
+    rank); a layer range and fsdp2 are accepted (trained in tests/test_distributed.py)."""
+    raw, d = base
+    shared = copy.deepcopy(raw)
+    shared["adapter"] = {"mode": "shared", "rank": 4}
+    r = copy.deepcopy(shared)
+    r["tasks"][0]["rank"] = 2
+    assert "tasks[0].rank: per-task ranks need mode: per_task" in err(r, d)
+    r = copy.deepcopy(shared)
+    r["adapter"]["rank"] = {"gen": 2, "bugs": 4}
+    assert "adapter.rank: expected an integer" in err(r, d)
+    r = copy.deepcopy(shared)
+    r["adapter"]["layers"] = "1:"
+    r["distributed"] = {"strategy": "fsdp2"}
+    cfg = config_from_dict(r, d)
+    assert cfg.adapter.layers == "1:" and cfg.distributed.strategy == "fsdp2"
