@@ -262,3 +262,37 @@ def test_flash_attention_config_falls_back_to_sdpa(cache_dir, tmp_path):
     assert trainer.cfg.model.attn_implementation == "flash_attention_2"
     assert run_key(trainer.cfg) == run_key(config_from_dict(copy.deepcopy(raw), EXAMPLE))
     assert m["history"]["loss"] == ref["history"]["loss"]
+
+
+def test_train_step_copies_to_the_host_once(cache_dir, tmp_path, monkeypatch):
+    """A training step (and an evaluation) copies its statistics to the host once, however
+    many micro-batches: Tensor.item / .cpu calls do not grow with train.grad_accum (router
+    mode, whose accuracy is a tensor too). The logged values are unchanged: the resume test
+    above compares them bit for bit."""
+    raw = example_raw(cache_dir, tmp_path / "o", adapter={"router": "softmax"})
+    raw["tasks"] = [t for t in raw["tasks"] if t.get("type") != "classify"]
+    calls = []
+    for name in ("item", "cpu"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for accum in (1, 3):
+        raw["train"]["grad_accum"] = accum
+        trainer = Trainer(config_from_dict(copy.deepcopy(raw), EXAMPLE), log=lambda _: 0)
+        trainer.setup()
+        trainer.sampler.set_stage(trainer.stage_mix(0), 0.0)
+        calls.clear()
+        res = trainer.train_step(0)
+        step_calls = len(calls)
+        calls.clear()
+        ev = trainer.evaluate()
+        counts[accum] = (step_calls, len(calls))
+        assert res["router_accuracy"] is not None and 0 <= ev["router_accuracy"] <= 1
+        assert all(v is None or math.isfinite(v) for v in res["per_task"].values())
+    # (a step's fixed calls are AdamW's and clipping's, on the CPU here)
+    assert counts[3] == counts[1], counts

@@ -288,8 +288,7 @@ class Trainer:
         """Per-task mean answer-token loss over the eval split (and router accuracy)."""
         self.model.eval()
         n = len(self.tasks)
-        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        acc, acc_n = 0.0, 0
+        stats, n_tokens = [], []
         self.cls.eval_begin()
         for batch in self.eval_set:
             batch = batch.to(self.device)
@@ -299,12 +298,19 @@ class Trainer:
             means, cnt = task_token_means(
                 token_losses(logits, batch.targets), batch.targets, batch.task_ids, n
             )
-            sums += (means * cnt).double().cpu()
-            counts += cnt.double().cpu()
-            if rl is not None:
-                acc += float(rl["accuracy"]) * batch.num_tokens
-                acc_n += batch.num_tokens
+            acc = rl["accuracy"] if rl is not None else means.new_zeros(())
+            # on the device until the end: one copy to the host per evaluation
+            stats.append(torch.cat([(means * cnt).double(), cnt.double(), acc.double().reshape(1)]))
+            n_tokens.append(batch.num_tokens)
         self.model.train()
+        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        acc, acc_n = 0.0, 0
+        for row, ntok in zip(torch.stack(stats).cpu() if stats else [], n_tokens):
+            sums += row[:n]
+            counts += row[n : 2 * n]
+            if self.router:
+                acc += float(row[-1]) * ntok
+                acc_n += ntok
         return self._eval_result(sums, counts, acc, acc_n)
 
     def _eval_result(
@@ -334,8 +340,7 @@ class Trainer:
         cfg = self.cfg
         weights = self.task_weights(stage)
         n = len(self.tasks)
-        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        total, tokens, racc = 0.0, 0, []
+        tokens, stats = 0, []
         for _ in range(cfg.train.grad_accum):
             batch = self._next_batch()
             logits, rl = self.forward(batch)
@@ -354,12 +359,24 @@ class Trainer:
                     + cfg.loss.router_balance * rl["balance"]
                     + cfg.loss.router_supervision * rl["supervision"]
                 )
-                racc.append(float(rl["accuracy"]))
             (loss / cfg.train.grad_accum).backward()
-            total += loss.item() / cfg.train.grad_accum
-            sums += (means.detach() * cnt).double().cpu()
-            counts += cnt.double().cpu()
+            acc = rl["accuracy"] if rl is not None else loss.new_zeros(())
+            stats.append(  # stays on the device: one copy to the host per step, below
+                torch.cat([
+                    loss.detach().double().reshape(1), acc.double().reshape(1),
+                    (means.detach() * cnt).double().to(loss.device), cnt.double().to(loss.device),
+                ])
+            )  # fmt: skip
             tokens += batch.num_tokens
+        # the same float64 values and sums, in the same order, as per-micro-step .item()/.cpu()
+        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        total, racc = 0.0, []
+        for row in torch.stack(stats).cpu():
+            total += float(row[0]) / cfg.train.grad_accum
+            if self.router:
+                racc.append(float(row[1]))
+            sums += row[2 : 2 + n]
+            counts += row[2 + n :]
         return self._finish_step(total, sums, counts, tokens, racc, weights)
 
     def _next_batch(self):
