@@ -178,6 +178,17 @@ def test_fsdp2_two_ranks_match_one_process(hard_runs):
     assert {"dcp", "trainer_state.pt", "rng-rank0.pt", "rng-rank1.pt"} <= set(
         os.listdir(ck / "step-000002")
     )
+    # per-rank dropout seeds: rank 0 keeps the one-process stream, rank 1 has its own (with
+    # dropout 0 neither is drawn from, and the runs above still match)
+    rng = [
+        torch.load(ck / "step-000002" / f"rng-rank{k}.pt", weights_only=False)["torch"]
+        for k in (0, 1)
+    ]
+    one = r["tmp"] / "one" / "checkpoints" / "step-000002" / "trainer_state.pt"
+    one = torch.load(one, weights_only=False)
+    assert torch.equal(rng[0], one["rng"]["torch"]) and not torch.equal(rng[0], rng[1])
+    torch.manual_seed(r["raw2"]["train"].get("seed", 0) + D.RANK_SEED_STRIDE)
+    assert torch.equal(rng[1], torch.get_rng_state())
 
 
 @pytest.mark.parametrize("nproc, batch", [(2, 2), (1, 4)], ids=["2ranks", "1rank"])

@@ -35,11 +35,19 @@ What `DistributedTrainer` changes over the one-process `Trainer`:
   usable (CUDA and the flash_attn package); SDPA with the block-diagonal mask otherwise.
 - Only rank 0 logs, shows the progress bar and writes metrics.json and loss.png.
 
+- Dropout: the adapters are initialised from train.seed on every rank (identical before
+  sharding), then each rank seeds its training steps with train.seed + r × RANK_SEED_STRIDE
+  (rank 0: train.seed), so LoRA dropout masks differ across ranks instead of repeating the same
+  mask on every rank's rows. With adapter.dropout 0 nothing draws from that RNG, and G ranks
+  still give one process's losses exactly (up to reduction order). With dropout > 0 a G-rank run
+  is a proper dropout run but not the one-process run, nor a run on another number of ranks
+  (the masks of a row depend on which rank holds it); a resume on more ranks than the
+  checkpoint had seeds the new ranks with their seed + the step.
+
 Limits: every rank loads the whole base on its CPU before sharding (host memory G × the model);
-the output dir must be one filesystem shared by all nodes; classify tasks are refused; all ranks
-share one torch seed, so dropout masks repeat across ranks (and a dropout > 0 run is not the
-one-process run). An fsdp2 checkpoint resumes under fsdp2 only (on any number of ranks, one
-included: `mftk train` without torchrun forms a group of one).
+the output dir must be one filesystem shared by all nodes; classify tasks are refused. An fsdp2
+checkpoint resumes under fsdp2 only (on any number of ranks, one included: `mftk train` without
+torchrun forms a group of one).
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ from mftk.train.tiny_model import DTYPES
 ADAPTER_PARAMS = ("lora_a", "lora_b", "router_weight", "router_bias")
 # the feature dim each adapter tensor is sharded on (dim 0 is the task dim T)
 SHARD_DIMS = {"lora_a": 2, "lora_b": 1, "router_weight": 1, "router_bias": 0}
+# rank r seeds its training steps (LoRA dropout) with train.seed + r × this; a large prime, so
+# nearby train.seed values of other runs do not reuse a rank's stream
+RANK_SEED_STRIDE = 1_000_003
 
 
 def env_world_size() -> int:
@@ -348,6 +359,10 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             super().log(msg)
 
+    def dropout_seed(self) -> int:
+        """This rank's torch seed for the training steps: dropout masks differ across ranks."""
+        return self.cfg.train.seed + RANK_SEED_STRIDE * self.rank
+
     def run_key(self) -> str:
         """run_key of the equivalent one-process config (batch_size × world): a checkpoint
         resumes on any number of ranks with the same global batch."""
@@ -544,7 +559,8 @@ class DistributedTrainer(Trainer):
 
     def load_checkpoint(self, path: str) -> None:
         """Adapters and optimizer from path/dcp (resharded to this world size), the trainer
-        state, and this rank's RNG (rank 0's when the checkpoint had fewer ranks)."""
+        state, and this rank's RNG (when the checkpoint had fewer ranks: rank 0's, with the torch
+        RNG re-seeded from this rank's dropout seed)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -564,9 +580,11 @@ class DistributedTrainer(Trainer):
         )
         self.load_state_dict(torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False))
         rng = os.path.join(path, f"rng-rank{self.rank}.pt")
-        if not os.path.isfile(rng):
-            rng = os.path.join(path, "rng-rank0.pt")
-        ckpt.set_rng_state(torch.load(rng, weights_only=False))
+        if os.path.isfile(rng):
+            ckpt.set_rng_state(torch.load(rng, weights_only=False))
+        else:  # a rank the checkpoint did not have: its own dropout stream, not rank 0's
+            ckpt.set_rng_state(torch.load(os.path.join(path, "rng-rank0.pt"), weights_only=False))
+            torch.manual_seed(self.dropout_seed() + self.step)
 
     # ------------------------------------------------------------------ main
 

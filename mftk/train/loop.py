@@ -248,6 +248,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
 
+    def dropout_seed(self) -> int:
+        """The torch seed of the training steps (their only torch randomness: LoRA dropout)."""
+        return self.cfg.train.seed
+
     def stage_index(self, step: int) -> int:
         for i, st in enumerate(self.stages):
             if step < st["end"]:
@@ -499,7 +503,7 @@ class Trainer:
                 self.log(f"resumed from {resumed_from} at step {self.step}")
         if resumed_from is None:
             random.seed(cfg.train.seed)
-            torch.manual_seed(cfg.train.seed)
+            torch.manual_seed(self.dropout_seed())
             self.eval_before = self.evaluate()
             self.record_eval(self.eval_before)
             self.log("eval before: " + _fmt(self.eval_before))
