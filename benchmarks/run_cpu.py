@@ -15,6 +15,9 @@ import subprocess
 import sys
 import time
 
+import mftk  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+
+# isort: split
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +68,10 @@ def main() -> int:
     lines = [
         "# mftk.multi_adapter_linear on the CPU",
         "",
-        f"Device: {_cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__};"
-        f" commit {_commit()}; fp32; {args.rounds} interleaved rounds, medians.",
+        f"Device: {_cpu_name()}, {torch.get_num_threads()} torch threads,"
+        f" torch {torch.__version__}; commit {_commit()}; fp32;"
+        f" {args.rounds} interleaved rounds, medians;"
+        f" OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}.",
         "CPU numbers say nothing about GPU speed. The machine is shared with other work, so single",
         "runs can be 2x off; ratios to `base` come from the same rounds.",
         "",
@@ -89,7 +94,7 @@ def main() -> int:
                     gf = shape.flops(routing, direction) / m / 1e9
                     lines.append(f"| {p} | {m * 1e3:.2f} | {m / med['base']:.2f} | {gf:.1f} |")
                 lines.append("")
-                print("\n".join(lines[-(len(med) + 6):]), flush=True)
+                print("\n".join(lines[-(len(med) + 6) :]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines))

@@ -2,7 +2,7 @@
 
 Groups: one per (routing, direction, shape); providers are parameters, `base` (the frozen linear
 alone) is the floor. Run: `pytest benchmarks/ --benchmark-only`. For the committed table with
-interleaved rounds use `python benchmarks/run_cpu.py` (this machine is shared; one run can be 2x off).
+interleaved rounds use `python benchmarks/run_cpu.py` (a shared machine: one run can be 2x off).
 """
 
 import platform
@@ -30,8 +30,9 @@ def test_multi_adapter_linear(benchmark, routing, direction, shape, provider):
     step = build(provider, routing, direction, inp, shape)
     benchmark.group = f"{routing} {direction} {shape.name}"
     benchmark.extra_info.update(
-        device=f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        device=f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         flops=shape.flops(routing, direction),
     )
     benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["gflops"] = shape.flops(routing, direction) / benchmark.stats["median"] / 1e9
+    median = benchmark.stats["median"]
+    benchmark.extra_info["gflops"] = shape.flops(routing, direction) / median / 1e9

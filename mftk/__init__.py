@@ -1,6 +1,16 @@
 """mftk: multi-task fine-tuning kernels. One LoRA adapter per task, routed per token."""
 
-import torch  # noqa: F401  (loads libtorch before mftk._C)
+import os
+import sys
+
+if "torch" not in sys.modules:
+    # Idle OpenMP threads that spin between parallel regions steal the cores the working threads
+    # need when the CPU is shared: the CPU ops ran 2-4x slower on a loaded 2-core machine with
+    # libgomp's default, at par with PASSIVE when idle. libgomp reads this once, when torch loads;
+    # a value set by the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402, F401  (loads libtorch before mftk._C)
 
 from mftk.checkpoint import from_pretrained, load_adapters, save_adapters
 from mftk.nn import MultiAdapterLinear
