@@ -6,11 +6,13 @@
 - a sharded checkpoint resumes on 2 ranks (bit for bit) and on 1 rank;
 - the per-rank loss shares sum to the global loss's gradient (float64, every loss mode, router);
 - the global micro-batch is split across ranks deterministically;
+- adapter.mode shared on a layer range trains under fsdp2; each rank has its own dropout seed;
 - the `distributed:` config section, and examples/deepseek33b/config.yaml validates.
 """
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -455,6 +457,65 @@ def test_shared_mode_with_layers_two_ranks_match_one_process(cache_dir, tmp_path
     assert all(v.shape[0] == 1 for k, v in ad.items() if k.endswith(("lora_a", "lora_b")))
     assert os.listdir(tmp_path / "two" / "peft") == ["shared"]
     assert set(got["eval_after"]) == set(single["tasks"])  # losses stay per task
+
+
+def test_dropout_streams_differ_after_resuming_on_more_ranks(cache_dir, tmp_path):
+    """adapter.dropout > 0: an fsdp2 run on one rank (no torchrun) stops at step 2; resumed on
+    2 ranks, the rank the checkpoint lacks draws its own dropout masks (seeded from its rank
+    and the step), not a copy of rank 0's stream."""
+    raw = tiny_raw(cache_dir, tmp_path / "out", adapter={"rank": 4, "alpha": 8, "dropout": 0.1})
+    raw["train"]["batch_size"] = 4
+    raw["distributed"] = {"strategy": "fsdp2"}
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "mftk", "train", str(path), "--no-progress", "--max-steps", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ck = tmp_path / "out" / "checkpoints"
+    assert "rng-rank1.pt" not in os.listdir(ck / "step-000002")
+    raw["train"]["batch_size"] = 2  # the same global batch on 2 ranks
+    got, logs = torchrun(2, raw, tmp_path, "--resume", name="two")
+    assert got["resumed_from"].endswith("step-000002") and got["steps"] == 4, logs[-2000:]
+    assert all(math.isfinite(x) for x in got["history"]["loss"])
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(os.listdir(ck / "step-000004"))
+
+
+def test_per_rank_dropout_seeds_and_rng_loading(tmp_path):
+    """Rank r's training seed is train.seed + r × RANK_SEED_STRIDE (rank 0: the one-process
+    seed); loading a checkpoint's RNG, a rank with its own file restores it, a rank the
+    checkpoint lacks re-seeds torch from its seed and the step instead of copying rank 0's."""
+    from mftk.train import checkpointing as ckpt
+
+    cfg = config_from_dict(tiny_raw(str(tmp_path), tmp_path / "o"), EXAMPLE)
+    cfg.train.seed = 5
+    ranks = []
+    for r in range(3):
+        t = D.DistributedTrainer.__new__(D.DistributedTrainer)  # no process group needed
+        t.cfg, t.rank, t.step = cfg, r, 2
+        ranks.append(t)
+    assert [t.dropout_seed() for t in ranks] == [
+        5,
+        5 + D.RANK_SEED_STRIDE,
+        5 + 2 * D.RANK_SEED_STRIDE,
+    ]
+    one = Trainer.__new__(Trainer)
+    one.cfg = cfg
+    assert one.dropout_seed() == ranks[0].dropout_seed()
+    torch.manual_seed(123)
+    torch.rand(7)
+    saved = ckpt.rng_state()
+    for r in (0, 1):
+        torch.save(saved, tmp_path / f"rng-rank{r}.pt")
+    torch.rand(3)
+    ranks[1].load_rng(str(tmp_path))  # its own file
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
+    (tmp_path / "rng-rank1.pt").unlink()
+    ranks[1].load_rng(str(tmp_path))  # none: its own stream
+    got = torch.get_rng_state()
+    torch.manual_seed(5 + D.RANK_SEED_STRIDE + 2)
+    assert torch.equal(got, torch.get_rng_state()) and not torch.equal(got, saved["torch"])
+    ranks[2].load_rng(str(tmp_path))
+    assert not torch.equal(torch.get_rng_state(), got)  # ranks 1 and 2 differ too
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -579,10 +579,15 @@ class DistributedTrainer(Trainer):
             options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )
         self.load_state_dict(torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False))
+        self.load_rng(path)
+
+    def load_rng(self, path: str) -> None:
+        """This rank's RNG state from checkpoint folder path; a rank the checkpoint did not have
+        takes rank 0's, with torch re-seeded (dropout_seed() + step): its own dropout stream."""
         rng = os.path.join(path, f"rng-rank{self.rank}.pt")
         if os.path.isfile(rng):
             ckpt.set_rng_state(torch.load(rng, weights_only=False))
-        else:  # a rank the checkpoint did not have: its own dropout stream, not rank 0's
+        else:
             ckpt.set_rng_state(torch.load(os.path.join(path, "rng-rank0.pt"), weights_only=False))
             torch.manual_seed(self.dropout_seed() + self.step)
 
