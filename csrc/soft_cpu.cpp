@@ -28,10 +28,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   const auto cdt = compute_dtype(x);
   const int64_t t_count = lora_a.size(0), rank = lora_a.size(1), d_in = x.size(1);
   const int64_t d_out = lora_b.size(1);
+  const int64_t tr = t_count * rank;
   auto xc = x.to(cdt).contiguous();
-  auto logits = (router_bias.has_value() && router_bias->defined())
-                    ? at::addmm(router_bias->to(cdt), xc, router_weight.to(cdt).t())
-                    : at::mm(xc, router_weight.to(cdt).t());  // [N, T]
+  auto a_cat = lora_a.to(cdt).reshape({tr, d_in});
+  // One pass over x for the shrink and the router: x [A_cat ; Wr]^T = [S | logits]   [N, T*R + T]
+  auto s_l = at::mm(xc, at::cat({a_cat, router_weight.to(cdt)}, 0).t());
+  auto shrink = s_l.narrow(1, 0, tr).contiguous();  // [N, T*R]
+  auto logits = s_l.narrow(1, tr, t_count);          // [N, T]
+  if (router_bias.has_value() && router_bias->defined()) logits = logits + router_bias->to(cdt);
   auto z = logits / temperature;
   if (top_k > 0 && top_k < t_count) {
     auto kept = std::get<1>(z.topk(top_k, -1));
@@ -39,13 +43,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
     z = z.masked_fill(drop, -std::numeric_limits<double>::infinity());
   }
   auto probs = at::softmax(z, -1);
-  auto a_cat = lora_a.to(cdt).reshape({t_count * rank, d_in});
-  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, t_count * rank});
-  auto shrink = at::mm(xc, a_cat.t());  // [N, T*R]
+  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr});
   auto h = shrink * column_coef(probs, scaling, rank);
   auto y = base_forward(xc, weight, bias, d_out);
   y.addmm_(h, b_cat.t());
-  return {y.to(x.scalar_type()), logits.to(x.scalar_type()), probs, shrink};
+  return {y.to(x.scalar_type()), logits.to(x.scalar_type()).contiguous(), probs, shrink};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_cpu(
@@ -71,13 +73,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   auto dlogits = dz / temperature;
   if (grad_logits.has_value() && grad_logits->defined()) dlogits = dlogits + grad_logits->to(cdt);
   auto ds = dh * coef;                                             // [N, T*R]
-  auto rw = router_weight.to(cdt);
+  // [dS | dlogits] against [A_cat ; Wr]: one GEMM each for dx and for the weights' gradients,
+  // so x and grad_x are each passed over once.
+  auto ds_dl = at::cat({ds, dlogits}, 1);                          // [N, T*R + T]
   auto grad_x = base_grad_x(dy, weight, d_in);
-  grad_x.addmm_(ds, a_cat);
-  grad_x.addmm_(dlogits, rw);
-  auto grad_a = at::mm(ds.t(), xc).reshape({t_count, rank, d_in});
+  grad_x.addmm_(ds_dl, at::cat({a_cat, router_weight.to(cdt)}, 0));
+  auto grad_ar = at::mm(ds_dl.t(), xc);                            // [T*R + T, D_in]
+  auto grad_a = grad_ar.narrow(0, 0, t_count * rank).reshape({t_count, rank, d_in});
   auto grad_b = grad_b_cat.reshape({d_out, t_count, rank}).permute({1, 0, 2}).contiguous();
-  auto grad_rw = at::mm(dlogits.t(), xc);
+  auto grad_rw = grad_ar.narrow(0, t_count * rank, t_count).clone();  // outputs must not alias
   auto grad_rb = dlogits.sum(0);
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type()), grad_rw.to(router_weight.scalar_type()),
