@@ -1,17 +1,14 @@
 // Hard routing on CPU: each token goes to its own task's adapter.
 //   y[n] = x[n] W^T + b + s[t] (x[n] A[t]^T) B[t]^T,   t = task_ids[n]
-// The plan lists each task's tokens as a contiguous range of perm, cut here into blocks of at most
-// kBlock rows of one task. Blocks run in parallel: each gathers its rows of x (and grad_y) into a
-// small cache-resident buffer, runs the rank-R GEMMs on it and adds the result straight into its
-// token rows of y (or grad_x) -- rows of different blocks are distinct, so there are no races and
-// no full-size gathered copies. dA and dB are per-block partials summed per task in block order,
-// so the result does not depend on the thread count.
+// The plan orders all N tokens by task (base-only last), so each task is a contiguous row range.
+// Rows are gathered into plan order once; the base GEMM runs on the gathered rows, each task's
+// rank-R GEMMs add into their slice in place, and one parallel row copy puts the result back in
+// token order. Compared with base-then-scatter-add this saves a read-modify-write pass over y
+// (and grad_x), and every GEMM keeps all intra-op threads.
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
-#include <vector>
 
 #include "mftk.h"
 
@@ -19,31 +16,7 @@ namespace mftk {
 
 namespace {
 
-constexpr int64_t kBlock = 128;
-
-struct Block {
-  int64_t task, row0, rows;  // rows row0 .. row0 + rows of the plan, all of one task
-};
-
-std::vector<Block> plan_blocks(const int64_t* off, int64_t t_count) {
-  std::vector<Block> blocks;
-  for (int64_t t = 0; t < t_count; ++t)
-    for (int64_t r0 = off[t]; r0 < off[t + 1]; r0 += kBlock)
-      blocks.push_back({t, r0, std::min(kBlock, off[t + 1] - r0)});
-  return blocks;
-}
-
-// Calls fn(k) for k in [0, n), blocks handed out one at a time from a shared counter: on a busy
-// machine a thread that is descheduled holds back one block, not a static half of the work
-// (static halves ran 2-4x slower on a loaded 2-core machine, the idle thread spinning meanwhile).
-template <typename F>
-void parallel_blocks(int64_t n, const F& fn) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(n, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t k = next.fetch_add(1); k < n; k = next.fetch_add(1)) fn(k);
-  });
-}
+constexpr int64_t kRowGrain = 64;
 
 // out[i] = src[idx[i]] for i < rows.   src: [N, D] contiguous; out: [rows, D]
 template <typename scalar_t>
@@ -51,20 +24,22 @@ void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t rows, at::Te
   const int64_t d = src.size(1);
   const scalar_t* s = src.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
-  for (int64_t i = 0; i < rows; ++i) std::memcpy(o + i * d, s + idx[i] * d, d * sizeof(scalar_t));
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      std::memcpy(o + i * d, s + idx[i] * d, d * sizeof(scalar_t));
+  });
 }
 
-// dst[idx[i]] += src[i] for i < rows.
+// dst[idx[i]] = src[i] for i < rows. idx holds distinct rows (a permutation), so no races.
 template <typename scalar_t>
-void scatter_add_rows(at::Tensor& dst, const int64_t* idx, int64_t rows, const at::Tensor& src) {
+void scatter_rows(at::Tensor& dst, const int64_t* idx, int64_t rows, const at::Tensor& src) {
   const int64_t d = dst.size(1);
   scalar_t* o = dst.data_ptr<scalar_t>();
   const scalar_t* s = src.data_ptr<scalar_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    scalar_t* orow = o + idx[i] * d;
-    const scalar_t* srow = s + i * d;
-    for (int64_t j = 0; j < d; ++j) orow[j] += srow[j];
-  }
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      std::memcpy(o + idx[i] * d, s + i * d, d * sizeof(scalar_t));
+  });
 }
 
 // A hand-made plan must not send the row loops out of bounds.
@@ -106,7 +81,6 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
   const int64_t n = x.size(0), t_count = lora_a.size(0), rank = lora_a.size(1);
   const int64_t d_in = x.size(1), d_out = lora_b.size(1);
   auto xc = x.to(cdt).contiguous();
-  auto y = base_forward(xc, weight, bias, d_out).contiguous();
   auto shrink = at::zeros({n, rank}, xc.options());
   auto off_t = offsets.to(at::kLong).contiguous();
   auto perm_t = perm.to(at::kLong).contiguous();
@@ -114,22 +88,24 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
   const int64_t* pp = perm_t.data_ptr<int64_t>();
   TORCH_CHECK(perm.numel() == n && offsets.numel() == t_count + 1, "perm/offsets: plan shape");
   check_plan(off, t_count, pp, n);
-  if (off[t_count] == 0) return {y.to(x.scalar_type()), shrink};
+  if (off[t_count] == 0) return {base_forward(xc, weight, bias, d_out).to(x.scalar_type()), shrink};
   auto a = lora_a.to(cdt).contiguous();
   auto b = lora_b.to(cdt).contiguous();
   auto s = scaling.to(at::kDouble).contiguous();
   const double* sp = s.data_ptr<double>();
-  const auto blocks = plan_blocks(off, t_count);
+  auto y = at::empty({n, d_out}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(cdt, "hard_fwd_cpu", [&] {
-    parallel_blocks(blocks.size(), [&](int64_t k) {
-      const auto& blk = blocks[k];
-      auto xk = at::empty({blk.rows, d_in}, xc.options());  // [rows, D_in]
-      gather_rows<scalar_t>(xc, pp + blk.row0, blk.rows, xk);
-      auto s_k = shrink.narrow(0, blk.row0, blk.rows);  // [rows, R], plan order
-      at::mm_out(s_k, xk, a[blk.task].t());
-      auto yk = at::mm(s_k * sp[blk.task], b[blk.task].t());  // [rows, D_out]
-      scatter_add_rows<scalar_t>(y, pp + blk.row0, blk.rows, yk);
-    });
+    auto xs = at::empty({n, d_in}, xc.options());  // [N, D_in], plan order
+    gather_rows<scalar_t>(xc, pp, n, xs);
+    auto ys = base_forward(xs, weight, bias, d_out).contiguous();  // [N, D_out], plan order
+    for (int64_t t = 0; t < t_count; ++t) {
+      const int64_t rows = off[t + 1] - off[t];
+      if (rows == 0) continue;
+      auto s_t = shrink.narrow(0, off[t], rows);  // [rows, R]
+      at::mm_out(s_t, xs.narrow(0, off[t], rows), a[t].t());
+      ys.narrow(0, off[t], rows).addmm_(s_t, b[t].t(), 1.0, sp[t]);  // += s S B^T
+    }
+    scatter_rows<scalar_t>(y, pp, n, ys);
   });
   return {y.to(x.scalar_type()), shrink};
 }
@@ -141,57 +117,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
   const auto cdt = compute_dtype(x);
   const int64_t t_count = lora_a.size(0), rank = lora_a.size(1);
   const int64_t d_in = x.size(1), d_out = lora_b.size(1);
+  const int64_t n = x.size(0);
   auto gy = grad_y.to(cdt).contiguous();
-  auto grad_x = base_grad_x(gy, weight, d_in).contiguous();
   auto grad_a = at::zeros({t_count, rank, d_in}, gy.options());
   auto grad_b = at::zeros({t_count, d_out, rank}, gy.options());
   auto off_t = offsets.to(at::kLong).contiguous();
   auto perm_t = perm.to(at::kLong).contiguous();
   const int64_t* off = off_t.data_ptr<int64_t>();
   const int64_t* pp = perm_t.data_ptr<int64_t>();
-  TORCH_CHECK(perm.numel() == x.size(0) && offsets.numel() == t_count + 1, "perm/offsets: shape");
-  check_plan(off, t_count, pp, x.size(0));
-  if (off[t_count] > 0) {
+  TORCH_CHECK(perm.numel() == n && offsets.numel() == t_count + 1, "perm/offsets: plan shape");
+  check_plan(off, t_count, pp, n);
+  at::Tensor grad_x;
+  if (off[t_count] == 0) {
+    grad_x = base_grad_x(gy, weight, d_in);
+  } else {
     auto xc = x.to(cdt).contiguous();
     auto sh = shrink.to(cdt).contiguous();
     auto a = lora_a.to(cdt).contiguous();
     auto b = lora_b.to(cdt).contiguous();
     auto s = scaling.to(at::kDouble).contiguous();
     const double* sp = s.data_ptr<double>();
-    const auto blocks = plan_blocks(off, t_count);
-    const int64_t nb = blocks.size();
-    auto part_a = at::empty({nb, rank, d_in}, gy.options());   // per-block dA
-    auto part_b = at::empty({nb, d_out, rank}, gy.options());  // per-block dB
+    const int64_t routed = off[t_count];
+    grad_x = at::empty({n, d_in}, gy.options());
     AT_DISPATCH_FLOATING_TYPES(cdt, "hard_bwd_cpu", [&] {
-      parallel_blocks(nb, [&](int64_t k) {
-        const auto& blk = blocks[k];
-        const int64_t t = blk.task;
-        auto dyk = at::empty({blk.rows, d_out}, gy.options());  // [rows, D_out]
-        auto xk = at::empty({blk.rows, d_in}, gy.options());    // [rows, D_in]
-        gather_rows<scalar_t>(gy, pp + blk.row0, blk.rows, dyk);
-        gather_rows<scalar_t>(xc, pp + blk.row0, blk.rows, xk);
-        auto s_k = sh.narrow(0, blk.row0, blk.rows);  // [rows, R]
-        auto pb = part_b[k];
-        at::mm_out(pb, dyk.t(), s_k);  // dB = s dy^T S
-        pb.mul_(sp[t]);
-        auto ds = at::mm(dyk, b[t]).mul_(sp[t]);  // dS = s dy B   [rows, R]
-        auto pa = part_a[k];
-        at::mm_out(pa, ds.t(), xk);  // dA = dS^T x
-        scatter_add_rows<scalar_t>(grad_x, pp + blk.row0, blk.rows, at::mm(ds, a[t]));
-      });
-    });
-    // Blocks of a task are consecutive: sum their partials in block order.
-    for (int64_t k0 = 0, t = 0; t < t_count; ++t) {
-      int64_t k1 = k0;
-      while (k1 < nb && blocks[k1].task == t) ++k1;
-      if (k1 > k0) {
-        auto ga = grad_a[t];
-        auto gb = grad_b[t];
-        at::sum_out(ga, part_a.narrow(0, k0, k1 - k0), {0});
-        at::sum_out(gb, part_b.narrow(0, k0, k1 - k0), {0});
+      auto dys = at::empty({n, d_out}, gy.options());    // [N, D_out], plan order
+      auto xs = at::empty({routed, d_in}, gy.options());  // [routed, D_in]
+      gather_rows<scalar_t>(gy, pp, n, dys);
+      gather_rows<scalar_t>(xc, pp, routed, xs);
+      auto dxs = base_grad_x(dys, weight, d_in).contiguous();  // [N, D_in], plan order
+      for (int64_t t = 0; t < t_count; ++t) {
+        const int64_t rows = off[t + 1] - off[t];
+        if (rows == 0) continue;
+        auto dy_t = dys.narrow(0, off[t], rows);
+        auto s_t = sh.narrow(0, off[t], rows);                 // [rows, R]
+        auto gb_t = grad_b[t];
+        at::mm_out(gb_t, dy_t.t(), s_t);                       // dB = s dy^T S
+        gb_t.mul_(sp[t]);
+        auto ds = at::mm(dy_t, b[t]).mul_(sp[t]);              // dS = s dy B  [rows, R]
+        auto ga_t = grad_a[t];
+        at::mm_out(ga_t, ds.t(), xs.narrow(0, off[t], rows));  // dA = dS^T x
+        dxs.narrow(0, off[t], rows).addmm_(ds, a[t]);          // dx += dS A
       }
-      k0 = k1;
-    }
+      scatter_rows<scalar_t>(grad_x, pp, n, dxs);
+    });
   }
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type())};
