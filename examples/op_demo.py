@@ -1,6 +1,6 @@
 """A tour of the op: hard routing, soft routing, the routing plan and the backends.
 
-    python examples/op_demo.py
+python examples/op_demo.py
 """
 
 import torch
@@ -25,8 +25,9 @@ y.square().mean().backward()
 ref, _ = multi_adapter_linear_ref(
     x.double(), weight.double(), lora_a.double(), lora_b.double(), None, 2.0, task_ids
 )
-print(f"hard: y {tuple(y.shape)}, max |y - float64 reference| = {(y.double() - ref).abs().max():.2e}")
-print(f"      grad_lora_a {tuple(lora_a.grad.shape)}: each task's tokens reach only its own adapter")
+err = (y.double() - ref).abs().max()
+print(f"hard: y {tuple(y.shape)}, max |y - float64 reference| = {err:.2e}")
+print(f"      grad_lora_a {tuple(lora_a.grad.shape)}: a task's tokens reach only its adapter")
 
 # Soft routing: a learned softmax router blends the adapters (top-2 of 3 here) and returns its
 # logits so a trainer can add router losses.
@@ -34,8 +35,10 @@ router = torch.randn(T, D_IN, requires_grad=True)
 y, logits = mftk.multi_adapter_linear(
     x, weight, lora_a, lora_b, router_weight=router, top_k=2, return_router_logits=True
 )
-print(f"soft: y {tuple(y.shape)}, router logits {tuple(logits.shape)}, argmax route",
-      logits.argmax(-1).tolist())
+print(
+    f"soft: y {tuple(y.shape)}, router logits {tuple(logits.shape)}, argmax route",
+    logits.argmax(-1).tolist(),
+)
 
 for backend in ("cpu", "reference"):
     out = mftk.multi_adapter_linear(x, weight, lora_a, lora_b, task_ids=task_ids, backend=backend)
