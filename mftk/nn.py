@@ -49,8 +49,8 @@ class MultiAdapterLinear(nn.Module):
     picks hard routing. Without task_ids the routing comes from `mftk.use_tasks(model, ...)`; with
     neither, a router module routes softly and a module without a router raises.
     dropout > 0 (training only) drops the adapter input as PEFT does: the base sees x, the adapters
-    (and the router) see dropout(x); this costs one extra base-sized GEMM, so dropout=0 is the
-    fused fast path.
+    (and the router) see dropout(x) through a second op call with weight=None (adapters alone),
+    so dropout=0, one fused call, is the fast path.
     On the meta device (deferred init), call reset_adapters(full_rank=True) after to_empty(): the
     adapters and the scaling/rank buffers are not materialised with values.
     """
@@ -302,12 +302,11 @@ class MultiAdapterLinear(nn.Module):
 
     def _forward_dropout(self, x: Tensor, ids, soft: bool) -> Tensor:
         # Exact LoRA dropout: the base sees x, the adapters (and router) see dropout(x). The adapter
-        # call gets an all-zero base weight (a stride-0 view, no allocation): one extra base-sized
-        # GEMM, which is why dropout=0 is the fused fast path.
+        # call runs with weight=None (adapters alone), so the base GEMM is done once; the cost over
+        # the fused path (dropout=0) is one extra pass over x and y.
         base = multi_adapter_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias)
         xd = nn.functional.dropout(x, p=self.dropout, training=True)
-        zero_w = self.weight.new_zeros(()).expand(self.out_features, self.in_features)
-        return base + self._call_op(xd, zero_w, ids, soft)
+        return base + self._call_op(xd, None, ids, soft)
 
     def _forward_base_layer(self, x: Tensor, ids, soft: bool, routed: bool) -> Tensor:
         # The base from base_layer (bitsandbytes' 4-bit matmul dequantizes one layer on the fly and
