@@ -1,16 +1,18 @@
-"""Grouped GEMM over tokens grouped by task, with adapter K ranges: every matmul of the op that
-produces rows of y, S or dx.
+"""Grouped GEMM over tokens grouped by task, with adapter K ranges: the matmuls of the op that
+produce whole rows of y or dx (the "fused" strategy) or the adapters' part of them (y0, dx0).
 
-    out[orow(i), n] (+)= sum_k a[arow(i), k] w[g, n, k]                         (base range)
-                       + sum_t c[i, t] sum_j h[i, t, j] e[t, n, j]                (adapter range)
-                       + sum_j h2[i, j] e2[n, j] + bias[n]                        (router range)
+    out[orow(i), n] = sum_k a[arow(i), k] w[g, n, k]                         (base range)
+                    + sum_t c[i, t] s[t] sum_j h[i, t, j] e[t, n, j]          (adapter range)
+                    + sum_j h2[i, j] e2[n, j] + bias[n]                        (router range)
 
 Row i runs over plan rows (token perm[i]) or plain token rows; group g is the row's task (from the
-plan offsets), and t runs over {g} (hard routing) or all tasks (soft, c = p[i, t] s[t]). Used as:
-  hard shrink        S = x[perm] A_g^T                   (base range, w per group)
-  fused forward      y = [x | s_g S] [W^T ; B_g^T] + b    (both ranges, strategy "fused")
-  expand             y += s_g S B_g^T                     (adapter range only, strategy "addmm")
-  backward dx        dx = [dy | dS | dL] [W ; A ; router] (all three, or adapters only)
+plan offsets), and t runs over {g} (hard routing) or all tasks (soft, c = p[i, t]). `out` is
+written once, never read (no read-modify-write pass). Used as:
+  hard fused forward   y  = [x | s_g S] [W^T ; B_g^T] + b        (both ranges, plan order)
+  hard fused backward  dx = [dy | dS] [W ; A_g]
+  soft expand          y0 = sum_t p_t s_t S_t B_t^T + b           (adapter range; then addmm_)
+  soft backward dx0    dx0 = [dS | dL] [A_cat ; Wr]               (or with the base: fused)
+Intermediates (h, h2: S, dS, dL in fp32) are rounded to the input dtype before their dot.
 """
 
 from __future__ import annotations
@@ -18,10 +20,46 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mftk.kernels._common import dot_meta, gemm_configs, group_of_block, pow2
+from mftk.kernels._common import (
+    to_op,
+    configs,
+    dot_meta,
+    elem_bytes,
+    group_of_block,
+    n_bucket,
+    pow2,
+    pruner,
+    regs_ok,
+    register,
+    smem_ok,
+)
+
+_ROWS = [  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
+    (128, 128, 64, 8, 8, 3),
+    (128, 128, 32, 8, 8, 4),
+    (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 4),
+    (64, 128, 32, 8, 4, 5),
+    (128, 256, 64, 8, 8, 3),
+]
 
 
-@triton.autotune(configs=gemm_configs(), key=["N_COLS", "K", "J"], restore_value=["out_ptr"])
+def _fits(kw: dict, args: dict, arch: int) -> bool:
+    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    esz = elem_bytes(args, "out_ptr")
+    bj = max(args.get("BLOCK_J", 16), args.get("BLOCK_J2", 16))
+    base = kw["num_stages"] * (bm + bn) * bk * esz if args.get("HAS_BASE") else 0
+    smem = max(base, (bm + bn) * bj * 4)
+    acc = bm * bn + (bm * bj if args.get("EXTRA", 0) or args.get("HAS_EXTRA2") else 0)
+    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+
+
+@triton.autotune(
+    configs=configs(_ROWS, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
+    key=["N_COLS", "K", "J", "N_BKT"],
+    prune_configs_by={"early_config_prune": pruner("grouped_gemm", _fits)},
+)
 @triton.jit
 def _grouped_gemm_fwd_kernel(
     # pointers
@@ -46,6 +84,7 @@ def _grouped_gemm_fwd_kernel(
     G,
     NUM_OFF,
     NUM_E,
+    N_BKT,
     # strides
     stride_am,
     stride_ak,
@@ -75,8 +114,9 @@ def _grouped_gemm_fwd_kernel(
     HAS_COEF: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_EXTRA2: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    ONE_GROUP: tl.constexpr,
     OP_DTYPE: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -98,40 +138,38 @@ def _grouped_gemm_fwd_kernel(
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
 
-    g, row0, row_end = group_of_block(off_ptr, pid_m, G, NUM_OFF, N_ROWS, BLOCK_M, BLOCK_G)
-    if g >= G:
-        return
+    if ONE_GROUP:  # plain token rows (soft routing): no offsets to read
+        g = 0
+        row0 = pid_m.to(tl.int64) * BLOCK_M
+        row_end = N_ROWS
+    else:
+        g, row0, row_end = group_of_block(off_ptr, pid_m, G, NUM_OFF, N_ROWS, BLOCK_M, BLOCK_G)
+        if g >= G:
+            return
     rows = row0 + tl.arange(0, BLOCK_M)  # [BLOCK_M] plan (or token) rows, int64
     rmask = rows < row_end
     if GATHER_A or SCATTER_OUT:
         tok = tl.load(perm_ptr + rows, mask=rmask, other=0)
     else:
         tok = rows
-    arow = tok if GATHER_A else rows
-    orow = tok if SCATTER_OUT else rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     cmask = cols < N_COLS
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if HAS_BASE:
         ks = tl.arange(0, BLOCK_K)
-        w_base = w_ptr + g.to(tl.int64) * stride_wg
+        arow = tok if GATHER_A else rows
+        # pointers advance along K: two pointer tiles live, not rebuilt from int64 grids
+        a_ptrs = a_ptr + arow[:, None] * stride_am + ks[None, :] * stride_ak
+        w_ptrs = w_ptr + g.to(tl.int64) * stride_wg + cols[None, :] * stride_wn
+        w_ptrs += ks[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
         for k0 in range(0, K, BLOCK_K):
-            kk = k0 + ks
-            kmask = kk < K
-            a = tl.load(
-                a_ptr + arow[:, None] * stride_am + kk[None, :] * stride_ak,
-                mask=rmask[:, None] & kmask[None, :],
-                other=0.0,
-            )  # [BLOCK_M, BLOCK_K]
-            w = tl.load(
-                w_base + cols[None, :] * stride_wn + kk[:, None] * stride_wk,
-                mask=cmask[None, :] & kmask[:, None],
-                other=0.0,
-            )  # [BLOCK_K, BLOCK_N]
-            acc = tl.dot(
-                a.to(OP_DTYPE), w.to(OP_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
-            )
+            kmask = ks < K - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=cmask[None, :] & kmask[:, None], other=0.0)
+            acc = tl.dot(a.to(OP_DTYPE), w.to(OP_DTYPE), acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
     if EXTRA > 0:
         js = tl.arange(0, BLOCK_J)
         jmask = js < J
@@ -158,7 +196,7 @@ def _grouped_gemm_fwd_kernel(
                 other=0.0,
             )  # [BLOCK_J, BLOCK_N]
             acc = tl.dot(
-                h.to(OP_DTYPE), e.to(OP_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
+                to_op(h, ROUND_DTYPE, OP_DTYPE), e.to(OP_DTYPE), acc, input_precision=PRECISION
             )
     if HAS_EXTRA2:
         js2 = tl.arange(0, BLOCK_J2)
@@ -174,15 +212,16 @@ def _grouped_gemm_fwd_kernel(
             other=0.0,
         )  # [BLOCK_J2, BLOCK_N]
         acc = tl.dot(
-            h2.to(OP_DTYPE), e2.to(OP_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
+            to_op(h2, ROUND_DTYPE, OP_DTYPE), e2.to(OP_DTYPE), acc, input_precision=PRECISION
         )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(ACC_DTYPE)[None, :]
+    orow = tok if SCATTER_OUT else rows
     optrs = out_ptr + orow[:, None] * stride_om + cols[None, :] * stride_on
-    omask = rmask[:, None] & cmask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(optrs, mask=omask, other=0.0).to(ACC_DTYPE)
-    tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+register("grouped_gemm", _grouped_gemm_fwd_kernel)
 
 
 def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
@@ -191,7 +230,7 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
 
 def grouped_gemm_fwd(
     out: torch.Tensor,
-    offsets: torch.Tensor,
+    offsets: torch.Tensor | None,
     num_groups: int,
     dtype: torch.dtype,
     *,
@@ -208,16 +247,16 @@ def grouped_gemm_fwd(
     scale: torch.Tensor | None = None,
     h2: torch.Tensor | None = None,
     e2: torch.Tensor | None = None,
-    accumulate: bool = False,
 ) -> torch.Tensor:
     """Launch the grouped GEMM into `out` (N_ROWS, N_COLS), which the caller allocated.
 
     dtype: the op's input dtype (sets the dot operand and accumulator dtypes).
-    offsets: (NUM_OFF,) int64 group starts (plan offsets, or a single 0); num_groups: G <= NUM_OFF
-    (T for routed tokens only, T + 1 to include the base-only tail, 1 for all rows).
+    offsets: (NUM_OFF,) int64 plan offsets, with num_groups G <= NUM_OFF (T + 1 includes the
+    base-only tail), or None: one group of all rows in token order (num_groups is then ignored).
     a: (N_ROWS, K); w: (G|1, N_COLS, K) given as a strided view; bias: (N_COLS,)
     h: (N_ROWS, T, J) view; e: (T, N_COLS, J) view; coef: (N_ROWS, T); scale: (T,)
-    h2: (N_ROWS, J2); e2: (N_COLS, J2) views. The tensors are only read; `out` is written.
+    h2: (N_ROWS, J2); e2: (N_COLS, J2) views. The tensors are only read; every row of `out` that a
+    group covers is written (all rows when the groups span N_ROWS).
     """
     n_rows, n_cols = out.shape
     dummy = out
@@ -230,6 +269,9 @@ def grouped_gemm_fwd(
     j = h.shape[2] if h is not None else 0
     num_e = h.shape[1] if h is not None else 0
     j2 = h2.shape[1] if h2 is not None else 0
+    one = offsets is None
+    if one:
+        num_groups, offsets = 0, out
 
     def grid(meta):
         n_m = triton.cdiv(n_rows, meta["BLOCK_M"]) + num_groups
@@ -254,8 +296,9 @@ def grouped_gemm_fwd(
         j,
         j2,
         num_groups,
-        offsets.shape[0],
+        0 if one else offsets.shape[0],
         num_e,
+        n_bucket(n_rows),
         *_strides(a, 2),
         *sw,
         *_strides(h, 3),
@@ -272,7 +315,7 @@ def grouped_gemm_fwd(
         HAS_COEF=coef is not None,
         HAS_SCALE=scale is not None,
         HAS_EXTRA2=h2 is not None,
-        ACCUMULATE=accumulate,
+        ONE_GROUP=one,
         **dot_meta(dtype),
         BLOCK_J=pow2(j),
         BLOCK_J2=pow2(j2),

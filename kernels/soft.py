@@ -1,14 +1,15 @@
 """Soft routing: the kernels that see all T adapters of a row block at once.
 
-Forward, one pass over x:   S = x A_cat^T (N, T*R) and logits = x Wr^T + br (N, T) share the x
-tiles; the epilogue does top-k, softmax and writes logits, p and S. The expand (y += sum_t p s_t
-S_t B_t^T) is the grouped GEMM's adapter range, which applies p and s_t on the fly, so
-H = p s S is never written.
-Backward, one pass over dy: dH = dy B_cat, with dB += (p s S)^T dy fused (atomics); the epilogue
-does dS = p s dH, dp = s (dH . S) per task, the softmax backward and dL = dz / temperature + gL.
+Forward, one pass over x:  S = x A_cat^T (N, T*R) and logits = x Wr^T + br (N, T) share the x
+tiles; the epilogue does top-k and softmax and writes logits, p and S. The expand (y0 = sum_t p s_t
+S_t B_t^T + b) is the grouped GEMM's adapter range (grouped_gemm.py).
+Backward, one pass over dy: dH = dy B_cat, whose epilogue writes G = [dS | dL] (N, T*R + T):
+dS = p s dH, dp_t = s_t (dH_t . S_t), and the softmax backward dL = p (dp - sum p dp) / temp + gL.
+dB, dA and dWr then come from the reductions (reduce.py), with no atomics.
 
-A row block keeps all T*R columns in registers (BLOCK_TS * BLOCK_R), so the row block shrinks as
-T*R grows (see row_block); very large T*R (> ~1024) will spill registers.
+Columns c of S and dS are compact (task c // R, rank c % R). The T*R columns are walked in
+chunks of BLOCK_C inside the program, so registers hold one chunk whatever T*R is (T*R = 2048
+fits an A100); a chunk after the first re-reads the row block's x (or dy) tiles, from L2.
 """
 
 from __future__ import annotations
@@ -16,10 +17,45 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from mftk.kernels._common import acc_dtype, dot_meta, pow2, row_block, rows_configs
+from mftk.kernels._common import (
+    acc_dtype,
+    configs,
+    dot_meta,
+    elem_bytes,
+    n_bucket,
+    pow2,
+    pruner,
+    regs_ok,
+    register,
+    smem_ok,
+)
+
+_ROWS = [  # BLOCK_M, BLOCK_K, BLOCK_C, warps, stages
+    (64, 64, 64, 4, 3),
+    (32, 64, 128, 4, 3),
+    (64, 32, 128, 8, 3),
+    (32, 128, 64, 4, 3),
+    (16, 64, 128, 4, 4),
+    (64, 64, 128, 8, 2),
+]
+_NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_C")
 
 
-@triton.autotune(configs=rows_configs(), key=["K", "T", "R"])
+def _fits(kw: dict, args: dict, arch: int) -> bool:
+    bm, bk, bc, bt = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_C"], args["BLOCK_T"]
+    if bc > pow2(args["TR"]) and bc > 64:  # no chunk wider than T*R needs
+        return False
+    esz = elem_bytes(args, "x_ptr") if "x_ptr" in args else elem_bytes(args, "dy_ptr")
+    smem = kw["num_stages"] * (bm * bk + bk * (bc + bt)) * esz
+    acc = bm * bc * 2 + bm * bt * 2  # chunk accumulator and its epilogue, router / dp tiles
+    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+
+
+@triton.autotune(
+    configs=configs(_ROWS, _NAMES),
+    key=["K", "T", "R", "N_BKT"],
+    prune_configs_by={"early_config_prune": pruner("soft_fwd", _fits)},
+)
 @triton.jit
 def _soft_fwd_kernel(
     # pointers
@@ -35,7 +71,9 @@ def _soft_fwd_kernel(
     K,
     T,
     R,
+    TR,
     inv_temp,
+    N_BKT,
     # strides
     stride_xm,
     stride_xk,
@@ -54,56 +92,59 @@ def _soft_fwd_kernel(
     HAS_RB: tl.constexpr,
     TOP_K: tl.constexpr,
     OP_DTYPE: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_TS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    cs = tl.arange(0, BLOCK_TS * BLOCK_R)  # S column c <-> (task c // BLOCK_R, rank c % BLOCK_R)
-    ct = cs // BLOCK_R
-    cr = cs % BLOCK_R
-    csmask = (ct < T) & (cr < R)
     ts = tl.arange(0, BLOCK_T)
     tmask = ts < T
     ks = tl.arange(0, BLOCK_K)
-    acc_s = tl.zeros((BLOCK_M, BLOCK_TS * BLOCK_R), dtype=ACC_DTYPE)
+    cs = tl.arange(0, BLOCK_C)
     acc_l = tl.zeros((BLOCK_M, BLOCK_T), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        kmask = kk < K
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=rmask[:, None] & kmask[None, :],
-            other=0.0,
-        ).to(OP_DTYPE)  # [BLOCK_M, BLOCK_K]
-        a = tl.load(
-            a_ptr + ct[None, :] * stride_at + cr[None, :] * stride_ar + kk[:, None] * stride_ak,
-            mask=csmask[None, :] & kmask[:, None],
-            other=0.0,
-        ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_TS * BLOCK_R]
-        rw = tl.load(
-            rw_ptr + ts[None, :] * stride_rwt + kk[:, None] * stride_rwk,
-            mask=tmask[None, :] & kmask[:, None],
-            other=0.0,
-        ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_T]
-        acc_s = tl.dot(x, a, acc_s, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        acc_l = tl.dot(x, rw, acc_l, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    x_row = x_ptr + rows[:, None] * stride_xm  # [BLOCK_M, 1]
+    for c0 in range(0, TR, BLOCK_C):
+        cc = c0 + cs  # [BLOCK_C] compact S columns
+        cmask = cc < TR
+        a_col = a_ptr + (cc // R) * stride_at + (cc % R) * stride_ar  # [BLOCK_C]
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            x = tl.load(
+                x_row + kk[None, :] * stride_xk, mask=rmask[:, None] & kmask[None, :], other=0.0
+            ).to(OP_DTYPE)  # [BLOCK_M, BLOCK_K]
+            a = tl.load(
+                a_col[None, :] + kk[:, None] * stride_ak,
+                mask=cmask[None, :] & kmask[:, None],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_C]
+            acc = tl.dot(x, a.to(OP_DTYPE), acc, input_precision=PRECISION)
+            if c0 == 0:  # the router shares the first chunk's x tiles
+                rw = tl.load(
+                    rw_ptr + ts[None, :] * stride_rwt + kk[:, None] * stride_rwk,
+                    mask=tmask[None, :] & kmask[:, None],
+                    other=0.0,
+                )  # [BLOCK_K, BLOCK_T]
+                acc_l = tl.dot(x, rw.to(OP_DTYPE), acc_l, input_precision=PRECISION)
+        tl.store(
+            shrink_ptr + rows[:, None] * stride_sm + cc[None, :] * stride_sc,
+            acc.to(shrink_ptr.dtype.element_ty),
+            mask=rmask[:, None] & cmask[None, :],
+        )
     # epilogue: logits -> top-k mask -> softmax
     logits = acc_l
     if HAS_RB:
         logits += tl.load(rb_ptr + ts, mask=tmask, other=0.0).to(ACC_DTYPE)[None, :]
     lmask = rmask[:, None] & tmask[None, :]
-    tl.store(
-        logits_ptr + rows[:, None] * stride_lm + ts[None, :] * stride_lt,
-        logits.to(logits_ptr.dtype.element_ty),
-        mask=lmask,
-    )
-    z = tl.where(tmask[None, :], logits * inv_temp, float("-inf"))  # [BLOCK_M, BLOCK_T]
+    logits = logits.to(logits_ptr.dtype.element_ty)  # the softmax sees what the caller sees
+    tl.store(logits_ptr + rows[:, None] * stride_lm + ts[None, :] * stride_lt, logits, mask=lmask)
+    z = tl.where(tmask[None, :], logits.to(ACC_DTYPE) * inv_temp, float("-inf"))
     if TOP_K > 0:
         keep = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.int1)
         for _ in tl.static_range(TOP_K):
@@ -120,14 +161,16 @@ def _soft_fwd_kernel(
         p.to(probs_ptr.dtype.element_ty),
         mask=lmask,
     )
-    tl.store(
-        shrink_ptr + rows[:, None] * stride_sm + (ct * R + cr)[None, :] * stride_sc,
-        acc_s.to(shrink_ptr.dtype.element_ty),
-        mask=rmask[:, None] & csmask[None, :],
-    )
 
 
-@triton.autotune(configs=rows_configs(), key=["D_OUT", "T", "R"], reset_to_zero=["db_ptr"])
+register("soft_fwd", _soft_fwd_kernel)
+
+
+@triton.autotune(
+    configs=configs(_ROWS, _NAMES),
+    key=["D_OUT", "T", "R", "N_BKT"],
+    prune_configs_by={"early_config_prune": pruner("soft_bwd", _fits)},
+)
 @triton.jit
 def _soft_bwd_kernel(
     # pointers
@@ -137,15 +180,15 @@ def _soft_bwd_kernel(
     probs_ptr,
     shrink_ptr,
     gl_ptr,
-    ds_ptr,
-    dl_ptr,
-    db_ptr,
+    g_ptr,
     # sizes
     N,
     D_OUT,
     T,
     R,
+    TR,
     inv_temp,
+    N_BKT,
     # strides
     stride_dym,
     stride_dyn,
@@ -158,92 +201,77 @@ def _soft_bwd_kernel(
     stride_sc,
     stride_glm,
     stride_glt,
-    stride_dsm,
-    stride_dsc,
-    stride_dlm,
-    stride_dlt,
-    stride_dbt,
-    stride_dbn,
-    stride_dbr,
+    stride_gm,
+    stride_gc,
     # meta-parameters
     HAS_GL: tl.constexpr,
-    FUSE_DB: tl.constexpr,
     OP_DTYPE: tl.constexpr,
+    ROUND_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_TS: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     # BLOCK_K tiles D_out, the reduced dimension of dH.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < N
-    cs = tl.arange(0, BLOCK_TS * BLOCK_R)
-    ct = cs // BLOCK_R
-    cr = cs % BLOCK_R
-    csmask = (ct < T) & (cr < R)
-    m2 = rmask[:, None] & csmask[None, :]
-    sh = tl.load(
-        shrink_ptr + rows[:, None] * stride_sm + (ct * R + cr)[None, :] * stride_sc,
-        mask=m2,
-        other=0.0,
-    ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_TS * BLOCK_R]
-    s_c = tl.load(s_ptr + ct, mask=ct < T, other=0.0).to(ACC_DTYPE)
-    p_c = tl.load(
-        probs_ptr + rows[:, None] * stride_pm + ct[None, :] * stride_pt, mask=m2, other=0.0
-    )
-    coef = p_c.to(ACC_DTYPE) * s_c[None, :]  # p[n, t] s[t] per column
-    if FUSE_DB:
-        ht = tl.trans(sh * coef).to(OP_DTYPE)  # [BLOCK_TS * BLOCK_R, BLOCK_M]
-    acc = tl.zeros((BLOCK_M, BLOCK_TS * BLOCK_R), dtype=ACC_DTYPE)
+    ts = tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    lmask = rmask[:, None] & tmask[None, :]
     ns = tl.arange(0, BLOCK_K)
-    for n0 in range(0, D_OUT, BLOCK_K):
-        nn = n0 + ns
-        nmask = nn < D_OUT
-        dy = tl.load(
-            dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-            mask=rmask[:, None] & nmask[None, :],
-            other=0.0,
-        ).to(OP_DTYPE)  # [BLOCK_M, BLOCK_K]
-        b = tl.load(
-            b_ptr + ct[None, :] * stride_bt + nn[:, None] * stride_bn + cr[None, :] * stride_br,
-            mask=csmask[None, :] & nmask[:, None],
-            other=0.0,
-        ).to(OP_DTYPE)  # [BLOCK_K, BLOCK_TS * BLOCK_R]
-        acc = tl.dot(dy, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-        if FUSE_DB:
-            part = tl.dot(ht, dy, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-            tl.atomic_add(
-                db_ptr
-                + ct[:, None] * stride_dbt
-                + nn[None, :] * stride_dbn
-                + cr[:, None] * stride_dbr,
-                part,
-                mask=csmask[:, None] & nmask[None, :],
-            )
-    tl.store(
-        ds_ptr + rows[:, None] * stride_dsm + (ct * R + cr)[None, :] * stride_dsc,
-        (acc * coef).to(ds_ptr.dtype.element_ty),
-        mask=m2,
-    )
-    # softmax backward: dp[n, t] = s_t sum_r dH[n, t, r] S[n, t, r]; dz = p (dp - sum_t p dp)
-    dp = tl.sum(tl.reshape(acc * sh * s_c[None, :], (BLOCK_M, BLOCK_TS, BLOCK_R)), 2)
-    ts = tl.arange(0, BLOCK_TS)
-    lmask = rmask[:, None] & (ts < T)[None, :]
+    cs = tl.arange(0, BLOCK_C)
+    dy_row = dy_ptr + rows[:, None] * stride_dym
+    dp = tl.zeros((BLOCK_M, BLOCK_T), dtype=ACC_DTYPE)
+    for c0 in range(0, TR, BLOCK_C):
+        cc = c0 + cs
+        cmask = cc < TR
+        ct = cc // R
+        b_col = b_ptr + ct * stride_bt + (cc % R) * stride_br  # [BLOCK_C]
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=ACC_DTYPE)
+        for n0 in range(0, D_OUT, BLOCK_K):
+            nn = n0 + ns
+            nmask = nn < D_OUT
+            dy = tl.load(
+                dy_row + nn[None, :] * stride_dyn, mask=rmask[:, None] & nmask[None, :], other=0.0
+            )  # [BLOCK_M, BLOCK_K]
+            b = tl.load(
+                b_col[None, :] + nn[:, None] * stride_bn,
+                mask=cmask[None, :] & nmask[:, None],
+                other=0.0,
+            )  # [BLOCK_K, BLOCK_C]
+            acc = tl.dot(dy.to(OP_DTYPE), b.to(OP_DTYPE), acc, input_precision=PRECISION)
+        m2 = rmask[:, None] & cmask[None, :]
+        s_c = tl.load(s_ptr + ct, mask=cmask, other=0.0).to(ACC_DTYPE)  # [BLOCK_C]
+        p_c = tl.load(probs_ptr + rows[:, None] * stride_pm + ct[None, :] * stride_pt, mask=m2)
+        sh = tl.load(shrink_ptr + rows[:, None] * stride_sm + cc[None, :] * stride_sc, mask=m2)
+        tl.store(
+            g_ptr + rows[:, None] * stride_gm + cc[None, :] * stride_gc,
+            (acc * p_c.to(ACC_DTYPE) * s_c[None, :]).to(g_ptr.dtype.element_ty),
+            mask=m2,
+        )
+        # dp[n, t] += sum over the chunk's columns of task t of s_t dH S: a one-hot product
+        v = tl.where(m2, acc * sh.to(ACC_DTYPE) * s_c[None, :], 0.0)  # [BLOCK_M, BLOCK_C]
+        onehot = ((ct[:, None] == ts[None, :]) & cmask[:, None]).to(ACC_DTYPE)  # [BLOCK_C, BLOCK_T]
+        dp = tl.dot(v, onehot, dp, input_precision="ieee")
+    # softmax backward: dz = p (dp - sum_t p dp); dL = dz / temperature + gL
     p = tl.load(
         probs_ptr + rows[:, None] * stride_pm + ts[None, :] * stride_pt, mask=lmask, other=0.0
-    ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_TS]
+    ).to(ACC_DTYPE)  # [BLOCK_M, BLOCK_T]
     dl = p * (dp - tl.sum(p * dp, 1)[:, None]) * inv_temp
     if HAS_GL:
         dl += tl.load(
             gl_ptr + rows[:, None] * stride_glm + ts[None, :] * stride_glt, mask=lmask, other=0.0
         ).to(ACC_DTYPE)
     tl.store(
-        dl_ptr + rows[:, None] * stride_dlm + ts[None, :] * stride_dlt,
-        dl.to(dl_ptr.dtype.element_ty),
+        g_ptr + rows[:, None] * stride_gm + (TR + ts)[None, :] * stride_gc,
+        dl.to(g_ptr.dtype.element_ty),
         mask=lmask,
     )
+
+
+register("soft_bwd", _soft_bwd_kernel)
 
 
 def soft_fwd_shrink(
@@ -261,13 +289,15 @@ def soft_fwd_shrink(
     """
     n, k = x.shape
     t, r, _ = lora_a.shape
-    adt = acc_dtype(x.dtype)
+    meta = dot_meta(x.dtype)
     logits = torch.empty((n, t), dtype=x.dtype, device=x.device)
-    probs = torch.empty((n, t), dtype=adt, device=x.device)
-    shrink = torch.empty((n, t * r), dtype=adt, device=x.device)
-    bts, br = pow2(t, 1), pow2(r)
-    block_m = row_block(bts * br)
-    _soft_fwd_kernel[(triton.cdiv(n, block_m),)](
+    probs = torch.empty((n, t), dtype=acc_dtype(x.dtype), device=x.device)
+    shrink = torch.empty((n, t * r), dtype=probs.dtype, device=x.device)
+
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK_M"]),)
+
+    _soft_fwd_kernel[grid](
         x,
         lora_a,
         router_weight,
@@ -279,7 +309,9 @@ def soft_fwd_shrink(
         k,
         t,
         r,
+        t * r,
         1.0 / temperature,
+        n_bucket(n),
         *x.stride(),
         *lora_a.stride(),
         *router_weight.stride(),
@@ -288,11 +320,8 @@ def soft_fwd_shrink(
         *shrink.stride(),
         HAS_RB=router_bias is not None,
         TOP_K=top_k,
-        **dot_meta(x.dtype),
-        BLOCK_M=block_m,
+        **meta,
         BLOCK_T=pow2(t),
-        BLOCK_TS=bts,
-        BLOCK_R=br,
     )
     return logits, probs, shrink
 
@@ -305,50 +334,43 @@ def soft_bwd_ds(
     probs: torch.Tensor,
     shrink: torch.Tensor,
     temperature: float,
-    grad_b_acc: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dS (N, T*R) and dL (N, T) in the acc dtype, in one pass over dy; when grad_b_acc (T, D_out,
-    R), a zeroed acc-dtype buffer, is given, dB is accumulated into it in the same pass.
+) -> torch.Tensor:
+    """G = [dS | dL] (N, T*R + T) in the acc dtype, in one pass over dy.
 
     grad_y: (N, D_out); grad_logits: (N, T) or None; lora_b: (T, D_out, R); scaling: (T,);
     probs: (N, T); shrink: (N, T*R) from the forward.
     """
     n, d_out = grad_y.shape
     t, _, r = lora_b.shape
-    ds = torch.empty_like(shrink)
-    dl = torch.empty_like(probs)
-    db = grad_b_acc if grad_b_acc is not None else ds.view(n, t, r)
-    gl = grad_logits if grad_logits is not None else dl
-    bts, br = pow2(t, 1), pow2(r)
-    block_m = row_block(bts * br)
-    _soft_bwd_kernel[(triton.cdiv(n, block_m),)](
+    g = torch.empty((n, t * r + t), dtype=shrink.dtype, device=grad_y.device)
+    gl = grad_logits if grad_logits is not None else probs
+
+    def grid(m):
+        return (triton.cdiv(n, m["BLOCK_M"]),)
+
+    _soft_bwd_kernel[grid](
         grad_y,
         lora_b,
         scaling,
         probs,
         shrink,
         gl,
-        ds,
-        dl,
-        db,
+        g,
         n,
         d_out,
         t,
         r,
+        t * r,
         1.0 / temperature,
+        n_bucket(n),
         *grad_y.stride(),
         *lora_b.stride(),
         *probs.stride(),
         *shrink.stride(),
         *gl.stride(),
-        *ds.stride(),
-        *dl.stride(),
-        *db.stride(),
+        *g.stride(),
         HAS_GL=grad_logits is not None,
-        FUSE_DB=grad_b_acc is not None,
         **dot_meta(grad_y.dtype),
-        BLOCK_M=block_m,
-        BLOCK_TS=bts,
-        BLOCK_R=br,
+        BLOCK_T=pow2(t),
     )
-    return ds, dl
+    return g

@@ -9,16 +9,18 @@ Private contract between forward and backward (shapes match the fakes):
         acc dtype (fp32, fp64 for fp64 inputs); rows past offsets[T] (base-only tokens) are 0.
   soft: shrink (N, T*R) = x A_cat^T in token order, unscaled; probs (N, T) after top-k.
 
-Strategies for the rows of y (forward) and dx (backward), both implemented:
-  "addmm": cuBLAS (torch.addmm / mm) for the frozen base, then the grouped GEMM adds the adapter
-           range into that output in place (no atomics: each output row belongs to one program);
-  "fused": one grouped GEMM computes [x | H] [W^T ; B^T] (+ bias) in plan order, y written once.
-`choose_strategy` holds the per-shape dispatch table. It is NOT measured yet (no GPU was
-available when it was written), so every shape class defaults to "addmm".
+Strategies for the rows of y (forward) and dx (backward):
+  "addmm": a Triton kernel writes the adapters' part y0 = b + s S B^T (dx0 = dS A) once, in the
+           pass that already holds S (dS); cuBLAS then accumulates the frozen base into it
+           (addmm_ with beta = 1), which a compute-bound GEMM hides. No read-modify-write pass.
+  "fused": one Triton grouped GEMM computes [x | s S] [W^T ; B^T] (+ b): y is written once by
+           the GEMM itself, at the price of a Triton GEMM instead of cuBLAS for the base.
+`STRATEGY_TABLE` is set from the cost model (benchmarks/launch_model.py), not from a GPU
+measurement: no GPU has run these kernels yet. See benchmarks/results/gpu-model.md.
 
-Determinism: with torch.are_deterministic_algorithms_enabled() the backward uses no atomics: dB
-comes from a separate fixed-order reduction instead of being fused into the dH pass, and dA /
-dRouter reductions use one program per output tile. Forward kernels never use atomics.
+Launches per fwd+bwd (addmm): hard 2 + 4, soft 3 + 5 (see the cost model). Nothing uses atomics,
+so every path is deterministic: each weight gradient tile is owned by one program that walks its
+task's rows in order (kernels/reduce.py).
 
 fp64 inputs run the same kernels with fp64 operands and accumulators (tl.dot in fp64).
 """
@@ -32,14 +34,13 @@ from torch import Tensor
 
 from mftk.kernels._common import acc_dtype
 from mftk.kernels.grouped_gemm import grouped_gemm_fwd
-from mftk.kernels.hard_bwd import hard_bwd_ds
 from mftk.kernels.reduce import grouped_reduce_bwd
+from mftk.kernels.shrink_expand import shrink_expand
 from mftk.kernels.soft import soft_bwd_ds, soft_fwd_shrink
 from mftk.ops import registry
 
 STRATEGIES = ("addmm", "fused")
-# (shape class -> strategy). Unmeasured: every class defaults to "addmm" until
-# benchmarks/gpu_suite.py has been run on a GPU and the winners are written here.
+# (shape class -> strategy), from the cost model until a GPU measures it (gpu-model.md).
 STRATEGY_TABLE: dict[str, str] = {"small": "addmm", "large": "addmm"}
 _forced: str | None = None
 
@@ -54,7 +55,7 @@ def set_strategy(name: str | None) -> None:
 
 
 def choose_strategy(n: int, d_in: int, d_out: int) -> str:
-    """Strategy for an (N, D_in) -> (N, D_out) layer: forced, else the (unmeasured) table."""
+    """Strategy for an (N, D_in) -> (N, D_out) layer: forced, else the (modelled) table."""
     forced = _forced or os.environ.get("MFTK_TRITON_STRATEGY")
     if forced:
         if forced not in STRATEGIES:
@@ -63,27 +64,13 @@ def choose_strategy(n: int, d_in: int, d_out: int) -> str:
     return STRATEGY_TABLE["large" if n * d_in * d_out >= 2**30 else "small"]
 
 
-def _split(n: int) -> int:
-    """Programs per task in the dA/dRouter reductions: 1 (fixed order) when deterministic."""
-    if torch.are_deterministic_algorithms_enabled():
-        return 1
-    return max(1, min(8, -(-n // 32)))
-
-
-def _reduce(out_shape, out_dtype, left, right, offsets, dtype, **kw) -> Tensor:
-    """grouped_reduce_bwd into a fresh tensor (fp32/fp64 buffer when atomics are used)."""
-    split = kw.pop("split", 1)
-    adt = acc_dtype(dtype)
-    if split > 1:
-        out = torch.zeros(out_shape, dtype=adt, device=left.device)
-    else:
-        out = torch.empty(out_shape, dtype=out_dtype, device=left.device)
-    grouped_reduce_bwd(out, left, right, offsets, dtype, split=split, **kw)
-    return out.to(out_dtype)
+def _fused(n: int, d_in: int, d_out: int, weight: Tensor | None) -> bool:
+    # Without a base weight there is no base GEMM to fuse: the adapters' kernel writes y itself.
+    return weight is not None and choose_strategy(n, d_in, d_out) == "fused"
 
 
 def _base(x: Tensor, weight: Tensor | None, bias: Tensor | None, d_out: int) -> Tensor:
-    """x W^T + b; without weight (the adapters alone), b or zeros. (N, d_out)"""
+    """x W^T + b; without weight (the adapters alone), b or zeros. (N, d_out); N = 0 only."""
     if weight is None:
         y = torch.zeros((x.shape[0], d_out), dtype=x.dtype, device=x.device)
         return y.add_(bias) if bias is not None else y
@@ -97,42 +84,9 @@ def _base_dx(grad_y: Tensor, weight: Tensor | None, d_in: int) -> Tensor:
     return grad_y.mm(weight)
 
 
-def _strategy(n: int, d_in: int, d_out: int, weight: Tensor | None) -> str:
-    # Without a base weight there is no base GEMM to fold the expand into.
-    return "addmm" if weight is None else choose_strategy(n, d_in, d_out)
-
-
-def _base_plus_adapters(
-    a: Tensor,
-    w: Tensor | None,
-    bias: Tensor | None,
-    width: int,
-    dtype: torch.dtype,
-    offsets: Tensor,
-    groups: int,
-    perm: Tensor | None = None,
-    **adapters,
-) -> Tensor:
-    """out = a w^T (+ bias) + the adapter range `adapters` (h, e, extra, coef, scale, h2, e2 of
-    grouped_gemm_fwd), by the strategy for this shape; the rows of y (forward) and dx (backward).
-
-    a: (N, K); w: (width, K) or None (adapters alone: addmm); offsets/groups: the routed groups
-    (hard: plan offsets and T, with perm (N,); soft: a single 0 and 1). returns (N, width), dtype.
-    """
-    n, k = a.shape
-    routed = {} if perm is None else {"perm": perm, "scatter_out": True}
-    if _strategy(n, k, width, w) == "fused":
-        out = torch.empty((n, width), dtype=dtype, device=a.device)
-        # hard routing adds the base-only tail as group T and gathers a's rows in plan order
-        tail = 0 if perm is None else 1
-        grouped_gemm_fwd(
-            out, offsets, groups + tail, dtype, gather_a=perm is not None, a=a, w=w, bias=bias,
-            **routed, **adapters,
-        )  # fmt: skip
-    else:
-        out = _base(a, w, bias, width)
-        grouped_gemm_fwd(out, offsets, groups, dtype, accumulate=True, **routed, **adapters)
-    return out
+def _strides4(t: Tensor, order: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """grouped_reduce_bwd's (so_g, so_t, so_p, so_q) from t's strides; -1 means 0."""
+    return tuple(0 if i < 0 else t.stride(i) for i in order)
 
 
 # --- hard routing -------------------------------------------------------------------------
@@ -161,15 +115,22 @@ def hard_fwd(
     adt = acc_dtype(x.dtype)
     perm, offsets = perm.contiguous(), offsets.to(torch.int64).contiguous()
     s = scaling.to(device=x.device, dtype=adt).contiguous()
-    shrink = torch.zeros((n, r), dtype=adt, device=x.device)
+    shrink = torch.empty((n, r), dtype=adt, device=x.device)
     if n == 0:
         return _base(x, weight, bias, d_out), shrink
-    # S = x[perm] A_t^T over the routed rows, plan order, no padding
-    grouped_gemm_fwd(shrink, offsets, t, x.dtype, perm=perm, gather_a=True, a=x, w=lora_a)
-    h = shrink.unsqueeze(1).expand(n, t, r)  # h[i, t, :] = S[i]: the group picks its own adapter
-    y = _base_plus_adapters(
-        x, weight, bias, d_out, x.dtype, offsets, t, perm, h=h, e=lora_b, extra=1, scale=s
-    )
+    y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
+    if _fused(n, d_in, d_out, weight):
+        shrink_expand(x, lora_a, shrink, perm, offsets, x.dtype)  # S only
+        h = shrink.unsqueeze(1).expand(n, t, r)  # h[i, t, :] = S[i]: the group picks its adapter
+        grouped_gemm_fwd(
+            y, offsets, t + 1, x.dtype, perm=perm, gather_a=True, scatter_out=True, a=x,
+            w=weight, bias=bias, h=h, e=lora_b, extra=1, scale=s,
+        )  # fmt: skip
+        return y, shrink
+    # S and y0 = b + s S B^T in one pass over x; cuBLAS adds x W^T into y0
+    shrink_expand(x, lora_a, shrink, perm, offsets, x.dtype, e=lora_b, scale_out=s, bias=bias, out=y)
+    if weight is not None:
+        y.addmm_(x, weight.t())
     return y, shrink
 
 
@@ -185,7 +146,8 @@ def hard_bwd(
     offsets: Tensor,
     shrink: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dS = s_t dy B_t (fused with dB = s_t dy^T S), dx = [dy | dS] [W ; A_t], dA = dS^T x.
+    """dS = s_t dy B_t with dx0 = dS A_t in one pass over dy, dx = dx0 + dy W (cuBLAS),
+    dB_t = s_t dy_t^T S_t and dA_t = dS_t^T x_t (one program per output tile, no atomics).
 
     grad_y: (N, D_out); other inputs as in hard_fwd; shrink: (N, R) from hard_fwd.
     returns grad_x (N, D_in), grad_lora_a (T, R, D_in), grad_lora_b (T, D_out, R).
@@ -198,40 +160,31 @@ def hard_bwd(
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     if n == 0:
         return _base_dx(grad_y, weight, d_in), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    det = torch.are_deterministic_algorithms_enabled()
-    db_acc = None if det else torch.zeros((t, d_out, r), dtype=adt, device=x.device)
-    ds = hard_bwd_ds(grad_y, lora_b, s, shrink, perm, offsets, db_acc)  # (N, R) plan order
-    if det:
-        grad_b = _reduce(
-            (t, d_out, r),
-            lora_b.dtype,
-            grad_y.unsqueeze(1).expand(n, t, d_out),
-            shrink.unsqueeze(1).expand(n, t, r),
-            offsets,
-            x.dtype,
-            perm=perm,
-            gather_left=True,
-            scale=s,
-        )
-    else:
-        grad_b = db_acc.to(lora_b.dtype)
-    grad_a = _reduce(
-        (t, r, d_in),
-        lora_a.dtype,
-        ds.unsqueeze(1).expand(n, t, r),
-        x.unsqueeze(1).expand(n, t, d_in),
-        offsets,
-        x.dtype,
-        perm=perm,
-        gather_right=True,
-        split=_split(n),
-    )
-    h = ds.unsqueeze(1).expand(n, t, r)
+    ds = torch.empty((n, r), dtype=adt, device=x.device)  # plan order
+    grad_x = torch.empty((n, d_in), dtype=x.dtype, device=x.device)
     e = lora_a.transpose(1, 2)  # (T, D_in, R)
-    w_t = weight.t() if weight is not None else None  # dx = dy W: W^T as the (D_in, D_out) "w"
-    grad_x = _base_plus_adapters(
-        grad_y, w_t, None, d_in, x.dtype, offsets, t, perm, h=h, e=e, extra=1
-    )
+    w_b = lora_b.transpose(1, 2)  # (T, R, D_out): dS = s dy B_t
+    if _fused(n, d_in, d_out, weight):
+        shrink_expand(grad_y, w_b, ds, perm, offsets, x.dtype, scale_in=s)
+        h = ds.unsqueeze(1).expand(n, t, r)
+        grouped_gemm_fwd(
+            grad_x, offsets, t + 1, x.dtype, perm=perm, gather_a=True, scatter_out=True,
+            a=grad_y, w=weight.t(), h=h, e=e, extra=1,
+        )  # fmt: skip
+    else:
+        shrink_expand(grad_y, w_b, ds, perm, offsets, x.dtype, scale_in=s, e=e, out=grad_x)
+        if weight is not None:
+            grad_x.addmm_(grad_y, weight)
+    grad_b = torch.empty_like(lora_b)  # written as dB_t^T (R x D_out) tiles
+    grouped_reduce_bwd(
+        grad_b, _strides4(grad_b, (0, -1, 2, 1)), shrink, grad_y, offsets, x.dtype,
+        groups=t, perm=perm, gather_right=True, scale=s,
+    )  # fmt: skip
+    grad_a = torch.empty_like(lora_a)
+    grouped_reduce_bwd(
+        grad_a, _strides4(grad_a, (0, -1, 1, 2)), ds, x, offsets, x.dtype,
+        groups=t, perm=perm, gather_right=True,
+    )  # fmt: skip
     return grad_x, grad_a, grad_b
 
 
@@ -270,11 +223,14 @@ def soft_fwd(
     logits, probs, shrink = soft_fwd_shrink(
         x, lora_a, router_weight, router_bias, temperature, top_k
     )
-    h = shrink.view(n, t, r)
-    rows = torch.zeros(1, dtype=torch.int64, device=x.device)  # one group: all tokens
-    y = _base_plus_adapters(
-        x, weight, bias, d_out, x.dtype, rows, 1, h=h, e=lora_b, extra=2, coef=probs, scale=s
-    )
+    y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
+    kw = dict(h=shrink.view(n, t, r), e=lora_b, extra=2, coef=probs, scale=s, bias=bias)
+    if _fused(n, d_in, d_out, weight):
+        grouped_gemm_fwd(y, None, 0, x.dtype, a=x, w=weight, **kw)
+    else:
+        grouped_gemm_fwd(y, None, 0, x.dtype, **kw)  # y0 = b + sum_t p s S B^T, write-only
+        if weight is not None:
+            y.addmm_(x, weight.t())
     return y, logits, probs, shrink
 
 
@@ -292,8 +248,9 @@ def soft_bwd(
     shrink: Tensor,
     temperature: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dH = dy B_cat (fused with dB), dS, dp and the softmax backward in its epilogue, then
-    dx = [dy | dS | dL] [W ; A_cat ; Wr], dA = dS^T x, dWr = dL^T x, dbr = sum dL.
+    """G = [dS | dL] from one pass over dy (dH = dy B_cat and the softmax backward), then
+    dB_t = s_t dy^T (p_t S_t), [dA ; dWr] = G^T x with dbr = sum dL (one pass over x), and
+    dx = dy W + G [A_cat ; Wr].
 
     grad_y: (N, D_out); grad_logits: (N, T) or None; probs, shrink: from soft_fwd.
     returns grad_x (N, D_in), grad_lora_a (T, R, D_in), grad_lora_b (T, D_out, R),
@@ -304,7 +261,6 @@ def soft_bwd(
     d_out = lora_b.shape[1]
     adt = acc_dtype(x.dtype)
     s = scaling.to(device=x.device, dtype=adt).contiguous()
-    rw_dtype = router_weight.dtype
     if n == 0:
         return (
             _base_dx(grad_y, weight, d_in),
@@ -313,33 +269,28 @@ def soft_bwd(
             torch.zeros_like(router_weight),
             router_weight.new_zeros((t,)),
         )
-    det = torch.are_deterministic_algorithms_enabled()
-    db_acc = None if det else torch.zeros((t, d_out, r), dtype=adt, device=x.device)
-    ds, dl = soft_bwd_ds(grad_y, grad_logits, lora_b, s, probs, shrink, temperature, db_acc)
-    if det:
-        grad_b = _reduce(
-            (t, d_out, r),
-            lora_b.dtype,
-            grad_y.unsqueeze(1).expand(n, t, d_out),
-            shrink.view(n, t, r),
-            None,
-            x.dtype,
-            coef=probs,
-            scale=s,
-        )
+    g = soft_bwd_ds(grad_y, grad_logits, lora_b, s, probs, shrink, temperature)  # (N, T*R + T)
+    grad_b = torch.empty_like(lora_b)  # column p = (task, rank) of S, row = D_out
+    grouped_reduce_bwd(
+        grad_b, _strides4(grad_b, (-1, 0, 2, 1)), shrink, grad_y, None, x.dtype,
+        psub=r, coef=probs, scale=s,
+    )  # fmt: skip
+    grad_a = torch.empty_like(lora_a)
+    grad_rw = torch.empty_like(router_weight)
+    grad_rb = router_weight.new_empty((t,))
+    grouped_reduce_bwd(
+        grad_a, _strides4(grad_a, (-1, 0, 1, 2)), g, x, None, x.dtype,
+        psub=r, out2=grad_rw, p1=t * r, lsum=grad_rb,
+    )  # fmt: skip
+    grad_x = torch.empty((n, d_in), dtype=x.dtype, device=x.device)
+    kw = dict(h=g[:, : t * r].unflatten(1, (t, r)), e=lora_a.transpose(1, 2), extra=2)
+    kw.update(h2=g[:, t * r :], e2=router_weight.t())
+    if _fused(n, d_in, d_out, weight):
+        grouped_gemm_fwd(grad_x, None, 0, x.dtype, a=grad_y, w=weight.t(), **kw)
     else:
-        grad_b = db_acc.to(lora_b.dtype)
-    split = _split(n)
-    x_t = x.unsqueeze(1).expand(n, t, d_in)
-    grad_a = _reduce((t, r, d_in), lora_a.dtype, ds.view(n, t, r), x_t, None, x.dtype, split=split)
-    grad_rw = _reduce(
-        (1, t, d_in), rw_dtype, dl.view(n, 1, t), x.unsqueeze(1), None, x.dtype, split=split
-    )[0]
-    grad_rb = dl.sum(0).to(rw_dtype)
-    rows = torch.zeros(1, dtype=torch.int64, device=x.device)
-    kw = dict(h=ds.view(n, t, r), e=lora_a.transpose(1, 2), extra=2, h2=dl, e2=router_weight.t())
-    w_t = weight.t() if weight is not None else None
-    grad_x = _base_plus_adapters(grad_y, w_t, None, d_in, x.dtype, rows, 1, **kw)
+        grouped_gemm_fwd(grad_x, None, 0, x.dtype, **kw)  # dx0 = [dS | dL] [A_cat ; Wr]
+        if weight is not None:
+            grad_x.addmm_(grad_y, weight)
     return grad_x, grad_a, grad_b, grad_rw, grad_rb
 
 
