@@ -33,7 +33,7 @@ class Shape:
         return 2 * self.n * self.d_in * self.d_out * (1 if direction == "fwd" else 2)
 
     def flops(self, routing: str, direction: str) -> float:
-        """The cost floor of DESIGN.md: base fwd (+ dx bwd) plus the adapters (and router)."""
+        """docs/ARCHITECTURE.md's cost floor: base fwd (+ dx bwd) plus the adapters (and router)."""
         base = 2 * self.n * self.d_in * self.d_out
         lora = 2 * self.n * self.rank * (self.d_in + self.d_out)
         if routing == "soft":

@@ -21,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 from mftk.kernels._common import (
-    to_op,
     configs,
     dot_meta,
     elem_bytes,
@@ -29,9 +28,10 @@ from mftk.kernels._common import (
     n_bucket,
     pow2,
     pruner,
-    regs_ok,
     register,
+    regs_ok,
     smem_ok,
+    to_op,
 )
 
 _ROWS = [  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages

@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 from mftk.kernels._common import (
-    to_op,
     configs,
     dot_meta,
     elem_bytes,
@@ -27,9 +26,10 @@ from mftk.kernels._common import (
     n_bucket,
     pow2,
     pruner,
-    regs_ok,
     register,
+    regs_ok,
     smem_ok,
+    to_op,
 )
 
 P_CAP = 256  # the largest P block; a larger P is split over the grid (R is read once per block)
@@ -164,7 +164,9 @@ def _grouped_reduce_bwd_kernel(
         + (ps % PSUB)[:, None] * stride_op
         + qs[None, :] * stride_oq
     )
-    tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=(pmask & first)[:, None] & qmask[None, :])
+    tl.store(
+        optrs, acc.to(out_ptr.dtype.element_ty), mask=(pmask & first)[:, None] & qmask[None, :]
+    )
     if HAS_OUT2:
         second = pmask & (ps >= P1)
         o2 = out2_ptr + (ps - P1)[:, None] * stride_o2p + qs[None, :] * stride_o2q

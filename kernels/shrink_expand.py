@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 from mftk.kernels._common import (
-    to_op,
     configs,
     dot_meta,
     elem_bytes,
@@ -25,9 +24,10 @@ from mftk.kernels._common import (
     n_bucket,
     pow2,
     pruner,
-    regs_ok,
     register,
+    regs_ok,
     smem_ok,
+    to_op,
 )
 
 _ROWS = [  # BLOCK_M, BLOCK_K, BLOCK_N, warps, stages

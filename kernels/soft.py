@@ -25,8 +25,8 @@ from mftk.kernels._common import (
     n_bucket,
     pow2,
     pruner,
-    regs_ok,
     register,
+    regs_ok,
     smem_ok,
 )
 

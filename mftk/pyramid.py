@@ -189,9 +189,9 @@ def padding_flops(
     ranks: Sequence[int], tokens: Sequence[int], d_in: int, d_out: int
 ) -> dict[str, float]:
     """FLOPs of the adapters of one layer for a training step (forward + backward), padded vs
-    ragged. ranks, tokens: (T,) per-task rank and token count. One adapter costs 2·n·r·(D_in+D_out)
-    forward and 4·n·r·(D_in+D_out) backward (DESIGN.md's cost model); the frozen base costs
-    2·N·D_in·D_out forward and the same backward (dx only).
+    ragged. ranks, tokens: (T,) per-task rank and token count. One adapter costs
+    2·n·r·(D_in+D_out) forward and 4·n·r·(D_in+D_out) backward (docs/ARCHITECTURE.md, cost floor);
+    the frozen base costs 2·N·D_in·D_out forward and the same backward (dx only).
 
     returns {"padded", "ragged", "overhead" (padded - ragged), "base", "overhead_vs_base"}.
     """

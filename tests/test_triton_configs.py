@@ -13,11 +13,11 @@ import contextlib
 
 import pytest
 import torch
+from mftk.kernels import _common
+from op_cases import make_case
 from test_triton_ops import check_case
 
-from mftk.kernels import _common
 from mftk.ops import triton_ops
-from op_cases import make_case
 
 # which op and strategy launches each kernel
 USES = {

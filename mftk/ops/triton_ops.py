@@ -128,7 +128,9 @@ def hard_fwd(
         )  # fmt: skip
         return y, shrink
     # S and y0 = b + s S B^T in one pass over x; cuBLAS adds x W^T into y0
-    shrink_expand(x, lora_a, shrink, perm, offsets, x.dtype, e=lora_b, scale_out=s, bias=bias, out=y)
+    shrink_expand(
+        x, lora_a, shrink, perm, offsets, x.dtype, e=lora_b, scale_out=s, bias=bias, out=y
+    )
     if weight is not None:
         y.addmm_(x, weight.t())
     return y, shrink
