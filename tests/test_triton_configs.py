@@ -93,3 +93,10 @@ def test_bf16_rounding_is_emulated():
     out = torch.empty(1024)
     _k[(1,)](x, out, ROUND=tl.bfloat16, OP=tl.float32)
     assert torch.equal(out, x.bfloat16().float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_soft_many_columns(dtype):
+    """T*R = 270: the soft kernels walk several column chunks, and [dS | dL] (279 columns) is
+    split over two P blocks of the reduction, the router rows landing in the second."""
+    check_case(make_case(21, 40, 33, 9, 30, mode="soft", dtype=dtype, top_k=3))
