@@ -49,7 +49,7 @@ class Shape:
     rank: int
 
     def flops(self, routing: str, direction: str) -> float:
-        """DESIGN.md's floor: base fwd (+ dx bwd), adapters 2NR(Din+Dout) fwd / 4x bwd."""
+        """docs/ARCHITECTURE.md's floor: base fwd (+ dx bwd), adapters 2NR(Din+Dout) fwd / 4x bwd."""
         base = 2 * self.n * self.d_in * self.d_out
         lora = 2 * self.n * self.rank * (self.d_in + self.d_out)
         router = 0
@@ -293,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--routing", default="hard,soft")
     ap.add_argument("--skip-check", action="store_true", help="skip the correctness step")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under the interpreter")
+    ap.add_argument("--model", action="store_true", help="launch/traffic roofline model, no GPU")
     args = ap.parse_args(argv)
+    if args.model:  # benchmarks/launch_model.py: counts on meta tensors, writes gpu-model.md
+        from launch_model import main as model_main
+
+        return model_main(os.path.join(args.out, "gpu-model.md"), _git_commit())
     global DEV
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             f"commit {_git_commit()}, {now}; torch {torch.__version__}, triton "
             f"{triton.__version__}, mftk {mftk.__version__}; bf16, N tokens as listed, T=8.\n"
             "Times: median ms (triton.testing.do_bench, inputs rotated over "
-            f"{ROTATE} copies); ratio = fwd+bwd / base fwd+bwd; TFLOP/s counts the DESIGN.md "
+            f"{ROTATE} copies); ratio = fwd+bwd / base fwd+bwd; TFLOP/s counts the docs/ARCHITECTURE.md "
             "floor FLOPs (base + adapters + router); peak = extra memory of one fwd+bwd.\n\n"
             "| shape | routing | provider | fwd ms | bwd ms | fwd+bwd ms | x base | TFLOP/s "
             "| peak MB |\n|---|---|---|---|---|---|---|---|---|\n"
