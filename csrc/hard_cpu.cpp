@@ -1,54 +1,191 @@
 // Hard routing on CPU: each token goes to its own task's adapter.
 //   y[n] = x[n] W^T + b + s[t] (x[n] A[t]^T) B[t]^T,   t = task_ids[n]
-// The plan orders all N tokens by task (base-only last), so each task is a contiguous row range.
-// Rows are gathered into plan order once; the base GEMM runs on the gathered rows, each task's
-// rank-R GEMMs add into their slice in place, and one parallel row copy puts the result back in
-// token order. Compared with base-then-scatter-add this saves a read-modify-write pass over y
-// (and grad_x), and every GEMM keeps all intra-op threads.
-#include <torch/extension.h>
+// The plan orders all N tokens by task (base-only last), so each task is a contiguous range of
+// plan rows. Forward and backward are each ONE parallel region over a list of
+// (task, row block, column block) tiles, handed out dynamically (an atomic counter), so a thread
+// that the OS deschedules under load does not hold the others at a barrier per GEMM. A tile
+// gathers its rows into a thread-local block, multiplies it against W and the task's adapter
+// while the block is in cache, and writes its y (grad_x) rows once. The GEMMs inside a tile run
+// single-threaded (nested in the region). Tiny problems skip the region and run the tiles inline.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <c10/core/ScalarType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
 
 #include "mftk.h"
+
+// BLAS entry points that torch's x86 wheels export (MKL); weak, so a torch without them (other
+// platforms) loads this library too and the tiles fall back to at::addmm_out. Calling BLAS
+// directly saves the dispatcher and tensor construction, ~5 us per GEMM, 3-6 GEMMs per tile.
+// MKL_Set_Num_Threads_Local is MKL's C entry point (the lower-case symbol is the Fortran one):
+// at::set_num_threads turns MKL's dynamic mode off, after which a GEMM called inside our
+// parallel region would start its own nested team (4 threads on 2 cores, 10-100x slower).
+extern "C" {
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
 
 namespace mftk {
 
 namespace {
 
-constexpr int64_t kRowGrain = 64;
+// Single-threaded BLAS in this scope (the tiles are the parallelism); restores on exit.
+struct SerialBlas {
+  int prev = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
-// out[i] = src[idx[i]] for i < rows.   src: [N, D] contiguous; out: [rows, D]
-template <typename scalar_t>
-void gather_rows(const at::Tensor& src, const int64_t* idx, int64_t rows, at::Tensor& out) {
-  const int64_t d = src.size(1);
-  const scalar_t* s = src.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      std::memcpy(o + i * d, s + idx[i] * d, d * sizeof(scalar_t));
+constexpr int64_t kRowBlock = 128;      // rows per tile: a single-threaded GEMM is at speed here
+constexpr int64_t kMinCols = 128;       // narrowest column block
+constexpr int64_t kTilesPerThread = 4;  // enough tiles to rebalance when a thread stalls
+constexpr int64_t kSerialMacs = int64_t{1} << 22;  // below this, no parallel region at all
+
+struct Tile {
+  int64_t task;  // -1: base-only rows
+  int64_t row0, rows, col0, cols;
+};
+
+// Tiles covering plan rows [0, n) (groups from offsets; base-only rows last) and columns
+// [0, d_cols). Columns are split only when there are too few row blocks to keep threads busy.
+std::vector<Tile> make_tiles(const int64_t* off, int64_t t_count, int64_t n, int64_t d_cols,
+                             int64_t threads) {
+  int64_t row_tiles = 0;
+  for (int64_t g = 0; g <= t_count; ++g) {
+    const int64_t rows = (g < t_count ? off[g + 1] : n) - off[g];
+    row_tiles += (rows + kRowBlock - 1) / kRowBlock;
+  }
+  int64_t col_blocks = 1;
+  const int64_t want = kTilesPerThread * threads;
+  if (threads > 1 && row_tiles < want) {
+    col_blocks = std::min((want + row_tiles - 1) / std::max<int64_t>(row_tiles, 1),
+                          std::max<int64_t>(d_cols / kMinCols, 1));
+  }
+  const int64_t bn = (d_cols + col_blocks - 1) / col_blocks;
+  std::vector<Tile> tiles;
+  tiles.reserve(row_tiles * col_blocks);
+  for (int64_t g = 0; g <= t_count; ++g) {
+    const int64_t end = g < t_count ? off[g + 1] : n;
+    for (int64_t r = off[g]; r < end; r += kRowBlock)
+      for (int64_t c = 0; c < d_cols; c += bn)
+        tiles.push_back({g < t_count ? g : -1, r, std::min(kRowBlock, end - r), c,
+                         std::min(bn, d_cols - c)});
+  }
+  return tiles;
+}
+
+// Run f(tile index, thread slot) over all tiles: one parallel region with dynamic hand-out, or
+// inline when threads == 1. Slots are < threads.
+template <typename F>
+void run_tiles(int64_t ntiles, int64_t threads, const F& f) {
+  if (threads <= 1 || ntiles <= 1) {
+    SerialBlas serial;
+    for (int64_t i = 0; i < ntiles; ++i) f(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    SerialBlas serial;
+    const int64_t slot = at::get_thread_num();
+    for (int64_t i = next.fetch_add(1); i < ntiles; i = next.fetch_add(1)) f(i, slot);
   });
 }
 
-// dst[idx[i]] = src[i] for i < rows. idx holds distinct rows (a permutation), so no races.
-template <typename scalar_t>
-void scatter_rows(at::Tensor& dst, const int64_t* idx, int64_t rows, const at::Tensor& src) {
-  const int64_t d = dst.size(1);
-  scalar_t* o = dst.data_ptr<scalar_t>();
-  const scalar_t* s = src.data_ptr<scalar_t>();
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      std::memcpy(o + idx[i] * d, s + i * d, d * sizeof(scalar_t));
-  });
+int64_t choose_threads(int64_t n, int64_t d_in, int64_t d_out) {
+  if (n * d_in * d_out < kSerialMacs || at::in_parallel_region()) return 1;
+  return std::max<int64_t>(1, at::get_num_threads());
 }
 
 // A hand-made plan must not send the row loops out of bounds.
-void check_plan(const int64_t* off, int64_t t_count, const int64_t* perm, int64_t n) {
+void check_plan(const at::Tensor& perm, const at::Tensor& offsets, int64_t t_count, int64_t n) {
+  TORCH_CHECK(perm.numel() == n, "perm: expected (N,) = (", n, ",), got ", perm.sizes());
+  TORCH_CHECK(offsets.numel() == t_count + 1, "offsets: expected (T + 1,) = (", t_count + 1,
+              ",), got ", offsets.sizes());
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* p = perm.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[t_count] <= n, "offsets: expected 0 <= ... <= N = ", n);
   for (int64_t t = 0; t < t_count; ++t)
     TORCH_CHECK(off[t] <= off[t + 1], "offsets: expected non-decreasing, task ", t);
-  for (int64_t i = 0; i < off[t_count]; ++i)
-    TORCH_CHECK(perm[i] >= 0 && perm[i] < n, "perm: entry ", i, " = ", perm[i], " out of [0, N)");
+  // Every row is read and written through perm, so all N entries must be in range.
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < n, "perm: entry ", i, " = ", p[i], " out of [0, N)");
+}
+
+// dst[r, :cols] = src[idx[r], col0 : col0 + cols]
+template <typename scalar_t>
+void gather(scalar_t* dst, const scalar_t* src, int64_t ld_src, const int64_t* idx, int64_t rows,
+            int64_t col0, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * cols, src + idx[r] * ld_src + col0, cols * sizeof(scalar_t));
+}
+
+// dst[idx[r], col0 : col0 + cols] = src[r, :cols]
+template <typename scalar_t>
+void scatter(scalar_t* dst, int64_t ld_dst, const scalar_t* src, const int64_t* idx, int64_t rows,
+             int64_t col0, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + idx[r] * ld_dst + col0, src + r * cols, cols * sizeof(scalar_t));
+}
+
+// dst[r, c] += src[r, c] for a (rows, cols) block; dst row stride ld.
+template <typename scalar_t>
+void add_block(scalar_t* dst, int64_t ld, const scalar_t* src, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] += src[r * cols + c];
+}
+
+// BLAS when torch exports it, unless MFTK_CPU_ATEN_GEMM=1 (the fallback, tested on x86 too).
+bool use_blas() {
+  static const bool blas = sgemm_ != nullptr && dgemm_ != nullptr &&
+                           std::getenv("MFTK_CPU_ATEN_GEMM") == nullptr;
+  return blas;
+}
+
+// Row-major C[m, n] = alpha op(A) op(B) + beta C, single-threaded inside a tile. op(A) is
+// [m, k]: A stored [m, k] (ta false) or [k, m] (ta true), row stride lda; likewise B. beta == 0
+// ignores C's contents. Column-major BLAS computes C^T = op(B)^T op(A)^T.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char na = tb ? 'T' : 'N', nb = ta ? 'T' : 'N';
+  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if (use_blas()) {
+    if constexpr (std::is_same_v<T, float>) {
+      return sgemm_(&na, &nb, &im, &in, &ik, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    } else {
+      return dgemm_(&na, &nb, &im, &in, &ik, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    }
+  }
+  const auto o = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto mat = [&](const T* p, bool tr, int64_t r, int64_t cols, int64_t ld) {
+    auto t = at::from_blob(const_cast<T*>(p), {tr ? cols : r, tr ? r : cols}, {ld, 1}, o);
+    return tr ? t.t() : t;
+  };
+  auto cm = at::from_blob(c, {m, n}, {ldc, 1}, o);
+  at::addmm_out(cm, cm, mat(a, ta, m, k, lda), mat(b, tb, k, n, ldb), beta, alpha);
 }
 
 }  // namespace
@@ -81,31 +218,71 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
   const int64_t n = x.size(0), t_count = lora_a.size(0), rank = lora_a.size(1);
   const int64_t d_in = x.size(1), d_out = lora_b.size(1);
   auto xc = x.to(cdt).contiguous();
-  auto shrink = at::zeros({n, rank}, xc.options());
   auto off_t = offsets.to(at::kLong).contiguous();
   auto perm_t = perm.to(at::kLong).contiguous();
+  check_plan(perm_t, off_t, t_count, n);
   const int64_t* off = off_t.data_ptr<int64_t>();
   const int64_t* pp = perm_t.data_ptr<int64_t>();
-  TORCH_CHECK(perm.numel() == n && offsets.numel() == t_count + 1, "perm/offsets: plan shape");
-  check_plan(off, t_count, pp, n);
-  if (off[t_count] == 0) return {base_forward(xc, weight, bias, d_out).to(x.scalar_type()), shrink};
-  auto a = lora_a.to(cdt).contiguous();
-  auto b = lora_b.to(cdt).contiguous();
+  auto shrink = at::zeros({n, rank}, xc.options());  // plan order
+  if (off[t_count] == 0 || n == 0)
+    return {base_forward(xc, weight, bias, d_out).to(x.scalar_type()), shrink};
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  auto w = has_w ? weight->to(cdt).contiguous() : at::Tensor();  // [D_out, D_in]
+  auto bias_c = has_b ? bias->to(cdt).contiguous() : at::Tensor();
+  auto a = lora_a.to(cdt).contiguous();  // [T, R, D_in]
+  auto b = lora_b.to(cdt).contiguous();  // [T, D_out, R]
   auto s = scaling.to(at::kDouble).contiguous();
   const double* sp = s.data_ptr<double>();
   auto y = at::empty({n, d_out}, xc.options());
+
+  const int64_t threads = choose_threads(n, d_in, d_out);
+  const auto tiles = make_tiles(off, t_count, n, d_out, threads);
+  const int64_t bn = tiles.front().cols;
+  auto opt = xc.options();
+  // Per thread slot: x block [bm, D_in], y block [bm, bn], shrink block [bm, R].
+  auto xbuf = at::empty({threads, kRowBlock, d_in}, opt);
+  auto ybuf = at::empty({threads, kRowBlock, bn}, opt);
+  auto sbuf = at::empty({threads, kRowBlock, rank}, opt);
   AT_DISPATCH_FLOATING_TYPES(cdt, "hard_fwd_cpu", [&] {
-    auto xs = at::empty({n, d_in}, xc.options());  // [N, D_in], plan order
-    gather_rows<scalar_t>(xc, pp, n, xs);
-    auto ys = base_forward(xs, weight, bias, d_out).contiguous();  // [N, D_out], plan order
-    for (int64_t t = 0; t < t_count; ++t) {
-      const int64_t rows = off[t + 1] - off[t];
-      if (rows == 0) continue;
-      auto s_t = shrink.narrow(0, off[t], rows);  // [rows, R]
-      at::mm_out(s_t, xs.narrow(0, off[t], rows), a[t].t());
-      ys.narrow(0, off[t], rows).addmm_(s_t, b[t].t(), 1.0, sp[t]);  // += s S B^T
-    }
-    scatter_rows<scalar_t>(y, pp, n, ys);
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* wp = has_w ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* biasp = has_b ? bias_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* shp = shrink.data_ptr<scalar_t>();
+    run_tiles(static_cast<int64_t>(tiles.size()), threads, [&](int64_t i, int64_t slot) {
+      const Tile& tl = tiles[i];
+      const int64_t* idx = pp + tl.row0;
+      scalar_t* xb_p = xbuf.data_ptr<scalar_t>() + slot * kRowBlock * d_in;
+      scalar_t* yb_p = ybuf.data_ptr<scalar_t>() + slot * kRowBlock * bn;
+      gather(xb_p, xp, d_in, idx, tl.rows, 0, d_in);
+      const int64_t rows = tl.rows, cols = tl.cols, c0 = tl.col0;
+      for (int64_t r = 0; r < rows; ++r) {  // y block starts as the bias (or zeros)
+        scalar_t* yr = yb_p + r * cols;
+        if (has_b) {
+          std::memcpy(yr, biasp + c0, cols * sizeof(scalar_t));
+        } else {
+          std::fill(yr, yr + cols, scalar_t(0));
+        }
+      }
+      if (has_w)  // y += x_blk W[cols]^T     [rows, cols]
+        gemm<scalar_t>(false, true, rows, cols, d_in, 1, xb_p, d_in, wp + c0 * d_in, d_in, 1,
+                       yb_p, cols);
+      if (tl.task >= 0) {
+        const int64_t t = tl.task;
+        // S = x_blk A_t^T [rows, R]; the first column block keeps it (plan order) for backward.
+        scalar_t* sb_p = c0 == 0 ? shp + tl.row0 * rank
+                                 : sbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
+        gemm<scalar_t>(false, true, rows, rank, d_in, 1, xb_p, d_in, ap + t * rank * d_in, d_in,
+                       0, sb_p, rank);
+        // y += s_t S B_t[cols]^T
+        gemm<scalar_t>(false, true, rows, cols, rank, static_cast<scalar_t>(sp[t]), sb_p, rank,
+                       bp + (t * d_out + c0) * rank, rank, 1, yb_p, cols);
+      }
+      scatter(yp, d_out, yb_p, idx, tl.rows, tl.col0, tl.cols);
+    });
   });
   return {y.to(x.scalar_type()), shrink};
 }
@@ -123,44 +300,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
   auto grad_b = at::zeros({t_count, d_out, rank}, gy.options());
   auto off_t = offsets.to(at::kLong).contiguous();
   auto perm_t = perm.to(at::kLong).contiguous();
+  check_plan(perm_t, off_t, t_count, n);
   const int64_t* off = off_t.data_ptr<int64_t>();
   const int64_t* pp = perm_t.data_ptr<int64_t>();
-  TORCH_CHECK(perm.numel() == n && offsets.numel() == t_count + 1, "perm/offsets: plan shape");
-  check_plan(off, t_count, pp, n);
-  at::Tensor grad_x;
-  if (off[t_count] == 0) {
-    grad_x = base_grad_x(gy, weight, d_in);
-  } else {
-    auto xc = x.to(cdt).contiguous();
-    auto sh = shrink.to(cdt).contiguous();
-    auto a = lora_a.to(cdt).contiguous();
-    auto b = lora_b.to(cdt).contiguous();
-    auto s = scaling.to(at::kDouble).contiguous();
-    const double* sp = s.data_ptr<double>();
-    const int64_t routed = off[t_count];
-    grad_x = at::empty({n, d_in}, gy.options());
-    AT_DISPATCH_FLOATING_TYPES(cdt, "hard_bwd_cpu", [&] {
-      auto dys = at::empty({n, d_out}, gy.options());    // [N, D_out], plan order
-      auto xs = at::empty({routed, d_in}, gy.options());  // [routed, D_in]
-      gather_rows<scalar_t>(gy, pp, n, dys);
-      gather_rows<scalar_t>(xc, pp, routed, xs);
-      auto dxs = base_grad_x(dys, weight, d_in).contiguous();  // [N, D_in], plan order
-      for (int64_t t = 0; t < t_count; ++t) {
-        const int64_t rows = off[t + 1] - off[t];
-        if (rows == 0) continue;
-        auto dy_t = dys.narrow(0, off[t], rows);
-        auto s_t = sh.narrow(0, off[t], rows);                 // [rows, R]
-        auto gb_t = grad_b[t];
-        at::mm_out(gb_t, dy_t.t(), s_t);                       // dB = s dy^T S
-        gb_t.mul_(sp[t]);
-        auto ds = at::mm(dy_t, b[t]).mul_(sp[t]);              // dS = s dy B  [rows, R]
-        auto ga_t = grad_a[t];
-        at::mm_out(ga_t, ds.t(), xs.narrow(0, off[t], rows));  // dA = dS^T x
-        dxs.narrow(0, off[t], rows).addmm_(ds, a[t]);          // dx += dS A
-      }
-      scatter_rows<scalar_t>(grad_x, pp, n, dxs);
-    });
+  TORCH_CHECK(shrink.dim() == 2 && shrink.size(0) == n && shrink.size(1) == rank,
+              "shrink: expected (N, R) = (", n, ", ", rank, "), got ", shrink.sizes());
+  if (off[t_count] == 0 || n == 0) {
+    return {base_grad_x(gy, weight, d_in).to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
+            grad_b.to(lora_b.scalar_type())};
   }
+  const bool has_w = weight.has_value() && weight->defined();
+  auto w = has_w ? weight->to(cdt).contiguous() : at::Tensor();  // [D_out, D_in]
+  auto xc = x.to(cdt).contiguous();
+  auto sh = shrink.to(cdt).contiguous();  // [N, R], plan order
+  auto a = lora_a.to(cdt).contiguous();
+  auto b = lora_b.to(cdt).contiguous();
+  auto s = scaling.to(at::kDouble).contiguous();
+  const double* sp = s.data_ptr<double>();
+  auto grad_x = at::empty({n, d_in}, gy.options());
+
+  const int64_t threads = choose_threads(n, d_in, d_out);
+  const auto tiles = make_tiles(off, t_count, n, d_in, threads);
+  const int64_t bn = tiles.front().cols;
+  auto opt = gy.options();
+  // Per thread slot: dy block [bm, D_out], x block and dx block [bm, bn], dS [bm, R], and the
+  // partial weight gradients dA [R, bn] and dB [D_out, R] that are added under the task's lock.
+  auto dybuf = at::empty({threads, kRowBlock, d_out}, opt);
+  auto xbuf = at::empty({threads, kRowBlock, bn}, opt);
+  auto dxbuf = at::empty({threads, kRowBlock, bn}, opt);
+  auto dsbuf = at::empty({threads, kRowBlock, rank}, opt);
+  auto gabuf = at::empty({threads, rank, bn}, opt);
+  auto gbbuf = at::empty({threads, d_out, rank}, opt);
+  std::unique_ptr<std::mutex[]> locks(new std::mutex[t_count]);
+  AT_DISPATCH_FLOATING_TYPES(cdt, "hard_bwd_cpu", [&] {
+    const scalar_t* dyp = gy.data_ptr<scalar_t>();
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* wp = has_w ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* shp = sh.data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    run_tiles(static_cast<int64_t>(tiles.size()), threads, [&](int64_t i, int64_t slot) {
+      const Tile& tl = tiles[i];
+      const int64_t* idx = pp + tl.row0;
+      scalar_t* dyb_p = dybuf.data_ptr<scalar_t>() + slot * kRowBlock * d_out;
+      scalar_t* dxb_p = dxbuf.data_ptr<scalar_t>() + slot * kRowBlock * bn;
+      gather(dyb_p, dyp, d_out, idx, tl.rows, 0, d_out);
+      const int64_t rows = tl.rows, cols = tl.cols, c0 = tl.col0;
+      if (has_w) {  // dx = dy W[:, cols]     [rows, cols]
+        gemm<scalar_t>(false, false, rows, cols, d_out, 1, dyb_p, d_out, wp + c0, d_in, 0, dxb_p,
+                       cols);
+      } else {
+        std::fill(dxb_p, dxb_p + rows * cols, scalar_t(0));
+      }
+      if (tl.task >= 0) {
+        const int64_t t = tl.task;
+        const scalar_t st = static_cast<scalar_t>(sp[t]);
+        scalar_t* ds_p = dsbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
+        // dS = s dy B_t   [rows, R]
+        gemm<scalar_t>(false, false, rows, rank, d_out, st, dyb_p, d_out, bp + t * d_out * rank,
+                       rank, 0, ds_p, rank);
+        // dx += dS A_t[:, cols]
+        gemm<scalar_t>(false, false, rows, cols, rank, 1, ds_p, rank, ap + t * rank * d_in + c0,
+                       d_in, 1, dxb_p, cols);
+        scalar_t* xb_p = xbuf.data_ptr<scalar_t>() + slot * kRowBlock * bn;
+        gather(xb_p, xp, d_in, idx, rows, c0, cols);
+        scalar_t* ga_p = gabuf.data_ptr<scalar_t>() + slot * rank * bn;
+        // dA part = dS^T x_blk[:, cols]   [R, cols]
+        gemm<scalar_t>(true, false, rank, cols, rows, 1, ds_p, rank, xb_p, cols, 0, ga_p, cols);
+        scalar_t* gb_p = nullptr;
+        if (c0 == 0) {  // dB part = s dy^T S   [D_out, R]
+          gb_p = gbbuf.data_ptr<scalar_t>() + slot * d_out * rank;
+          gemm<scalar_t>(true, false, d_out, rank, rows, st, dyb_p, d_out, shp + tl.row0 * rank,
+                         rank, 0, gb_p, rank);
+        }
+        std::lock_guard<std::mutex> guard(locks[t]);
+        add_block(grad_a.data_ptr<scalar_t>() + t * rank * d_in + tl.col0, d_in, ga_p, rank,
+                  tl.cols);
+        if (gb_p != nullptr)
+          add_block(grad_b.data_ptr<scalar_t>() + t * d_out * rank, rank, gb_p, d_out, rank);
+      }
+      scatter(gxp, d_in, dxb_p, idx, tl.rows, tl.col0, tl.cols);
+    });
+  });
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type())};
 }

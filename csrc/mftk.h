@@ -1,7 +1,9 @@
 // mftk CPU ops: declarations shared by the registration and the kernels.
 // Shapes: N tokens, D_in -> D_out, T tasks, R rank. Compute dtype: fp64 for fp64 inputs, else fp32.
 #pragma once
-#include <ATen/ATen.h>
+// Light headers only (the Tensor class, per-op headers in the .cpp files): no torch/extension.h,
+// which costs ~20 s of compile time per translation unit.
+#include <ATen/core/Tensor.h>
 #include <optional>
 #include <tuple>
 

@@ -1,5 +1,7 @@
 // Routing plan on CPU: a stable counting sort of task ids (histogram, exclusive scan, scatter).
-#include <torch/extension.h>
+#include <ATen/ops/empty.h>
+
+#include <vector>
 
 #include "mftk.h"
 

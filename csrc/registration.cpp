@@ -1,7 +1,9 @@
 // Schemas of the mftk:: ops and their CPU kernels. weight may be None: the adapters alone (a
-// base computed elsewhere, e.g. a 4-bit layer, is added by the caller). Fake (meta) kernels and autograd are registered
-// from Python (mftk/ops/registry.py); CUDA tensors use the Triton kernels in kernels/.
-#include <torch/extension.h>
+// base computed elsewhere, e.g. a 4-bit layer, is added by the caller). Fake (meta) kernels and
+// autograd are registered from Python (mftk/ops/registry.py); CUDA tensors use the Triton kernels
+// in kernels/. Only torch/library.h and Python.h here: no pybind11, no torch/extension.h.
+#include <Python.h>
+#include <torch/library.h>
 
 #include "mftk.h"
 
@@ -33,5 +35,11 @@ TORCH_LIBRARY_IMPL(mftk, CPU, m) {
   m.impl("soft_bwd", &mftk::soft_bwd_cpu);
 }
 
-// Importing mftk._C loads the library above; it exposes no Python functions of its own.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "mftk CPU ops (torch.ops.mftk.*)"; }
+// Importing mftk._C runs the static registrations above; the module has no functions of its own.
+#define MFTK_PYINIT_(name) PyInit_##name
+#define MFTK_PYINIT(name) MFTK_PYINIT_(name)
+PyMODINIT_FUNC MFTK_PYINIT(TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "mftk._C", "mftk CPU ops (torch.ops.mftk.*)", -1,
+                            nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}

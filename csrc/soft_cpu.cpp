@@ -2,7 +2,11 @@
 //   p = softmax(topk_mask((x Wr^T + br) / temperature))
 //   y = x W^T + b + sum_t p[:, t] s[t] (x A[t]^T) B[t]^T
 // It is a rank T*R LoRA with per-token column scaling, so it runs as whole-batch GEMMs.
-#include <torch/extension.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/softmax.h>
 
 #include <limits>
 

@@ -1,0 +1,101 @@
+"""The CPU hard-routing kernel's tiled, threaded path (csrc/hard_cpu.cpp) against the float64
+reference: shapes large enough for a parallel region, several row blocks per task, column blocks
+split when row blocks are few, and one or two threads."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from op_cases import make_case
+from test_op_cpu import check_case
+
+import mftk
+
+SHAPES = [  # (N, D_in, D_out, T, R): above the serial threshold (N * D_in * D_out >= 2^22)
+    (700, 96, 200, 3, 8),  # several 128-row blocks per task
+    (200, 300, 520, 2, 16),  # few row blocks: columns split (forward over D_out, backward D_in)
+    (513, 129, 257, 5, 1),  # awkward sizes, rank 1
+]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_hard_tiled(shape, dtype, threads):
+    n, d_in, d_out, t, r = shape
+    check_case(make_case(n, d_in, d_out, t, r, "hard", dtype))
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        lambda n: torch.full((n,), -1),  # base only: the ATen path
+        lambda n: torch.tensor([1] * (n - 3) + [-1] * 3),  # one task, a short base-only tail
+        lambda n: torch.arange(n) % 2 * 2,  # tasks 0 and 2 interleaved, task 1 empty
+    ],
+    ids=["all_minus_one", "single_task", "empty_task"],
+)
+def test_hard_tiled_routing_edges(ids, threads):
+    check_case(make_case(400, 64, 300, 3, 4, "hard", torch.float64, ids=ids(400)))
+
+
+def test_hard_tiled_no_bias(threads):
+    check_case(make_case(600, 80, 160, 4, 8, "hard", torch.float64, bias=False))
+
+
+def test_hard_tiled_adapters_alone(threads):
+    """weight=None: y is the bias plus the adapters, and grad_x comes from the adapters alone."""
+    case = make_case(600, 80, 160, 4, 8, "hard", torch.float64)
+    kw = case.kwargs()
+    args = (case.x, None, case.lora_a, case.lora_b)
+    got = mftk.multi_adapter_linear(*args, **kw)
+    ref = mftk.multi_adapter_linear(*args, backend="reference", **kw)
+    g = torch.randn_like(ref)
+    leaves = [case.x, case.lora_a, case.lora_b, case.bias]
+    for name, a, b in zip(
+        ["y", "grad_x", "grad_lora_a", "grad_lora_b", "grad_bias"],
+        [got, *torch.autograd.grad(got, leaves, g)],
+        [ref, *torch.autograd.grad(ref, leaves, g)],
+    ):
+        err = (a - b).abs().max().item()
+        assert err < 1e-10, f"{name}: max error {err:.3g}"
+
+
+def test_hard_bwd_rejects_bad_shrink():
+    case = make_case(300, 64, 64, 2, 4, "hard", torch.float32)
+    plan = mftk.build_plan(case.task_ids, 2)
+    s = torch.ones(2)
+    x, w, a, b = (t.detach() for t in (case.x, case.weight, case.lora_a, case.lora_b))
+    with pytest.raises(RuntimeError, match="shrink"):
+        torch.ops.mftk.hard_bwd(
+            torch.ones(300, 64), x, w, a, b, s, plan.perm, plan.offsets, torch.zeros(300, 3)
+        )
+
+
+def test_aten_gemm_fallback_matches(tmp_path):
+    """MFTK_CPU_ATEN_GEMM=1 runs the tiles through at::addmm_out, as on a torch without BLAS
+    symbols: same results as the float64 reference."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from op_cases import make_case\n"
+        "from test_op_cpu import check_case\n"
+        "torch.set_num_threads(2)\n"
+        "for dt in (torch.float64, torch.float32):\n"
+        "    check_case(make_case(200, 300, 520, 2, 16, 'hard', dt))\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, MFTK_CPU_ATEN_GEMM="1")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
