@@ -63,7 +63,18 @@ def _scaling_tensor(scaling: float | Tensor, num_tasks: int, x: Tensor) -> Tenso
             .expand(num_tasks)
             .contiguous()
         )
-    return torch.full((num_tasks,), float(scaling), dtype=dt, device=x.device)
+    if torch.compiler.is_compiling():
+        return torch.full((num_tasks,), float(scaling), dtype=dt, device=x.device)
+    key = (float(scaling), num_tasks, dt, x.device)
+    s = _SCALINGS.get(key)
+    if s is None:  # one small fill launch per distinct constant, not one per layer call
+        if len(_SCALINGS) >= 64:
+            _SCALINGS.clear()
+        s = _SCALINGS[key] = torch.full((num_tasks,), float(scaling), dtype=dt, device=x.device)
+    return s
+
+
+_SCALINGS: dict[tuple, Tensor] = {}
 
 
 def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> RoutingPlan:

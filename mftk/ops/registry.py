@@ -94,12 +94,15 @@ def _hard_autograd(bwd: Callable):
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scaling, perm, offsets = inputs
         _, shrink = output
+        ctx.set_materialize_grads(False)  # no zero-filled launch for the unused shrink's grad
         ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[1]
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[2]
         ctx.save_for_backward(x, weight, lora_a, lora_b, scaling, perm, offsets, shrink)
 
     def backward(ctx, grad_y, _grad_shrink):
         x, weight, lora_a, lora_b, scaling, perm, offsets, shrink = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = x.new_zeros((x.shape[0], lora_b.shape[1]))
         grad_x, grad_a, grad_b = bwd(
             grad_y.contiguous(), x, weight, lora_a, lora_b, scaling, perm, offsets, shrink
         )
@@ -114,6 +117,7 @@ def _soft_autograd(bwd: Callable):
     def setup_context(ctx, inputs, output):
         x, weight, bias, lora_a, lora_b, scaling, router_w, router_b, temperature, _ = inputs
         _, _, probs, shrink = output
+        ctx.set_materialize_grads(False)  # probs and shrink are never differentiated through
         ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[1]
         ctx.bias_needs_grad = bias is not None and ctx.needs_input_grad[2]
         ctx.has_router_bias = router_b is not None
