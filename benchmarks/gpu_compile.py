@@ -4,21 +4,15 @@
     python benchmarks/gpu_compile.py --ci     # representative subset (a few minutes, 2 workers)
     python benchmarks/gpu_compile.py --json out.json
 
-1. Record: Autotuner.run and JITFunction.run are patched to record each launch (kernel, bound
-   args, constexpr kwargs, autotuner) and return without launching; the four custom ops
-   (mftk.ops.triton_ops.{hard,soft}_{fwd,bwd}) then run on small CPU tensors (N=256, D=1024) over
-   dtypes, T*R, strategies, determinism, bias, router bias and top_k. Outputs are garbage.
-   Nothing is hard-coded: whatever kernels the ops launch are what gets compiled.
-2. Specialise: each launch goes through Triton's own binder (signature, int/pointer
-   specialisation, divisibility-16 attrs) for a CUDA target of capability 80 and 90, and is
-   deduplicated by (kernel, signature, launch constexprs, attrs).
-3. Compile every config the arch's pruner keeps (mftk.kernels._common.configs_for_arch when it
-   exists, else all autotuner configs; a non-autotuned launch is one config) with triton.compile,
-   then run the bundled ptxas -v on the PTX for registers and spills; shared memory comes from
-   the compiled metadata.
-Gate: a compile error, shared memory over the limit (SHARED_LIMIT) or any spill fails it. Configs
-the pruner drops are reported as "pruned". Must run without TRITON_INTERPRET (main() drops it
-before triton is imported; the tests call this file in a subprocess).
+Launches are recorded, not run (Autotuner.run / JITFunction.run patched), while the four custom
+ops run on small CPU tensors (N=256, D=1024) over dtypes, T*R, strategies, determinism, bias,
+router bias and top_k: no kernel list. Each launch goes through Triton's own binder for a cuda
+target of capability 80 and 90 (signature, specialisation, divisibility attrs), deduplicated by
+(kernel, signature, constexprs, attrs); every config the arch's pruner keeps
+(mftk.kernels._common.configs_for_arch if present, else all; a plain @jit launch: one config) is
+compiled with triton.compile: registers and spills from its ptxas -v, shared from the metadata.
+Fails on a compile error, shared memory over SHARED_LIMIT or any spill; configs the pruner drops
+are "pruned". Runs without TRITON_INTERPRET (main() drops it before importing triton).
 """
 
 from __future__ import annotations
@@ -27,12 +21,11 @@ import argparse
 import contextlib
 import inspect
 import io
+import itertools
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -43,12 +36,9 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
-# --- 1. recording launches ----------------------------------------------------------------
-
-
 @dataclass
 class Launch:
-    """One intercepted kernel launch. args/kwargs: as passed to run (no grid/warmup)."""
+    """One intercepted launch; args/kwargs as passed to run (no grid/warmup)."""
 
     jit: object  # triton JITFunction
     autotuner: object | None  # triton Autotuner (outermost) or None
@@ -56,9 +46,7 @@ class Launch:
     kwargs: dict
     launcher: object | None  # the Python function that launched it (first frame outside triton)
 
-    @property
-    def name(self) -> str:
-        return self.jit.fn.__name__
+    name = property(lambda self: self.jit.fn.__name__)
 
     def named_args(self) -> dict:
         return {**dict(zip(self.jit.arg_names, self.args)), **self.kwargs}
@@ -74,12 +62,10 @@ def _unwrap(obj):
 
 def _launcher(frame) -> object | None:
     """The first caller outside triton: the launcher function (for an optional `traffic`)."""
-    while frame is not None:
-        mod = frame.f_globals.get("__name__", "")
-        if not (mod.startswith("triton") or mod == __name__):
-            return frame.f_globals.get(frame.f_code.co_name)
+    own = ("triton", __name__)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(own):
         frame = frame.f_back
-    return None
+    return None if frame is None else frame.f_globals.get(frame.f_code.co_name)
 
 
 @contextlib.contextmanager
@@ -123,17 +109,10 @@ TR = [(1, 16), (8, 16), (8, 64), (16, 128)]  # T*R = 16, 128, 512, 2048
 
 
 def full_matrix() -> list[Case]:
-    out = []
-    for dt in DTYPES:
-        for t, r in TR:
-            for strat in ("addmm", "fused"):
-                for det in (False, True):
-                    for bias in (False, True):
-                        out.append(Case("hard", dt, t, r, strat, det, bias))
-                        for rb in (False, True):
-                            for k in (0, 2):
-                                if k < t:
-                                    out.append(Case("soft", dt, t, r, strat, det, bias, rb, k))
+    out, two = [], (False, True)
+    for dt, (t, r), st, det, bias in itertools.product(DTYPES, TR, ("addmm", "fused"), two, two):
+        out.append(Case("hard", dt, t, r, st, det, bias))
+        out += [Case("soft", dt, t, r, st, det, bias, rb, k) for rb in two for k in (0, 2) if k < t]
     return out
 
 
@@ -151,20 +130,16 @@ def ci_matrix() -> list[Case]:
     ]
 
 
-def run_case(case: Case, n: int = 256, d: int = 1024, device: str = "cpu") -> None:
+def run_case(case: Case, n: int = 256, d: int = 1024) -> None:
     """Call the forward and backward op bodies of one case (inside record_launches)."""
     import torch
 
     from mftk.ops import triton_ops
 
-    dt = getattr(torch, DTYPES[case.dtype])
-    t, r = case.t, case.r
-    g = torch.Generator().manual_seed(0)
+    t, r, g = case.t, case.r, torch.Generator().manual_seed(0)
 
-    def rnd(*s, dtype=dt):
-        if device == "meta":
-            return torch.empty(*s, dtype=dtype, device="meta")
-        return torch.randn(*s, generator=g).to(dtype)
+    def rnd(*s, dtype=None):
+        return torch.randn(*s, generator=g).to(dtype or getattr(torch, DTYPES[case.dtype]))
 
     x, w, dy = rnd(n, d), rnd(d, d), rnd(n, d)
     b = rnd(d) if case.bias else None
@@ -174,21 +149,17 @@ def run_case(case: Case, n: int = 256, d: int = 1024, device: str = "cpu") -> No
     torch.use_deterministic_algorithms(case.det)
     try:
         if case.routing == "hard":
-            perm = torch.randperm(n, generator=g).to(device)
-            offsets = torch.linspace(0, n * t / (t + 1), t + 1).to(torch.int64).to(device)
-            y, shrink = triton_ops.hard_fwd(x, w, b, a, bb, s, perm, offsets)
+            perm = torch.randperm(n, generator=g)  # a base-only tail after offsets[T]
+            offsets = torch.linspace(0, n * t / (t + 1), t + 1).to(torch.int64)
+            _, shrink = triton_ops.hard_fwd(x, w, b, a, bb, s, perm, offsets)
             triton_ops.hard_bwd(dy, x, w, a, bb, s, perm, offsets, shrink)
         else:
-            rw = rnd(t, d)
-            rb = rnd(t) if case.rbias else None
-            y, logits, probs, shrink = triton_ops.soft_fwd(x, w, b, a, bb, s, rw, rb, 1.0, case.top_k)
+            rw, rb = rnd(t, d), rnd(t) if case.rbias else None
+            _, _, probs, shrink = triton_ops.soft_fwd(x, w, b, a, bb, s, rw, rb, 1.0, case.top_k)
             triton_ops.soft_bwd(dy, None, x, w, a, bb, s, rw, probs, shrink, 1.0)
     finally:
         triton_ops.set_strategy(None)
         torch.use_deterministic_algorithms(prev_det)
-
-
-# --- 2. specialisation and pruning --------------------------------------------------------
 
 
 def _configs(launch: Launch, arch: int) -> tuple[list, list]:
@@ -196,8 +167,10 @@ def _configs(launch: Launch, arch: int) -> tuple[list, list]:
     import triton
 
     if launch.autotuner is None:
-        opts = {k: launch.kwargs[k] for k in OPTION_KEYS if k in launch.kwargs}
-        cfg = triton.Config({}, num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3))
+        kw = launch.kwargs
+        cfg = triton.Config(
+            {}, num_warps=kw.get("num_warps", 4), num_stages=kw.get("num_stages", 3)
+        )
         return [cfg], [cfg]
     configs = list(launch.autotuner.configs)
     try:
@@ -231,18 +204,12 @@ def specialize(launch: Launch, cfg, arch: int) -> dict:
     bound, spec, opts = binder(*launch.args, **kwargs)
     _, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, spec, opts)
     names = jit.arg_names
-    options = {k: v for k, v in kwargs.items() if k in OPTION_KEYS and v is not None}
-    return dict(
-        module=jit.fn.__module__,
-        name=jit.fn.__name__,
-        signature=signature,
-        constexprs={names[k[0]]: v for k, v in constexprs.items()},
-        attrs={names[k[0]]: v for k, v in attrs.items() if v},
-        options=options,
-        arch=arch,
-        config=_cfg_str(cfg),
-        config_keys=sorted(cfg.kwargs),
-    )
+    sp = {"module": jit.fn.__module__, "name": jit.fn.__name__, "signature": signature}
+    sp["constexprs"] = {names[k[0]]: v for k, v in constexprs.items()}
+    sp["attrs"] = {names[k[0]]: v for k, v in attrs.items() if v}
+    sp["options"] = {k: v for k, v in kwargs.items() if k in OPTION_KEYS and v is not None}
+    sp.update(arch=arch, config=_cfg_str(cfg), config_keys=sorted(cfg.kwargs))
+    return sp
 
 
 def launch_key(sp: dict) -> tuple:
@@ -269,41 +236,22 @@ def plan_jobs(launches: list[Launch]) -> tuple[list[dict], dict]:
             for cfg in configs:
                 ident = (key, arch, _cfg_str(cfg))
                 keep = _cfg_str(cfg) in kept_names
-                if ident in jobs:
-                    if keep and jobs[ident]["status"] == "pruned":
-                        jobs[ident]["status"] = "compile"
+                if ident in jobs:  # kept for any launch with this key: compiled
+                    jobs[ident]["status"] = "compile" if keep else jobs[ident]["status"]
                     continue
                 sp = sp0 if cfg is configs[0] else specialize(la, cfg, arch)
-                sp["launch"] = labels[key]
-                sp["key_constexprs"] = " ".join(f"{k}={v}" for k, v in key[3])
+                consts = " ".join(f"{k}={v}" for k, v in key[3])
+                sp.update(launch=labels[key], key_constexprs=consts)
                 sp["status"] = "compile" if keep else "pruned"
                 jobs[ident] = sp
     return list(jobs.values()), labels
 
-
-# --- 3. compile and measure ---------------------------------------------------------------
 
 _PTXAS_RE = {
     "regs": re.compile(r"Used (\d+) registers"),
     "spill_stores": re.compile(r"(\d+) bytes spill stores"),
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
 }
-
-
-def ptxas_stats(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from Triton's bundled ptxas -v (max over functions)."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as fh:
-            fh.write(ptx)
-        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.o")]  # fmt: skip
-        p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {p.stderr.strip()[:300]}")
-    return parse_ptxas(p.stdout + p.stderr) or {k: 0 for k in _PTXAS_RE}
 
 
 def parse_ptxas(log: str) -> dict | None:
@@ -327,41 +275,33 @@ def compile_job(job: dict) -> dict:
     t0 = time.time()
     try:
         fn = _unwrap(getattr(importlib.import_module(job["module"]), job["name"]))
-        src = ASTSource(fn, job["signature"], job["constexprs"], {(fn.arg_names.index(k),): v for k, v in job["attrs"].items()})  # fmt: skip
+        attrs = {(fn.arg_names.index(k),): v for k, v in job["attrs"].items()}
+        src = ASTSource(fn, job["signature"], job["constexprs"], attrs)
+        target = GPUTarget("cuda", job["arch"], 32)
+        # Triton's own `ptxas -v` run (its flags, sm_80 / sm_90a) prints its log; always
+        # compile (no cache hit) so that the log is there
         log = io.StringIO()
-        triton.knobs.nvidia.dump_ptxas_log = True  # Triton's own ptxas -v run prints its log
+        triton.knobs.nvidia.dump_ptxas_log = triton.knobs.compilation.always_compile = True
         with contextlib.redirect_stdout(log):
-            ck = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])  # fmt: skip
+            ck = triton.compile(src, target=target, options=job["options"])
         stats = parse_ptxas(log.getvalue())
-        if stats is None:  # cached compile: no ptxas ran, run it on the PTX
-            stats = ptxas_stats(ck.asm["ptx"], job["arch"])
+        if stats is None:
+            raise RuntimeError("no ptxas -v log captured")
         res.update(stats, shared=ck.metadata.shared)
-        reasons = []
-        if res["shared"] > SHARED_LIMIT[job["arch"]]:
-            reasons.append(f"shared {res['shared']} B > {SHARED_LIMIT[job['arch']]} B")
-        if res["spill_stores"] or res["spill_loads"]:
-            reasons.append(f"spills {res['spill_stores']} B st / {res['spill_loads']} B ld")
-        res["status"] = "FAIL" if reasons else "ok"
-        res["reason"] = "; ".join(reasons)
+        lim, st, ld = SHARED_LIMIT[job["arch"]], res["spill_stores"], res["spill_loads"]
+        reasons = [f"shared {res['shared']} B > {lim} B"] if res["shared"] > lim else []
+        reasons += [f"spills {st} B st / {ld} B ld"] if st or ld else []
+        res.update(status="FAIL" if reasons else "ok", reason="; ".join(reasons))
     except Exception as e:  # a compile error is a gate failure, with its message
         res["status"], res["reason"] = "FAIL", f"compile error: {type(e).__name__}: {str(e)[:300]}"
     res["seconds"] = round(time.time() - t0, 2)
     return res
 
 
-def _plain(job: dict) -> dict:
-    """JSON-safe copy (constexpr values as strings)."""
-    out = {k: v for k, v in job.items() if k not in ("constexprs", "config_keys")}
-    out["constexprs"] = {k: _short(v) for k, v in job["constexprs"].items()}
-    return out
-
-
 def record(cases: list[Case]) -> list[Launch]:
-    launches = []
-    with record_launches() as rec:
+    with record_launches() as launches:
         for case in cases:
             run_case(case)
-        launches.extend(rec)
     return launches
 
 
@@ -374,93 +314,75 @@ def run_gate(cases: list[Case], workers: int = 2) -> dict:
     jobs, labels = plan_jobs(launches)
     todo = [j for j in jobs if j["status"] == "compile"]
     done = [j for j in jobs if j["status"] == "pruned"]
-    if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            done += pool.map(compile_job, todo, chunksize=1)
-    else:
-        done += [compile_job(j) for j in todo]
+    with mp.get_context("spawn").Pool(workers) as pool:  # spawn: fresh, uninterpreted triton
+        done += pool.map(compile_job, todo, chunksize=1)
     done.sort(key=lambda r: (r["launch"], r["arch"], r["config"]))
     kernels = sorted({la.name for la in launches})
     fails = [r for r in done if r["status"] == "FAIL"]
-    summary = dict(
-        cases=len(cases),
-        launches=len(launches),
-        distinct_launches=len(labels),
-        compiles=len(todo),
-        pruned=len(done) - len(todo),
-        failures=len(fails),
-        kernels=kernels,
-        compiled_per_kernel_arch={
-            f"{k}@sm_{a}": sum(r["name"] == k and r["arch"] == a and r["status"] in ("ok", "FAIL")
-                               and not r.get("reason", "").startswith("compile error")
-                               for r in done)
-            for k in kernels for a in ARCHS
-        },  # fmt: skip
-        seconds=round(time.time() - t0, 1),
-    )
-    return {"results": [_plain(r) for r in done], "summary": summary}
+    compiled = [r for r in done if "shared" in r]  # compiled, whether or not it passed
+    per = {f"{k}@sm_{a}": 0 for k in kernels for a in ARCHS}
+    for r in compiled:
+        per[f"{r['name']}@sm_{r['arch']}"] += 1
+    n_pruned, secs = len(done) - len(todo), round(time.time() - t0, 1)
+    summary = {"cases": len(cases), "launches": len(launches), "distinct_launches": len(labels)}
+    summary.update(compiles=len(todo), pruned=n_pruned, failures=len(fails), seconds=secs)
+    summary.update(kernels=kernels, compiled_per_kernel_arch=per)
+    for r in done:  # JSON-safe
+        r.pop("config_keys")
+        r["constexprs"] = {k: _short(v) for k, v in r["constexprs"].items()}
+    return {"results": done, "summary": summary}
 
 
 def write_markdown(out: dict, path: str, mode: str) -> None:
+    from gpu_suite import _git_commit as git_commit
+
     s = out["summary"]
+    cmd = "python benchmarks/gpu_compile.py" + (" --ci" if mode == "ci" else "")
     lines = [
-        "# AOT compile gate: mftk Triton kernels on sm_80 / sm_90 (no GPU needed)\n",
-        f"`python benchmarks/gpu_compile.py{' --ci' if mode == 'ci' else ''}`; commit "
-        f"{_git_commit()}. Regs/spills: Triton's bundled ptxas -v; shared: compiled metadata; "
-        f"limits {SHARED_LIMIT[80]} B (A100) / {SHARED_LIMIT[90]} B (H100). Gate: compile error, "
-        "shared over limit or any spill fails; configs the arch pruner drops are 'pruned'.\n",
-        f"**{s['launches']} launches recorded ({s['distinct_launches']} distinct), "
-        f"{s['compiles']} compiles, {s['pruned']} pruned, {s['failures']} failures** "
-        f"({s['cases']} op cases, {s['seconds']} s).\n",
+        f"# AOT compile gate: Triton kernels on sm_80 / sm_90\n\n`{cmd}`, commit {git_commit()}. "
+        f"Regs/spills: Triton's ptxas -v; shared: compiled metadata, limit {SHARED_LIMIT[80]} B "
+        f"(A100), {SHARED_LIMIT[90]} B (H100). A compile error, shared over the limit or any "
+        "spill fails; configs the arch's pruner drops are listed as pruned, one row per launch.\n",
+        f"**{s['launches']} launches ({s['distinct_launches']} distinct), {s['compiles']} "
+        f"compiles, {s['pruned']} pruned, {s['failures']} failures** ({s['seconds']} s)\n",
         "| kernel | launch | key constexprs | config | arch | regs | spill st/ld B | shared B "
-        "| status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| status |\n|---|---|---|---|---|---|---|---|---|",
     ]
+    pruned: dict[tuple, list] = {}
     for r in out["results"]:
-        regs = r.get("regs", "")
+        row = f"| {r['name']} | {r['launch']} | {r['key_constexprs']} |"
+        if r["status"] == "pruned":
+            pruned.setdefault((row, r["arch"]), []).append(r["config"])
+            continue
         spill = f"{r['spill_stores']}/{r['spill_loads']}" if "spill_stores" in r else ""
         status = r["status"] + (f": {r['reason']}" if r.get("reason") else "")
-        lines.append(
-            f"| {r['name']} | {r['launch']} | {r['key_constexprs']} | {r['config']} | "
-            f"sm_{r['arch']} | {regs} | {spill} | {r.get('shared', '')} | {status} |"
-        )
+        row += f" {r['config']} | sm_{r['arch']} | {r.get('regs', '')} | {spill} |"
+        lines.append(row + f" {r.get('shared', '')} | {status} |")
+    for (row, arch), cfgs in pruned.items():
+        lines.append(f"{row} {'; '.join(cfgs)} | sm_{arch} | | | | pruned |")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=HERE)  # fmt: skip
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ci", action="store_true", help="representative subset (a few minutes)")
     ap.add_argument("--json", help="write machine-readable results here")
-    ap.add_argument("--out", help="markdown path (default benchmarks/results/gpu-compile.md; "
-                    "--ci writes none unless given)")  # fmt: skip
+    ap.add_argument("--out", help="markdown path (default: results/gpu-compile.md, none for --ci)")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        if "triton" in sys.modules:
-            print("gpu_compile: triton was imported under TRITON_INTERPRET=1", file=sys.stderr)
-            return 2
-        os.environ.pop("TRITON_INTERPRET")
+    if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "triton" in sys.modules:
+        sys.exit("gpu_compile: triton was imported under TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, no warning
     out = run_gate(ci_matrix() if args.ci else full_matrix(), args.workers)
     s = out["summary"]
     for r in out["results"]:
         if r["status"] == "FAIL":
-            print(f"FAIL {r['name']} [{r['launch']}] config {r['config']} sm_{r['arch']}: "
-                  f"{r['reason']}")  # fmt: skip
-    print(f"gpu_compile: {s['launches']} launches ({s['distinct_launches']} distinct), "
-          f"{s['compiles']} compiles, {s['pruned']} pruned, {s['failures']} failures, "
-          f"{s['seconds']} s")  # fmt: skip
+            where = f"{r['name']} [{r['launch']}] config {r['config']} sm_{r['arch']}"
+            print(f"FAIL {where}: {r['reason']}")
+    print(f"gpu_compile: {s['launches']} launches ({s['distinct_launches']} distinct), ", end="")
+    print(f"{s['compiles']} compiles, {s['pruned']} pruned, {s['failures']} failures")
     for k, v in s["compiled_per_kernel_arch"].items():
         print(f"  compiled {k}: {v}")
     md = args.out or (None if args.ci else os.path.join(HERE, "results", "gpu-compile.md"))

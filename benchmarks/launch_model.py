@@ -2,21 +2,22 @@
 
     python benchmarks/gpu_suite.py --model      # prints it, writes benchmarks/results/gpu-model.md
 
-The whole fwd+bwd path autograd runs (mftk.multi_adapter_linear(..., backend="triton") forward,
-then torch.autograd.grad) runs on "meta" tensors: a TorchDispatchMode counts every aten op and
-runs the mftk:: custom ops' Python bodies under itself; Triton launches are recorded, not run
-(gpu_compile.record_launches). So N=8192, D=7168 costs nothing. Nothing lists the kernels.
+The whole path autograd runs (mftk.multi_adapter_linear(..., backend="triton") forward, then
+torch.autograd.grad) runs on "meta" tensors: a TorchDispatchMode counts every aten op and runs
+the mftk:: custom ops' Python bodies under itself; Triton launches are recorded, not run
+(gpu_compile.record_launches). So N=8192, D=7168 costs nothing, and no kernel is listed here.
 
-Launches: one per Triton launch, one per aten op that launches a CUDA kernel (not the
-metadata-only ops in NO_LAUNCH). Bytes: aten ops read their inputs and write their outputs (the
-region a view touches: stride-0 dims count once); a Triton launch uses the kernel's or its
-launcher's `traffic(named_args) -> (read, write)` if it has one, else the distinct tensor
-arguments' bytes (one per storage; split into read/write unknown, shown as read).
-Hidden vs exposed: the base GEMMs (aten mm/addmm/bmm with K >= the layer's D, or a Triton launch
-that reads the frozen weight) are compute-bound and hide their traffic; every other byte is
-exposed. passes = bytes / (N * D * element size).
+Launches: one per Triton launch and per aten op that launches a CUDA kernel (not NO_LAUNCH's
+metadata ops, nor an op that returns its input). Bytes: aten ops read their inputs and write
+their outputs (the region a view touches: stride-0 dims once; one count per storage). A Triton
+launch uses `traffic(named_args) -> (read, write)` of its launcher function or kernel if it has
+one, else the kernel source (pointer_use): the tensors behind tl.load are read, behind
+tl.store / tl.atomic_* written, in the branches the launch's constexprs keep (a dummy pointer
+of a disabled flag counts 0). Base GEMMs (aten mm/addmm/bmm with K >= D, or a Triton launch that
+reads the frozen weight) are compute-bound and hide their traffic; every other byte is exposed.
+passes = bytes / (N * D * 2), one bf16 (N, D) tensor.
 
-Roofline (a model's ASSUMPTIONS, not measurements): time of a launch =
+Roofline, a model's ASSUMPTIONS (not measurements): launch time =
 max(flops / (GEMM_EFF * peak), bytes / (BW_EFF * bandwidth)) + LAUNCH_US.
 
 | device        | peak bf16 dense | bandwidth  |
@@ -25,86 +26,85 @@ max(flops / (GEMM_EFF * peak), bytes / (BW_EFF * bandwidth)) + LAUNCH_US.
 | H100-SXM      | 989 TFLOP/s     | 3.35 TB/s  |
 | H200          | 989 TFLOP/s     | 4.8 TB/s   |
 
-FLOPs: aten GEMMs exactly (2MNK); a Triton launch from the kernel's `flops(named_args)` if it
-has one, else the op's analytic floor (base 2ND^2 fwd + dx, LoRA and router GEMMs) less the aten
-GEMMs' FLOPs: the base part split evenly over the Triton launches that read the weight, the rest
-over all Triton launches in proportion to bytes. Base = the frozen linear alone, fwd y = x W^T
-(+ b), bwd dx = dy W (no dW), counted the same way.
+FLOPs: aten GEMMs exactly (2MNK); a Triton launch from `flops(named_args)` if declared, else the
+op's analytic floor less the aten GEMMs': the base part (2ND^2 fwd + dx) split evenly over the
+Triton launches that read the weight, the adapter/router part over all Triton launches in
+proportion to their bytes. Base = the frozen linear alone (y = x W^T + b, dx = dy W; no dW).
 """
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import os
 import sys
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-DEVICES = {"A100-SXM 80GB": (312e12, 2.039e12), "H100-SXM": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}  # fmt: skip
+DEVICES = {"A100-SXM 80GB": (312e12, 2.039e12), "H100-SXM": (989e12, 3.35e12)}
+DEVICES["H200"] = (989e12, 4.8e12)
 GEMM_EFF = 0.75  # achievable fraction of peak FLOP/s (cuBLAS-class GEMMs)
 BW_EFF = 0.85  # achievable fraction of peak DRAM bandwidth
 LAUNCH_US = 4.0  # per-launch overhead, microseconds
 GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm"}
-NO_LAUNCH = {
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view",
-    "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "expand", "as_strided",
-    "detach", "unsqueeze", "squeeze", "permute", "select", "slice", "alias", "split", "unbind",
-    "narrow", "unflatten", "flatten", "lift_fresh", "view_as", "expand_as", "resize_",
-    "_to_copy_noop", "sym_size", "sym_stride", "is_same_size", "diagonal", "split_with_sizes",
-}  # fmt: skip
-NO_READ = {"fill_", "zero_", "copy_", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_full"}  # fmt: skip
+NO_LAUNCH = set(
+    "empty empty_like empty_strided new_empty new_empty_strided view _unsafe_view reshape "
+    "_reshape_alias transpose t expand as_strided detach unsqueeze squeeze permute select slice "
+    "alias split unbind narrow unflatten flatten lift_fresh view_as expand_as resize_ sym_size "
+    "sym_stride is_same_size diagonal split_with_sizes".split()
+)
+NO_READ = set("fill_ zero_ copy_ new_zeros new_full new_ones".split())  # first arg only written
+STORES = {"store", "atomic_add", "atomic_max", "atomic_min", "atomic_xchg", "atomic_cas"}
+STORES |= {"atomic_and", "atomic_or", "atomic_xor"}
 
 
 @dataclass
 class Rec:
-    """One device launch. read/write: bytes (write None: split unknown)."""
+    """One device launch: bytes read and written, FLOPs, and whether its traffic is hidden."""
 
     name: str
     kind: str  # "triton" | "aten"
     read: int
-    write: int | None
+    write: int
     flops: float = 0.0
     hidden: bool = False
     reads_weight: bool = False
     declared_flops: bool = False
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.write
 
 
 def touched(t) -> int:
     """Bytes of the storage region a view touches (stride-0 dims counted once)."""
     n = 1
     for size, stride in zip(t.shape, t.stride()):
-        if stride != 0:
-            n *= size
+        n *= size if stride != 0 else 1
     return n * t.element_size() if t.numel() else 0
 
 
-def _storage_key(t):
+def _key(t):
     try:
         return t.untyped_storage()._cdata
-    except Exception:  # no storage (e.g. some wrappers): the tensor itself
+    except Exception:  # no storage: the tensor itself
         return id(t)
 
 
 def _tensors(obj):
-    import torch
-
-    if isinstance(obj, torch.Tensor):
+    if hasattr(obj, "untyped_storage"):
         yield obj
-    elif isinstance(obj, (list, tuple)):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
+    elif isinstance(obj, (list, tuple, dict)):
+        for o in obj.values() if isinstance(obj, dict) else obj:
             yield from _tensors(o)
 
 
 def _distinct_bytes(tensors) -> int:
-    per = {}
+    per: dict = {}
     for t in tensors:
-        k = _storage_key(t)
-        per[k] = max(per.get(k, 0), touched(t))
+        per[_key(t)] = max(per.get(_key(t), 0), touched(t))
     return sum(per.values())
 
 
@@ -115,64 +115,52 @@ def _counting_mode(recs: list[Rec], weight_keys: set, d: int):
 
     class Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            qual = f"{func.namespace}::{func._opname}"
+            kwargs, qual, name = kwargs or {}, f"{func.namespace}::{func._opname}", func._opname
             if func.namespace == "mftk" and qual in OPDEFS:
                 with self:  # the body's aten ops and Triton launches are counted too
                     return OPDEFS[qual]._init_fn(*args, **kwargs)
             out = func(*args, **kwargs)
-            name = func._opname
-            if name in NO_LAUNCH:
-                return out
-            ins = list(_tensors((args, kwargs)))
-            outs = list(_tensors(out))
-            in_keys = {_storage_key(t) for t in ins}
-            if not name.endswith("_") and outs and all(_storage_key(t) in in_keys for t in outs):
-                return out  # returned an input or a view of one (e.g. .to() to the same dtype)
-            if name in NO_READ and ins:
-                ins = ins[1:]  # dst / self is written, not read
-            flops = 0.0
+            ins, outs = list(_tensors((args, kwargs))), list(_tensors(out))
+            in_keys = {_key(t) for t in ins}
+            if name in NO_LAUNCH or (
+                not name.endswith("_") and outs and all(_key(t) in in_keys for t in outs)
+            ):
+                return out  # metadata only, or returned its input (e.g. .to() the same dtype)
+            if name in NO_READ:
+                ins = ins[1:]
+            flops, big_k = 0.0, False
             if name in GEMMS:
                 m1, m2 = (args[1], args[2]) if name.startswith(("add", "badd")) else args[:2]
-                k = m1.shape[-1]
-                flops = 2.0 * m1.shape[:-1].numel() * m2.shape[-1] * k
-                if m1.dim() == 3 and m2.dim() == 3 and name != "addbmm":
-                    flops = 2.0 * m1.shape[0] * m1.shape[1] * k * m2.shape[2]
-            rw = any(_storage_key(t) in weight_keys for t in ins)
-            big_k = name in GEMMS and (args[1] if name.startswith(("add", "badd")) else args[0]).shape[-1] >= d  # fmt: skip
-            recs.append(Rec(f"aten.{name}", "aten", _distinct_bytes(ins), _distinct_bytes(outs),
-                            flops, hidden=big_k, reads_weight=rw, declared_flops=True))  # fmt: skip
+                flops = 2.0 * m1.shape[:-1].numel() * m1.shape[-1] * m2.shape[-1]
+                big_k = m1.shape[-1] >= d
+            rw = any(_key(t) in weight_keys for t in ins)
+            rec = Rec(f"aten.{name}", "aten", _distinct_bytes(ins), _distinct_bytes(outs), flops)
+            rec.hidden, rec.reads_weight, rec.declared_flops = big_k, rw, True
+            recs.append(rec)
             return out
 
     return Mode()
 
 
-_STORES = {"store", "atomic_add", "atomic_max", "atomic_min", "atomic_xchg", "atomic_cas", "atomic_and", "atomic_or", "atomic_xor"}  # fmt: skip
-
-
 def pointer_use(jit, constexprs: dict) -> tuple[set, set]:
-    """(params read, params written) of a @triton.jit kernel, from its source: tl.load /
+    """(params read, params written) of a @triton.jit kernel from its source: tl.load and
     tl.store / tl.atomic_* pointer expressions traced back through assignments to parameters,
-    skipping `if` branches that the launch's constexpr values rule out. A pointer passed to
-    another call counts as read."""
-    import ast
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(jit.src))
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
-    params = set(jit.arg_names)
-    deps: dict[str, set] = {}
+    in the `if` branches the launch's values keep (undecidable tests: both). A parameter passed
+    to another (helper) call counts as read."""
+    fn = next(
+        n for n in ast.walk(ast.parse(textwrap.dedent(jit.src))) if isinstance(n, ast.FunctionDef)
+    )
+    params, deps = set(jit.arg_names), {}
+    names = lambda e: {n.id for n in ast.walk(e) if isinstance(n, ast.Name)}  # noqa: E731
     for node in ast.walk(fn):
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            names = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)} if node.value else set()  # fmt: skip
             for t in targets:
-                for n in ast.walk(t):
-                    if isinstance(n, ast.Name):
-                        deps.setdefault(n.id, set()).update(names)
+                for name in names(t):
+                    deps.setdefault(name, set()).update(names(node.value))
 
     def roots(expr) -> set:
-        todo, seen = [n.id for n in ast.walk(expr) if isinstance(n, ast.Name)], set()
+        todo, seen = list(names(expr)), set()
         while todo:
             name = todo.pop()
             if name not in seen:
@@ -186,8 +174,9 @@ def pointer_use(jit, constexprs: dict) -> tuple[set, set]:
         for node in nodes:
             if isinstance(node, ast.If):
                 try:
-                    live = bool(eval(compile(ast.Expression(node.test), "<if>", "eval"), {}, dict(constexprs)))  # fmt: skip
-                except Exception:  # not decidable from constexprs: both branches
+                    code = compile(ast.Expression(node.test), "<if>", "eval")
+                    live = bool(eval(code, {}, dict(constexprs)))
+                except Exception:
                     visit(node.body), visit(node.orelse)
                     continue
                 visit(node.body if live else node.orelse)
@@ -195,17 +184,15 @@ def pointer_use(jit, constexprs: dict) -> tuple[set, set]:
             if isinstance(node, (ast.For, ast.While, ast.With)):
                 visit(node.body), visit(getattr(node, "orelse", []))
                 continue
-            for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
-                attr = call.func.attr if isinstance(call.func, ast.Attribute) else None
-                if not call.args:
-                    continue
-                if attr in _STORES:
+            for call in (n for n in ast.walk(node) if isinstance(n, ast.Call) and n.args):
+                f = call.func
+                attr = f.attr if isinstance(f, ast.Attribute) else None
+                if attr in STORES:
                     writes.update(roots(call.args[0]))
                 elif attr == "load":
                     reads.update(roots(call.args[0]))
-                elif not (isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name) and call.func.value.id == "tl"):  # fmt: skip
-                    for a in call.args:  # a helper @jit function: its pointers are read
-                        reads.update(n.id for n in ast.walk(a) if isinstance(n, ast.Name) and n.id in params)  # fmt: skip
+                elif not (isinstance(f, ast.Attribute) and names(f.value) == {"tl"}):
+                    reads.update(set().union(*map(names, call.args)) & params)
 
     visit(fn.body)
     return reads, writes
@@ -215,25 +202,20 @@ def _triton_rec(la, weight_keys: set) -> Rec:
     """Rec of a recorded Triton launch (gpu_compile.Launch)."""
     named = la.named_args()
     tensors = {k: v for k, v in named.items() if hasattr(v, "untyped_storage")}
-    rw = any(_storage_key(t) in weight_keys for t in tensors.values())
-    traffic = flops = None
-    for obj in (la.launcher, la.autotuner, la.jit):
-        if obj is not None and traffic is None and callable(getattr(obj, "traffic", None)):
-            traffic = obj.traffic(named)
-        if obj is not None and flops is None and callable(getattr(obj, "flops", None)):
-            flops = obj.flops(named)
+    hooks = [o for o in (la.launcher, la.autotuner, la.jit) if o is not None]
+    traffic = next((o.traffic for o in hooks if callable(getattr(o, "traffic", None))), None)
+    flops = next((o.flops for o in hooks if callable(getattr(o, "flops", None))), None)
     if traffic is not None:
-        read, write = int(traffic[0]), int(traffic[1])
+        read, write = (int(v) for v in traffic(named))
     else:
-        try:
-            consts = {k: v for k, v in named.items() if k not in tensors}
-            rd, wr = pointer_use(la.jit, consts)
-            read = _distinct_bytes(t for k, t in tensors.items() if k in rd)
-            write = _distinct_bytes(t for k, t in tensors.items() if k in wr)
-        except Exception:  # source not parseable: every distinct tensor, split unknown
-            read, write = _distinct_bytes(tensors.values()), None
-    return Rec(la.name, "triton", read, write, float(flops or 0.0), hidden=rw, reads_weight=rw,
-               declared_flops=flops is not None)  # fmt: skip
+        consts = {k: v for k, v in named.items() if k not in tensors}
+        rd, wr = pointer_use(la.jit, consts)
+        read = _distinct_bytes(t for k, t in tensors.items() if k in rd)
+        write = _distinct_bytes(t for k, t in tensors.items() if k in wr)
+    rw = any(_key(t) in weight_keys for t in tensors.values())
+    rec = Rec(la.name, "triton", read, write, float(flops(named)) if flops else 0.0, hidden=rw)
+    rec.reads_weight, rec.declared_flops = rw, flops is not None
+    return rec
 
 
 @dataclass(frozen=True)
@@ -249,54 +231,43 @@ class ModelShape:
     def floor_flops(self) -> tuple[float, float]:
         """(base, adapters + router) FLOPs of fwd + bwd (dx, dA, dB, dRouter; no dW)."""
         n, d, t, r = self.n, self.d, self.t, self.r
-        base = 2 * (2.0 * n * d * d)
-        lora = 2.0 * n * r * (2 * d)
-        router = 0.0
-        if self.routing == "soft":
-            lora *= t
-            router = 2.0 * n * d * t
-        return base, 3 * lora + 3 * router  # fwd 1x, bwd 2x (dx-side and weight-side)
+        lora = 2.0 * n * r * 2 * d * (t if self.routing == "soft" else 1)
+        router = 2.0 * n * d * t if self.routing == "soft" else 0.0
+        return 2 * (2.0 * n * d * d), 3 * (lora + router)  # bwd: dx side and weight side
 
 
 def count(shape: ModelShape, base_only: bool = False, det: bool = False) -> list[Rec]:
     """Launch records of one fwd+bwd of the op (or the base linear alone) on meta tensors."""
     import torch
+    from gpu_compile import record_launches
 
     import mftk
-    from gpu_compile import record_launches
     from mftk.ops import triton_ops
     from mftk.ops.plan import RoutingPlan
 
     n, d, t, r = shape.n, shape.d, shape.t, shape.r
-    dt = torch.bfloat16
 
-    def meta(*s, grad=False, dtype=dt):
+    def meta(*s, grad=False, dtype=torch.bfloat16):
         return torch.empty(*s, dtype=dtype, device="meta").requires_grad_(grad)
 
-    x, w, dy = meta(n, d, grad=True), meta(d, d), meta(n, d)
-    b = meta(d) if shape.bias else None
+    x, w, dy, b = meta(n, d, grad=True), meta(d, d), meta(n, d), meta(d) if shape.bias else None
     a, bb, rw = meta(t, r, d, grad=True), meta(t, d, r, grad=True), meta(t, d, grad=True)
-    ids = torch.empty(n, dtype=torch.int64, device="meta")
-    plan = RoutingPlan(ids.clone(), torch.empty(t + 1, dtype=torch.int64, device="meta"), ids, t)
+    ids = meta(n, dtype=torch.int64)
+    plan = RoutingPlan(meta(n, dtype=torch.int64), meta(t + 1, dtype=torch.int64), ids, t)
+    kw = dict(task_ids=plan) if shape.routing == "hard" else dict(router_weight=rw)
     recs: list[Rec] = []
-    wkeys = {_storage_key(w)}
     prev = torch.are_deterministic_algorithms_enabled()
     triton_ops.set_strategy(shape.strategy)
     torch.use_deterministic_algorithms(det)
     try:
-        with record_launches() as launches, _counting_mode(recs, wkeys, d):
+        with record_launches() as launches, _counting_mode(recs, {_key(w)}, d):
             if base_only:
-                y = torch.nn.functional.linear(x, w, b)
-                leaves = [x]
-            elif shape.routing == "hard":
-                y = mftk.multi_adapter_linear(x, w, a, bb, bias=b, task_ids=plan, backend="triton")
-                leaves = [x, a, bb]
+                y, leaves = torch.nn.functional.linear(x, w, b), [x]
             else:
-                y = mftk.multi_adapter_linear(x, w, a, bb, bias=b, router_weight=rw, backend="triton")  # fmt: skip
-                leaves = [x, a, bb, rw]
+                y = mftk.multi_adapter_linear(x, w, a, bb, bias=b, backend="triton", **kw)
+                leaves = [x, a, bb] + ([rw] if shape.routing == "soft" else [])
             torch.autograd.grad(y, leaves, dy)
-        # Triton launches interleave with aten ops; order is not needed for the totals
-        recs.extend(_triton_rec(la, wkeys) for la in launches)
+        recs.extend(_triton_rec(la, {_key(w)}) for la in launches)  # order not needed
     finally:
         triton_ops.set_strategy(None)
         torch.use_deterministic_algorithms(prev)
@@ -307,66 +278,51 @@ def count(shape: ModelShape, base_only: bool = False, det: bool = False) -> list
 
 def _assign_flops(recs: list[Rec], shape: ModelShape) -> None:
     """Undeclared Triton FLOPs: the analytic floor less the aten GEMMs (see the docstring)."""
-    base, rest = shape.floor_flops()
-    aten_base = sum(r.flops for r in recs if r.kind == "aten" and r.hidden)
-    aten_rest = sum(r.flops for r in recs if r.kind == "aten" and not r.hidden)
-    declared = sum(r.flops for r in recs if r.kind == "triton" and r.declared_flops)
     todo = [r for r in recs if r.kind == "triton" and not r.declared_flops]
     if not todo:
         return
-    base_left = max(0.0, base - aten_base)
-    rest_left = max(0.0, rest - aten_rest - declared)
+    base, rest = shape.floor_flops()
+    base -= sum(r.flops for r in recs if r.kind == "aten" and r.hidden)
+    rest -= sum(r.flops for r in recs if r.declared_flops and not (r.kind == "aten" and r.hidden))
     readers = [r for r in todo if r.reads_weight] or todo
     for r in readers:
-        r.flops += base_left / len(readers)
-    total = sum(r.read + (r.write or 0) for r in todo) or 1
+        r.flops += max(0.0, base) / len(readers)
+    total = sum(r.bytes for r in todo) or 1
     for r in todo:
-        r.flops += rest_left * (r.read + (r.write or 0)) / total
+        r.flops += max(0.0, rest) * r.bytes / total
 
 
 def launch_time(rec: Rec, peak: float, bw: float) -> float:
     """Seconds: roofline max of compute and memory time, plus the launch overhead."""
-    return max(rec.flops / (GEMM_EFF * peak), (rec.read + (rec.write or 0)) / (BW_EFF * bw)) + LAUNCH_US * 1e-6  # fmt: skip
+    return max(rec.flops / (GEMM_EFF * peak), rec.bytes / (BW_EFF * bw)) + LAUNCH_US * 1e-6
 
 
 def summarize(recs: list[Rec], shape: ModelShape) -> dict:
     unit = shape.n * shape.d * 2  # one bf16 (N, D) pass
-    total = sum(r.read + (r.write or 0) for r in recs)
-    exposed = sum(r.read + (r.write or 0) for r in recs if not r.hidden)
-    times = {dev: sum(launch_time(r, p, b) for r in recs) for dev, (p, b) in DEVICES.items()}
-    return dict(launches=len(recs), total_passes=total / unit, exposed_passes=exposed / unit,
-                flops=sum(r.flops for r in recs), times=times)  # fmt: skip
+    out = {"launches": len(recs), "total_passes": sum(r.bytes for r in recs) / unit}
+    out["exposed_passes"] = sum(r.bytes for r in recs if not r.hidden) / unit
+    out["flops"] = sum(r.flops for r in recs)
+    out["times"] = {k: sum(launch_time(r, p, b) for r in recs) for k, (p, b) in DEVICES.items()}
+    return out
 
 
 def rows(recs: list[Rec]) -> list[tuple]:
-    """(name, count, read MB, write MB or None, exposed) aggregated by name and class."""
+    """(name, count, read MB, write MB, exposed) aggregated by name and class."""
     agg: dict[tuple, list] = {}
     for r in recs:
-        a = agg.setdefault((r.name, not r.hidden), [0, 0, 0, True])
-        a[0] += 1
-        a[1] += r.read
-        a[2] += r.write or 0
-        a[3] = a[3] and r.write is not None
-    return [(k[0], a[0], a[1] / 1e6, a[2] / 1e6 if a[3] else None, k[1]) for k, a in sorted(agg.items())]  # fmt: skip
-
-
-@dataclass
-class Report:
-    lines: list[str] = field(default_factory=list)
-
-    def add(self, s: str = "") -> None:
-        self.lines.append(s)
+        a = agg.setdefault((r.name, not r.hidden), [0, 0, 0])
+        a[0], a[1], a[2] = a[0] + 1, a[1] + r.read, a[2] + r.write
+    return [(k[0], a[0], a[1] / 1e6, a[2] / 1e6, k[1]) for k, a in sorted(agg.items())]
 
 
 def model_report(d_values=(4096, 7168), n: int = 8192) -> str:
     """The markdown report of issue 13's shapes (bf16, T=8, R=16, deterministic off)."""
-    rep = Report()
-    dev_hdr = " | ".join(DEVICES)
-    rep.add("| device | peak bf16 dense | bandwidth |\n|---|---|---|")
-    for dev, (p, b) in DEVICES.items():
-        rep.add(f"| {dev} | {p / 1e12:.0f} TFLOP/s | {b / 1e12:.3f} TB/s |")
-    rep.add(f"\nAssumed: GEMM_EFF {GEMM_EFF} of peak FLOP/s, BW_EFF {BW_EFF} of peak bandwidth, "
-            f"{LAUNCH_US} us per launch.\n")  # fmt: skip
+    out = ["| device | peak bf16 dense | bandwidth |\n|---|---|---|"]
+    out += [
+        f"| {k} | {p / 1e12:.0f} TFLOP/s | {b / 1e12:.3f} TB/s |" for k, (p, b) in DEVICES.items()
+    ]
+    out.append(f"\nAssumed: GEMM_EFF {GEMM_EFF} of peak FLOP/s, BW_EFF {BW_EFF} of peak ")
+    out[-1] += f"bandwidth, {LAUNCH_US} us per launch.\n"
     for d in d_values:
         base_shape = ModelShape(n=n, d=d)
         base = summarize(count(base_shape, base_only=True), base_shape)
@@ -375,41 +331,40 @@ def model_report(d_values=(4096, 7168), n: int = 8192) -> str:
                 shape = ModelShape(n=n, d=d, routing=routing, strategy=strategy)
                 recs = count(shape)
                 s = summarize(recs, shape)
-                rep.add(f"### {routing} routing, strategy {strategy}: N={n}, D_in=D_out={d}, "
-                        f"T={shape.t}, R={shape.r}, bf16, bias, top_k 0\n")  # fmt: skip
-                rep.add("| launch | count | read MB | write MB | exposed |\n|---|---|---|---|---|")
+                out.append(f"### {routing} routing, strategy {strategy}: N={n}, D_in=D_out={d}, ")
+                out[-1] += f"T={shape.t}, R={shape.r}, bf16, bias, top_k 0\n"
+                out.append(
+                    "| launch | count | read MB | write MB | exposed |\n|---|---|---|---|---|"
+                )
                 for name, c, rd, wr, ex in rows(recs):
-                    wr_s = f"{wr:.1f}" if wr is not None else "(in read)"
-                    rep.add(f"| {name} | {c} | {rd:.1f} | {wr_s} | {'yes' if ex else 'no (base GEMM)'} |")  # fmt: skip
-                rep.add(f"\n**{s['launches']} launches (base {base['launches']}), "
-                        f"{s['total_passes']:.2f} total passes (base {base['total_passes']:.2f}), "
-                        f"{s['exposed_passes']:.2f} exposed passes (base {base['exposed_passes']:.2f})**\n")  # fmt: skip
-                rep.add(f"| | {dev_hdr} |\n|---|" + "---|" * len(DEVICES))
-                rep.add("| op ms | " + " | ".join(f"{s['times'][k] * 1e3:.3f}" for k in DEVICES) + " |")  # fmt: skip
-                rep.add("| base ms | " + " | ".join(f"{base['times'][k] * 1e3:.3f}" for k in DEVICES) + " |")  # fmt: skip
-                rep.add("| op / base | " + " | ".join(f"{s['times'][k] / base['times'][k]:.3f}" for k in DEVICES) + " |\n")  # fmt: skip
-    return "\n".join(rep.lines)
-
-
-@contextlib.contextmanager
-def _no_interpreter():
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and "triton" in sys.modules:
-        raise RuntimeError("launch_model: triton was imported under TRITON_INTERPRET=1")
-    old = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        yield
-    finally:
-        if old is not None:
-            os.environ["TRITON_INTERPRET"] = old
+                    out.append(f"| {name} | {c} | {rd:.1f} | {wr:.1f} | {'yes' if ex else 'no'} |")
+                tot = [
+                    f"{s[k]:.2f} {k.split('_')[0]} passes (base {base[k]:.2f})"
+                    for k in ("total_passes", "exposed_passes")
+                ]
+                out.append(f"\n**{s['launches']} launches (base {base['launches']}), ")
+                out[-1] += ", ".join(tot) + "**\n"
+                out.append("| | " + " | ".join(DEVICES) + " |\n|---|" + "---|" * len(DEVICES))
+                for label, vals in (
+                    ("op ms", [s["times"][k] * 1e3 for k in DEVICES]),
+                    ("base ms", [base["times"][k] * 1e3 for k in DEVICES]),
+                    ("op / base", [s["times"][k] / base["times"][k] for k in DEVICES]),
+                ):
+                    out.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+                out[-1] += "\n"
+    return "\n".join(out)
 
 
 def main(out_path: str | None = None, commit: str = "unknown") -> int:
     """Print the model and write it to out_path (benchmarks/results/gpu-model.md)."""
-    with _no_interpreter():
-        body = model_report()
-    head = (f"# mftk launch / traffic model (a MODEL's figures, not measurements)\n\ncommit {commit}; "
-            "`python benchmarks/gpu_suite.py --model`. How it counts: benchmarks/launch_model.py.\n")  # fmt: skip
-    text = head + "\n" + body + "\n"
+    if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "triton" in sys.modules:
+        sys.exit("launch_model: triton was imported under TRITON_INTERPRET=1")
+    head = "# mftk launch / traffic model: a MODEL's figures, not measurements\n\n"
+    head += f"commit {commit}; `python benchmarks/gpu_suite.py --model`; how it counts and the "
+    head += (
+        "assumptions: benchmarks/launch_model.py. exposed = traffic not hidden by a base GEMM.\n"
+    )
+    text = head + "\n" + model_report() + "\n"
     print(text)
     if out_path:
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
