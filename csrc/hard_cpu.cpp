@@ -58,8 +58,9 @@ struct SerialBlas {
   }
 };
 
-constexpr int64_t kRowBlock = 128;      // rows per tile: a single-threaded GEMM is at speed here
+constexpr int64_t kRowBlock = 256;      // rows per tile: each W chunk is packed once per 256 rows
 constexpr int64_t kMinCols = 128;       // narrowest column block
+constexpr int64_t kColChunk = 256;      // columns per GEMM inside a tile: [bm, chunk] in L2
 constexpr int64_t kTilesPerThread = 4;  // enough tiles to rebalance when a thread stalls
 constexpr int64_t kSerialMacs = int64_t{1} << 22;  // below this, no parallel region at all
 
@@ -240,9 +241,9 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
   const auto tiles = make_tiles(off, t_count, n, d_out, threads);
   const int64_t bn = tiles.front().cols;
   auto opt = xc.options();
-  // Per thread slot: x block [bm, D_in], y block [bm, bn], shrink block [bm, R].
+  // Per thread slot: x block [bm, D_in], y chunk [bm, chunk], shrink block [bm, R].
   auto xbuf = at::empty({threads, kRowBlock, d_in}, opt);
-  auto ybuf = at::empty({threads, kRowBlock, bn}, opt);
+  auto ybuf = at::empty({threads, kRowBlock, std::min(bn, kColChunk)}, opt);
   auto sbuf = at::empty({threads, kRowBlock, rank}, opt);
   AT_DISPATCH_FLOATING_TYPES(cdt, "hard_fwd_cpu", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -256,32 +257,38 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
       const Tile& tl = tiles[i];
       const int64_t* idx = pp + tl.row0;
       scalar_t* xb_p = xbuf.data_ptr<scalar_t>() + slot * kRowBlock * d_in;
-      scalar_t* yb_p = ybuf.data_ptr<scalar_t>() + slot * kRowBlock * bn;
+      scalar_t* yb_p = ybuf.data_ptr<scalar_t>() + slot * kRowBlock * std::min(bn, kColChunk);
       gather(xb_p, xp, d_in, idx, tl.rows, 0, d_in);
-      const int64_t rows = tl.rows, cols = tl.cols, c0 = tl.col0;
-      for (int64_t r = 0; r < rows; ++r) {  // y block starts as the bias (or zeros)
-        scalar_t* yr = yb_p + r * cols;
-        if (has_b) {
-          std::memcpy(yr, biasp + c0, cols * sizeof(scalar_t));
-        } else {
-          std::fill(yr, yr + cols, scalar_t(0));
-        }
-      }
-      if (has_w)  // y += x_blk W[cols]^T     [rows, cols]
-        gemm<scalar_t>(false, true, rows, cols, d_in, 1, xb_p, d_in, wp + c0 * d_in, d_in, 1,
-                       yb_p, cols);
-      if (tl.task >= 0) {
-        const int64_t t = tl.task;
-        // S = x_blk A_t^T [rows, R]; the first column block keeps it (plan order) for backward.
-        scalar_t* sb_p = c0 == 0 ? shp + tl.row0 * rank
-                                 : sbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
+      const int64_t rows = tl.rows, t = tl.task;
+      scalar_t* sb_p = nullptr;
+      if (t >= 0) {
+        // S = x_blk A_t^T [rows, R], once per tile; the first column block keeps it (plan order)
+        // for the backward.
+        sb_p = tl.col0 == 0 ? shp + tl.row0 * rank
+                            : sbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
         gemm<scalar_t>(false, true, rows, rank, d_in, 1, xb_p, d_in, ap + t * rank * d_in, d_in,
                        0, sb_p, rank);
-        // y += s_t S B_t[cols]^T
-        gemm<scalar_t>(false, true, rows, cols, rank, static_cast<scalar_t>(sp[t]), sb_p, rank,
-                       bp + (t * d_out + c0) * rank, rank, 1, yb_p, cols);
       }
-      scatter(yp, d_out, yb_p, idx, tl.rows, tl.col0, tl.cols);
+      // Column chunks small enough that the y chunk stays in L2 while base, adapter and the
+      // row copy touch it.
+      for (int64_t c0 = tl.col0; c0 < tl.col0 + tl.cols; c0 += kColChunk) {
+        const int64_t cols = std::min(kColChunk, tl.col0 + tl.cols - c0);
+        for (int64_t r = 0; r < rows; ++r) {  // the y chunk starts as the bias (or zeros)
+          scalar_t* yr = yb_p + r * cols;
+          if (has_b) {
+            std::memcpy(yr, biasp + c0, cols * sizeof(scalar_t));
+          } else {
+            std::fill(yr, yr + cols, scalar_t(0));
+          }
+        }
+        if (has_w)  // y += x_blk W[c0 : c0 + cols]^T     [rows, cols]
+          gemm<scalar_t>(false, true, rows, cols, d_in, 1, xb_p, d_in, wp + c0 * d_in, d_in, 1,
+                         yb_p, cols);
+        if (t >= 0)  // y += s_t S B_t[c0 : c0 + cols]^T
+          gemm<scalar_t>(false, true, rows, cols, rank, static_cast<scalar_t>(sp[t]), sb_p, rank,
+                         bp + (t * d_out + c0) * rank, rank, 1, yb_p, cols);
+        scatter(yp, d_out, yb_p, idx, rows, c0, cols);
+      }
     });
   });
   return {y.to(x.scalar_type()), shrink};
@@ -326,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
   // Per thread slot: dy block [bm, D_out], x block and dx block [bm, bn], dS [bm, R], and the
   // partial weight gradients dA [R, bn] and dB [D_out, R] that are added under the task's lock.
   auto dybuf = at::empty({threads, kRowBlock, d_out}, opt);
-  auto xbuf = at::empty({threads, kRowBlock, bn}, opt);
-  auto dxbuf = at::empty({threads, kRowBlock, bn}, opt);
+  auto xbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
+  auto dxbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
   auto dsbuf = at::empty({threads, kRowBlock, rank}, opt);
   auto gabuf = at::empty({threads, rank, bn}, opt);
   auto gbbuf = at::empty({threads, d_out, rank}, opt);
@@ -344,43 +351,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
       const Tile& tl = tiles[i];
       const int64_t* idx = pp + tl.row0;
       scalar_t* dyb_p = dybuf.data_ptr<scalar_t>() + slot * kRowBlock * d_out;
-      scalar_t* dxb_p = dxbuf.data_ptr<scalar_t>() + slot * kRowBlock * bn;
+      scalar_t* dxb_p = dxbuf.data_ptr<scalar_t>() + slot * kRowBlock * kColChunk;
       gather(dyb_p, dyp, d_out, idx, tl.rows, 0, d_out);
-      const int64_t rows = tl.rows, cols = tl.cols, c0 = tl.col0;
-      if (has_w) {  // dx = dy W[:, cols]     [rows, cols]
-        gemm<scalar_t>(false, false, rows, cols, d_out, 1, dyb_p, d_out, wp + c0, d_in, 0, dxb_p,
-                       cols);
-      } else {
-        std::fill(dxb_p, dxb_p + rows * cols, scalar_t(0));
-      }
-      if (tl.task >= 0) {
-        const int64_t t = tl.task;
-        const scalar_t st = static_cast<scalar_t>(sp[t]);
-        scalar_t* ds_p = dsbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
-        // dS = s dy B_t   [rows, R]
+      const int64_t rows = tl.rows, t = tl.task;
+      const scalar_t st = t >= 0 ? static_cast<scalar_t>(sp[t]) : scalar_t(0);
+      scalar_t* ds_p = dsbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
+      scalar_t* ga_p = gabuf.data_ptr<scalar_t>() + slot * rank * bn;  // [R, tile cols], ld bn
+      scalar_t* gb_p = nullptr;
+      if (t >= 0) {  // dS = s dy B_t   [rows, R], once per tile
         gemm<scalar_t>(false, false, rows, rank, d_out, st, dyb_p, d_out, bp + t * d_out * rank,
                        rank, 0, ds_p, rank);
-        // dx += dS A_t[:, cols]
-        gemm<scalar_t>(false, false, rows, cols, rank, 1, ds_p, rank, ap + t * rank * d_in + c0,
-                       d_in, 1, dxb_p, cols);
-        scalar_t* xb_p = xbuf.data_ptr<scalar_t>() + slot * kRowBlock * bn;
-        gather(xb_p, xp, d_in, idx, rows, c0, cols);
-        scalar_t* ga_p = gabuf.data_ptr<scalar_t>() + slot * rank * bn;
-        // dA part = dS^T x_blk[:, cols]   [R, cols]
-        gemm<scalar_t>(true, false, rank, cols, rows, 1, ds_p, rank, xb_p, cols, 0, ga_p, cols);
-        scalar_t* gb_p = nullptr;
-        if (c0 == 0) {  // dB part = s dy^T S   [D_out, R]
+        if (tl.col0 == 0) {  // dB part = s dy^T S   [D_out, R]
           gb_p = gbbuf.data_ptr<scalar_t>() + slot * d_out * rank;
           gemm<scalar_t>(true, false, d_out, rank, rows, st, dyb_p, d_out, shp + tl.row0 * rank,
                          rank, 0, gb_p, rank);
         }
+      }
+      // Column chunks of D_in: the dx chunk stays in L2 for base, adapter and the row copy.
+      for (int64_t c0 = tl.col0; c0 < tl.col0 + tl.cols; c0 += kColChunk) {
+        const int64_t cols = std::min(kColChunk, tl.col0 + tl.cols - c0);
+        if (has_w) {  // dx = dy W[:, c0 : c0 + cols]     [rows, cols]
+          gemm<scalar_t>(false, false, rows, cols, d_out, 1, dyb_p, d_out, wp + c0, d_in, 0,
+                         dxb_p, cols);
+        } else {
+          std::fill(dxb_p, dxb_p + rows * cols, scalar_t(0));
+        }
+        if (t >= 0) {
+          // dx += dS A_t[:, c0 : c0 + cols]
+          gemm<scalar_t>(false, false, rows, cols, rank, 1, ds_p, rank, ap + t * rank * d_in + c0,
+                         d_in, 1, dxb_p, cols);
+          scalar_t* xb_p = xbuf.data_ptr<scalar_t>() + slot * kRowBlock * kColChunk;
+          gather(xb_p, xp, d_in, idx, rows, c0, cols);
+          // dA part = dS^T x_blk[:, c0 : c0 + cols]   [R, cols]
+          gemm<scalar_t>(true, false, rank, cols, rows, 1, ds_p, rank, xb_p, cols, 0,
+                         ga_p + (c0 - tl.col0), bn);
+        }
+        scatter(gxp, d_in, dxb_p, idx, rows, c0, cols);
+      }
+      if (t >= 0) {
         std::lock_guard<std::mutex> guard(locks[t]);
-        add_block(grad_a.data_ptr<scalar_t>() + t * rank * d_in + tl.col0, d_in, ga_p, rank,
-                  tl.cols);
+        scalar_t* ga_t = grad_a.data_ptr<scalar_t>() + t * rank * d_in + tl.col0;
+        for (int64_t r = 0; r < rank; ++r)
+          for (int64_t c = 0; c < tl.cols; ++c) ga_t[r * d_in + c] += ga_p[r * bn + c];
         if (gb_p != nullptr)
           add_block(grad_b.data_ptr<scalar_t>() + t * d_out * rank, rank, gb_p, d_out, rank);
       }
-      scatter(gxp, d_in, dxb_p, idx, tl.rows, tl.col0, tl.cols);
     });
   });
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
