@@ -152,6 +152,14 @@ def pointer_use(jit, constexprs: dict) -> tuple[set, set]:
     )
     params, deps = set(jit.arg_names), {}
     names = lambda e: {n.id for n in ast.walk(e) if isinstance(n, ast.Name)}  # noqa: E731
+
+    def value_names(e) -> set:
+        # `out_ptr.dtype.element_ty` names a type, not a read of out_ptr
+        if isinstance(e, ast.Attribute) and e.attr in ("dtype", "element_ty"):
+            return set()
+        own = {e.id} if isinstance(e, ast.Name) else set()
+        return own.union(*(value_names(c) for c in ast.iter_child_nodes(e)))
+
     for node in ast.walk(fn):
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -192,7 +200,7 @@ def pointer_use(jit, constexprs: dict) -> tuple[set, set]:
                 elif attr == "load":
                     reads.update(roots(call.args[0]))
                 elif not (isinstance(f, ast.Attribute) and names(f.value) == {"tl"}):
-                    reads.update(set().union(*map(names, call.args)) & params)
+                    reads.update(set().union(*map(value_names, call.args)) & params)
 
     visit(fn.body)
     return reads, writes
