@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run under the interpreter")
     ap.add_argument("--model", action="store_true", help="launch/traffic roofline model, no GPU")
     args = ap.parse_args(argv)
-    if args.model:  # benchmarks/launch_model.py: counts on meta tensors, writes gpu-model.md
-        from launch_model import main as model_main
+    if args.model:  # benchmarks/launch_model.py counts on meta tensors, writes gpu-model.md
+        from model_report import main as model_main
 
         return model_main(os.path.join(args.out, "gpu-model.md"), _git_commit())
     global DEV

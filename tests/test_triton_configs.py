@@ -22,7 +22,8 @@ from mftk.ops import triton_ops
 # which op and strategy launches each kernel
 USES = {
     "shrink_expand": [("hard", "addmm"), ("hard", "fused")],
-    "grouped_reduce": [("hard", "addmm"), ("soft", "addmm")],
+    "hard_bwd": [("hard", "addmm"), ("hard", "fused")],
+    "grouped_reduce": [("soft", "addmm")],
     "grouped_gemm": [("hard", "fused"), ("soft", "addmm"), ("soft", "fused")],
     "soft_fwd": [("soft", "addmm")],
     "soft_bwd": [("soft", "addmm")],

@@ -164,27 +164,49 @@ def test_plan_reused():
     torch.testing.assert_close(y_plan, triton_fn(case), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_no_atomics_bit_identical(mode, deterministic):
-    """No kernel uses atomics (each weight-gradient tile has one owner program), so the default
-    path is the deterministic one: two runs agree bit for bit, with or without
-    torch.use_deterministic_algorithms."""
+def test_deterministic_path(mode, monkeypatch):
+    """Under torch.use_deterministic_algorithms nothing uses atomics (hard dS gets its own pass
+    over dy; the only atomics in kernels/ are that dS accumulation), it is as accurate as the
+    default path, and two runs agree bit for bit."""
     kernel_dir = pathlib.Path(triton_ops.__file__).parents[2] / "kernels"
-    for f in kernel_dir.glob("*.py"):
-        assert "atomic_" not in f.read_text(), f"{f.name} uses atomics"
+    with_atomics = {f.name for f in kernel_dir.glob("*.py") if "atomic_" in f.read_text()}
+    assert with_atomics == {"hard_bwd.py"}
+    seen = []
+    orig = triton_ops.hard_bwd_dy_pass
+    monkeypatch.setattr(
+        triton_ops,
+        "hard_bwd_dy_pass",
+        lambda *a, **k: seen.append(len(a) + len(k)) or orig(*a, **k),
+    )
     prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(True)
     try:
         case = make_case(65, 40, 17, 3, 8, mode, torch.float32, top_k=2 if mode == "soft" else None)
         case = _to_device(case)
+        check_case(case)
         g = torch.randn(65, 17, dtype=torch.float64, device=DEVICE)
         y1, grads1, _ = run(case, triton_fn, g)
         y2, grads2, _ = run(case, triton_fn, g)
     finally:
         torch.use_deterministic_algorithms(prev)
+    assert all(k == 7 for k in seen), seen  # the dy pass was called without its dS buffer
     for a, b in zip((y1, *grads1), (y2, *grads2)):
         assert torch.equal(a, b)
+
+
+def test_default_hard_path_accumulates_ds_in_the_dy_pass(monkeypatch):
+    """By default the dy pass also accumulates dS (one pass over dy instead of two)."""
+    seen = []
+    orig = triton_ops.hard_bwd_dy_pass
+    monkeypatch.setattr(
+        triton_ops,
+        "hard_bwd_dy_pass",
+        lambda *a, **k: seen.append(len(a) + len(k)) or orig(*a, **k),
+    )
+    assert not torch.are_deterministic_algorithms_enabled()
+    check_case(make_case(65, 40, 17, 3, 8, "hard", torch.float32))
+    assert seen == [8]
 
 
 def test_op_outputs_match_fakes():

@@ -34,13 +34,15 @@ from torch import Tensor
 
 from mftk.kernels._common import acc_dtype
 from mftk.kernels.grouped_gemm import grouped_gemm_fwd
+from mftk.kernels.hard_bwd import hard_bwd_dy_pass, hard_bwd_x_pass
 from mftk.kernels.reduce import grouped_reduce_bwd
 from mftk.kernels.shrink_expand import shrink_expand
 from mftk.kernels.soft import soft_bwd_ds, soft_fwd_shrink
 from mftk.ops import registry
 
 STRATEGIES = ("addmm", "fused")
-# (shape class -> strategy), from the cost model until a GPU measures it (gpu-model.md).
+# (shape class -> strategy), from the cost model until a GPU measures it: gpu-model.md picks
+# addmm at every modelled shape and card; fused would need a Triton GEMM at >= 0.95 of cuBLAS.
 STRATEGY_TABLE: dict[str, str] = {"small": "addmm", "large": "addmm"}
 _forced: str | None = None
 
@@ -148,8 +150,9 @@ def hard_bwd(
     offsets: Tensor,
     shrink: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """dS = s_t dy B_t with dx0 = dS A_t in one pass over dy, dx = dx0 + dy W (cuBLAS),
-    dB_t = s_t dy_t^T S_t and dA_t = dS_t^T x_t (one program per output tile, no atomics).
+    """dB_t = s_t dy_t^T S_t with dS = s_t dy B_t in one pass over dy, dA_t = dS_t^T x_t with
+    dx0 = dS A_t in one pass over x, dx = dx0 + dy W (cuBLAS addmm_). Weight gradients have one
+    owner program per tile; dS uses relaxed atomics (its own pass when deterministic).
 
     grad_y: (N, D_out); other inputs as in hard_fwd; shrink: (N, R) from hard_fwd.
     returns grad_x (N, D_in), grad_lora_a (T, R, D_in), grad_lora_b (T, D_out, R).
@@ -162,31 +165,30 @@ def hard_bwd(
     s = scaling.to(device=x.device, dtype=adt).contiguous()
     if n == 0:
         return _base_dx(grad_y, weight, d_in), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
-    ds = torch.empty((n, r), dtype=adt, device=x.device)  # plan order
     grad_x = torch.empty((n, d_in), dtype=x.dtype, device=x.device)
-    e = lora_a.transpose(1, 2)  # (T, D_in, R)
-    w_b = lora_b.transpose(1, 2)  # (T, R, D_out): dS = s dy B_t
-    if _fused(n, d_in, d_out, weight):
-        shrink_expand(grad_y, w_b, ds, perm, offsets, x.dtype, scale_in=s)
+    grad_a, grad_b = torch.empty_like(lora_a), torch.empty_like(lora_b)
+    fused = _fused(n, d_in, d_out, weight)
+    if torch.are_deterministic_algorithms_enabled():
+        # dS by its own pass over dy (no atomics), dB by the dy pass
+        ds = torch.empty((n, r), dtype=adt, device=x.device)
+        shrink_expand(grad_y, lora_b.transpose(1, 2), ds, perm, offsets, x.dtype, scale_in=s)
+        hard_bwd_dy_pass(grad_y, shrink, lora_b, s, perm, offsets, grad_b)
+    else:
+        # one pass over dy: dB owned, dS accumulated over the D_out blocks (relaxed atomics)
+        ds = torch.zeros((n, r), dtype=adt, device=x.device)  # plan order
+        hard_bwd_dy_pass(grad_y, shrink, lora_b, s, perm, offsets, grad_b, ds)
+    if fused:
+        hard_bwd_x_pass(x, ds, lora_a, perm, offsets, grad_a)
         h = ds.unsqueeze(1).expand(n, t, r)
         grouped_gemm_fwd(
             grad_x, offsets, t + 1, x.dtype, perm=perm, gather_a=True, scatter_out=True,
-            a=grad_y, w=weight.t(), h=h, e=e, extra=1,
+            a=grad_y, w=weight.t(), h=h, e=lora_a.transpose(1, 2), extra=1,
         )  # fmt: skip
     else:
-        shrink_expand(grad_y, w_b, ds, perm, offsets, x.dtype, scale_in=s, e=e, out=grad_x)
+        # one pass over x: dA owned, dx0 = dS A_t written once; cuBLAS adds dy W into it
+        hard_bwd_x_pass(x, ds, lora_a, perm, offsets, grad_a, dx0=grad_x)
         if weight is not None:
             grad_x.addmm_(grad_y, weight)
-    grad_b = torch.empty_like(lora_b)  # written as dB_t^T (R x D_out) tiles
-    grouped_reduce_bwd(
-        grad_b, _strides4(grad_b, (0, -1, 2, 1)), shrink, grad_y, offsets, x.dtype,
-        groups=t, perm=perm, gather_right=True, scale=s,
-    )  # fmt: skip
-    grad_a = torch.empty_like(lora_a)
-    grouped_reduce_bwd(
-        grad_a, _strides4(grad_a, (0, -1, 1, 2)), ds, x, offsets, x.dtype,
-        groups=t, perm=perm, gather_right=True,
-    )  # fmt: skip
     return grad_x, grad_a, grad_b
 
 
