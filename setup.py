@@ -124,8 +124,9 @@ class BuildExt(cpp_extension.BuildExtension):
         stale = (
             self.force
             or not os.path.exists(target)
-            or any(
-                os.path.getmtime(f) > os.path.getmtime(target) for f in ext.sources + ext.depends
+            or any(  # setup.py holds the compile flags
+                os.path.getmtime(f) > os.path.getmtime(target)
+                for f in [*ext.sources, *ext.depends, os.path.abspath(__file__)]
             )
         )
         if not stale:

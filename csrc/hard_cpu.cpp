@@ -25,38 +25,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_blas.h"
 #include "mftk.h"
-
-// BLAS entry points that torch's x86 wheels export (MKL); weak, so a torch without them (other
-// platforms) loads this library too and the tiles fall back to at::addmm_out. Calling BLAS
-// directly saves the dispatcher and tensor construction, ~5 us per GEMM, 3-6 GEMMs per tile.
-// MKL_Set_Num_Threads_Local is MKL's C entry point (the lower-case symbol is the Fortran one):
-// at::set_num_threads turns MKL's dynamic mode off, after which a GEMM called inside our
-// parallel region would start its own nested team (4 threads on 2 cores, 10-100x slower).
-extern "C" {
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*, const int*)
-    __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
-}
 
 namespace mftk {
 
 namespace {
 
-// Single-threaded BLAS in this scope (the tiles are the parallelism); restores on exit.
-struct SerialBlas {
-  int prev = 0;
-  SerialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
-  }
-};
 
 constexpr int64_t kRowBlock = 256;      // rows per tile: each W chunk is packed once per 256 rows
 constexpr int64_t kMinCols = 128;       // narrowest column block
@@ -157,38 +132,6 @@ void add_block(scalar_t* dst, int64_t ld, const scalar_t* src, int64_t rows, int
     for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] += src[r * cols + c];
 }
 
-// BLAS when torch exports it, unless MFTK_CPU_ATEN_GEMM=1 (the fallback, tested on x86 too).
-bool use_blas() {
-  static const bool blas = sgemm_ != nullptr && dgemm_ != nullptr &&
-                           std::getenv("MFTK_CPU_ATEN_GEMM") == nullptr;
-  return blas;
-}
-
-// Row-major C[m, n] = alpha op(A) op(B) + beta C, single-threaded inside a tile. op(A) is
-// [m, k]: A stored [m, k] (ta false) or [k, m] (ta true), row stride lda; likewise B. beta == 0
-// ignores C's contents. Column-major BLAS computes C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  const char na = tb ? 'T' : 'N', nb = ta ? 'T' : 'N';
-  const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
-  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-  if (use_blas()) {
-    if constexpr (std::is_same_v<T, float>) {
-      return sgemm_(&na, &nb, &im, &in, &ik, &alpha, b, &la, a, &lb, &beta, c, &lc);
-    } else {
-      return dgemm_(&na, &nb, &im, &in, &ik, &alpha, b, &la, a, &lb, &beta, c, &lc);
-    }
-  }
-  const auto o = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto mat = [&](const T* p, bool tr, int64_t r, int64_t cols, int64_t ld) {
-    auto t = at::from_blob(const_cast<T*>(p), {tr ? cols : r, tr ? r : cols}, {ld, 1}, o);
-    return tr ? t.t() : t;
-  };
-  auto cm = at::from_blob(c, {m, n}, {ldc, 1}, o);
-  at::addmm_out(cm, cm, mat(a, ta, m, k, lda), mat(b, tb, k, n, ldb), beta, alpha);
-}
-
 }  // namespace
 
 at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& weight,
@@ -235,6 +178,35 @@ std::tuple<at::Tensor, at::Tensor> hard_fwd_cpu(
   auto b = lora_b.to(cdt).contiguous();  // [T, D_out, R]
   auto s = scaling.to(at::kDouble).contiguous();
   const double* sp = s.data_ptr<double>();
+  if (n * d_in * d_out < kSerialMacs) {
+    // Tiny: the base is ATen's own linear over all rows (bit-identical to nn.Linear, so B = 0
+    // gives the base exactly), then each task's rows get s S B^T added; no tiles, no region.
+    auto y0 = base_forward(xc, weight, bias, d_out).contiguous();
+    const int64_t routed = off[t_count];
+    auto xs = at::empty({routed, d_in}, xc.options());  // routed rows, plan order
+    auto delta = at::empty({routed, d_out}, xc.options());
+    AT_DISPATCH_FLOATING_TYPES(cdt, "hard_fwd_cpu_small", [&] {
+      SerialBlas serial;
+      gather(xs.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), d_in, pp, routed, 0, d_in);
+      const scalar_t* ap = a.data_ptr<scalar_t>();
+      const scalar_t* bp = b.data_ptr<scalar_t>();
+      for (int64_t t = 0; t < t_count; ++t) {
+        const int64_t rows = off[t + 1] - off[t];
+        if (rows == 0) continue;
+        scalar_t* sp_t = shrink.data_ptr<scalar_t>() + off[t] * rank;
+        gemm<scalar_t>(false, true, rows, rank, d_in, 1, xs.data_ptr<scalar_t>() + off[t] * d_in,
+                       d_in, ap + t * rank * d_in, d_in, 0, sp_t, rank);
+        gemm<scalar_t>(false, true, rows, d_out, rank, static_cast<scalar_t>(sp[t]), sp_t, rank,
+                       bp + t * d_out * rank, rank, 0,
+                       delta.data_ptr<scalar_t>() + off[t] * d_out, d_out);
+      }
+      scalar_t* yp = y0.data_ptr<scalar_t>();
+      const scalar_t* dp = delta.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < routed; ++i)
+        for (int64_t c = 0; c < d_out; ++c) yp[pp[i] * d_out + c] += dp[i * d_out + c];
+    });
+    return {y0.to(x.scalar_type()), shrink};
+  }
   auto y = at::empty({n, d_out}, xc.options());
 
   const int64_t threads = choose_threads(n, d_in, d_out);
