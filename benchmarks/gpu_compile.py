@@ -1,9 +1,7 @@
 """Ahead-of-time compile gate for the Triton kernels, without a GPU (issue 12, item 1).
-
     python benchmarks/gpu_compile.py          # full matrix -> benchmarks/results/gpu-compile.md
     python benchmarks/gpu_compile.py --ci     # representative subset (a few minutes, 2 workers)
     python benchmarks/gpu_compile.py --json out.json
-
 Launches are recorded, not run (Autotuner.run / JITFunction.run patched), while the four custom
 ops run on small CPU tensors (N=256, D=1024) over dtypes, T*R, strategies, determinism, bias,
 router bias and top_k: no kernel list. Each launch goes through Triton's own binder for a cuda
@@ -11,8 +9,8 @@ target of capability 80 and 90 (signature, specialisation, divisibility attrs), 
 (kernel, signature, constexprs, attrs); every config the arch's pruner keeps
 (mftk.kernels._common.configs_for_arch if present, else all; a plain @jit launch: one config) is
 compiled with triton.compile: registers and spills from its ptxas -v, shared from the metadata.
-Fails on a compile error, shared memory over SHARED_LIMIT or any spill; configs the pruner drops
-are "pruned". Runs without TRITON_INTERPRET (main() drops it before importing triton).
+Fails on a compile error, shared memory over SHARED_LIMIT, any spill, or a launch that no config
+fits; dropped configs are "pruned". Runs without TRITON_INTERPRET (main() drops it first).
 """
 
 from __future__ import annotations
@@ -316,6 +314,10 @@ def run_gate(cases: list[Case], workers: int = 2) -> dict:
     done = [j for j in jobs if j["status"] == "pruned"]
     with mp.get_context("spawn").Pool(workers) as pool:  # spawn: fresh, uninterpreted triton
         done += pool.map(compile_job, todo, chunksize=1)
+    for label in {(j["launch"], j["arch"]) for j in jobs}:  # no config: fails at run time
+        if not any((j["launch"], j["arch"]) == label for j in todo):
+            row = next(j for j in jobs if (j["launch"], j["arch"]) == label)
+            done.append({**row, "status": "FAIL", "config": "(none)", "reason": "no config fits"})
     done.sort(key=lambda r: (r["launch"], r["arch"], r["config"]))
     kernels = sorted({la.name for la in launches})
     fails = [r for r in done if r["status"] == "FAIL"]

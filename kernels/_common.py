@@ -30,9 +30,6 @@ _TL_DTYPES = {
 }
 # Opt-in shared memory per block (bytes), by compute capability major*10+minor.
 SMEM_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448}
-# Budget of fp32 accumulator elements per thread across a kernel's live tiles; past about this,
-# ptxas spills on sm_80 (255 registers, and the loads and addresses need the rest).
-ACC_PER_THREAD = 96
 
 
 def interpreting() -> bool:
@@ -173,9 +170,11 @@ def smem_ok(bytes_: int, arch: int) -> bool:
     return bytes_ <= SMEM_LIMIT.get(arch, 101_376)
 
 
-def regs_ok(acc_elems: int, num_warps: int) -> bool:
-    """Accumulator tiles (fp32 elements in all live tiles) within the per-thread budget."""
-    return acc_elems <= ACC_PER_THREAD * 32 * num_warps
+def tiles_ok(esz: int, budget2: int, budget4: int, *tiles: int) -> bool:
+    """Live register tiles (element counts) within the kernel's budget for its dtype: budget2
+    for bf16/fp16, budget4 for fp32 (whose dots take the FMA path and hold operands in
+    registers). The budgets are calibrated per kernel on ptxas -v (benchmarks/gpu_compile.py)."""
+    return sum(tiles) <= (budget4 if esz >= 4 else budget2)
 
 
 # --- device-side helpers ------------------------------------------------------------------

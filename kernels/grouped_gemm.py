@@ -29,8 +29,8 @@ from mftk.kernels._common import (
     pow2,
     pruner,
     register,
-    regs_ok,
     smem_ok,
+    tiles_ok,
     to_op,
 )
 
@@ -38,21 +38,26 @@ _ROWS = [  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
     (128, 128, 64, 8, 8, 3),
     (128, 128, 32, 8, 8, 4),
     (64, 128, 64, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4),
     (64, 64, 64, 8, 4, 4),
     (64, 128, 32, 8, 4, 5),
-    (128, 256, 64, 8, 8, 3),
+    (64, 64, 32, 8, 4, 3),
+    (32, 64, 32, 8, 4, 3),
 ]
 
 
 def _fits(kw: dict, args: dict, arch: int) -> bool:
-    bm, bn, bk = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"]
+    bm, bn, bk, warps = kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"]
     esz = elem_bytes(args, "out_ptr")
-    bj = max(args.get("BLOCK_J", 16), args.get("BLOCK_J2", 16))
-    base = kw["num_stages"] * (bm + bn) * bk * esz if args.get("HAS_BASE") else 0
-    smem = max(base, (bm + bn) * bj * 4)
-    acc = bm * bn + (bm * bj if args.get("EXTRA", 0) or args.get("HAS_EXTRA2") else 0)
-    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+    extra = args.get("EXTRA", 0) or args.get("HAS_EXTRA2")
+    bj = max(args.get("BLOCK_J", 16), args.get("BLOCK_J2", 16)) if extra else 0
+    stages = kw["num_stages"]
+    base = stages * (bm + bn) * bk * esz if args.get("HAS_BASE") else 0
+    smem = max(base, stages * (bm * bj * 4 + bj * bn * esz))  # the loops reuse shared memory
+    if esz >= 4 and bk > 32:  # fp32 FMA dots: K tiles of 32 at most
+        return False
+    # accumulator per warp, plus the fp32 adapter tile h that is scaled, rounded and multiplied
+    per_warp = (bm * bn + 2 * bm * bj) // warps
+    return smem_ok(smem, arch) and tiles_ok(esz, 4096, 2048, per_warp)
 
 
 @triton.autotune(

@@ -26,8 +26,8 @@ from mftk.kernels._common import (
     pow2,
     pruner,
     register,
-    regs_ok,
     smem_ok,
+    tiles_ok,
     to_op,
 )
 
@@ -38,14 +38,18 @@ _ROWS = [  # BLOCK_M, BLOCK_N (the owned D block), warps, stages
     (32, 64, 4, 4),
     (16, 128, 4, 3),
     (32, 32, 4, 4),
+    (16, 32, 4, 3),
+    (16, 16, 4, 3),
 ]
 
 
 def _fits(kw: dict, args: dict, arch: int) -> bool:
     bm, bn, br = kw["BLOCK_M"], kw["BLOCK_N"], args["BLOCK_R"]
-    smem = kw["num_stages"] * bm * (bn + br) * max(elem_bytes(args, "d_ptr"), 4)
-    acc = 2 * bn * br + bm * bn + 2 * bm * br
-    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+    esz = elem_bytes(args, "d_ptr")
+    smem = kw["num_stages"] * bm * (bn + br) * max(esz, 4)
+    if br <= 32:
+        return smem_ok(smem, arch) and tiles_ok(esz, 1 << 30, 4096, bn * br, bm * br)
+    return smem_ok(smem, arch) and tiles_ok(esz, 8192, 4096, bn * br, bm * br)
 
 
 @triton.autotune(
@@ -93,6 +97,7 @@ def _hard_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    R_CHUNK: tl.constexpr,
 ):
     # dy pass (SIDE 1): d = dy, lr = S, w = B, wgrad = dB, side = dS (atomics).
     # x pass (SIDE 2, or 0 without dx0): d = x, lr = dS, w = A^T view, wgrad = dA^T view,
@@ -153,7 +158,31 @@ def _hard_bwd_kernel(
                 sem="relaxed",
             )
         if SIDE == 2:  # dx0 = dS A_g for this D_in block, written once
-            o = tl.dot(lr_op, tl.trans(w_tile), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            if BLOCK_R <= R_CHUNK:
+                o = tl.dot(lr_op, tl.trans(w_tile), input_precision=PRECISION, out_dtype=ACC_DTYPE)
+            else:  # a long-K dot in R chunks (reloaded from L1/L2): no spills at R = 128
+                o = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+                rc = tl.arange(0, R_CHUNK)
+                for r0 in tl.static_range(0, BLOCK_R, R_CHUNK):
+                    lc = tl.load(
+                        lr_ptr + rows[:, None] * stride_lm + (r0 + rc)[None, :] * stride_lr,
+                        mask=rmask[:, None] & (r0 + rc < R)[None, :],
+                        other=0.0,
+                    )  # [BLOCK_M, R_CHUNK]
+                    wc = tl.load(
+                        w_ptr
+                        + gl * stride_wt
+                        + ns[None, :] * stride_wd
+                        + (r0 + rc)[:, None] * stride_wr,
+                        mask=nmask[None, :] & (r0 + rc < R)[:, None],
+                        other=0.0,
+                    )  # [R_CHUNK, BLOCK_N]
+                    o = tl.dot(
+                        to_op(lc, ROUND_DTYPE, OP_DTYPE),
+                        wc.to(OP_DTYPE),
+                        o,
+                        input_precision=PRECISION,
+                    )
             tl.store(
                 side_ptr + tok[:, None] * stride_sm + ns[None, :] * stride_sd,
                 o.to(side_ptr.dtype.element_ty),
@@ -199,6 +228,7 @@ def _launch(d, lr, w, wgrad, side, perm, offsets, dtype, side_mode, scale) -> No
         HAS_SCALE=scale is not None,
         **dot_meta(dtype),
         BLOCK_R=pow2(r),
+        R_CHUNK=32,
     )
 
 

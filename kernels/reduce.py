@@ -27,8 +27,8 @@ from mftk.kernels._common import (
     pow2,
     pruner,
     register,
-    regs_ok,
     smem_ok,
+    tiles_ok,
     to_op,
 )
 
@@ -47,9 +47,13 @@ _ROWS = [  # BLOCK_M, BLOCK_Q, warps, stages
 
 def _fits(kw: dict, args: dict, arch: int) -> bool:
     bm, bq, bp = kw["BLOCK_M"], kw["BLOCK_Q"], args["BLOCK_P"]
-    smem = kw["num_stages"] * (bp * bm * 4 + bm * bq * elem_bytes(args, "r_ptr"))
-    acc = bp * bq + bp * bm + bm * bq  # the output tile and the fp32 L and R tiles
-    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+    esz = elem_bytes(args, "r_ptr")
+    lfac = 1.5 if args.get("HAS_COEF") else 0.75  # the coefficient tile is pipelined too
+    smem = kw["num_stages"] * (bp * bm * 4 * lfac + bm * bq * esz)
+    # the output tile and the fp32 L tile (scaled, then rounded), per warp
+    per_warp = (bp * bq + bp * bm) // kw["num_warps"]
+    lo = 2 if args.get("HAS_COEF") else 1
+    return smem_ok(int(smem), arch) and tiles_ok(esz, 4096 // lo, 2048 // lo, per_warp)
 
 
 @triton.autotune(

@@ -25,8 +25,8 @@ from mftk.kernels._common import (
     pow2,
     pruner,
     register,
-    regs_ok,
     smem_ok,
+    tiles_ok,
     to_op,
 )
 
@@ -37,6 +37,8 @@ _ROWS = [  # BLOCK_M, BLOCK_K, BLOCK_N, warps, stages
     (32, 128, 64, 4, 4),
     (16, 128, 128, 4, 3),
     (128, 64, 64, 8, 3),
+    (16, 32, 32, 4, 3),
+    (16, 64, 32, 4, 3),
 ]
 
 
@@ -44,8 +46,11 @@ def _fits(kw: dict, args: dict, arch: int) -> bool:
     bm, bk, bn, br = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_N"], args["BLOCK_R"]
     esz = elem_bytes(args, "a_ptr")
     smem = kw["num_stages"] * max((bm * bk + bk * br) * esz, (br * bn) * esz + bm * br * 4)
-    acc = bm * br + (bm * bn if args.get("HAS_OUT") else 0)
-    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+    out = args.get("HAS_OUT")
+    per_warp = (bm * br + (bm * bn if out else 0)) * 4 // kw["num_warps"]
+    if esz >= 4 and (bk > (32 if br >= 64 else 64) or (out and bn > 32)):
+        return False  # fp32 dots run on FMA units: short K and N tiles
+    return smem_ok(smem, arch) and tiles_ok(esz, 12288, 2560, per_warp)
 
 
 @triton.autotune(

@@ -26,8 +26,8 @@ from mftk.kernels._common import (
     pow2,
     pruner,
     register,
-    regs_ok,
     smem_ok,
+    tiles_ok,
 )
 
 _ROWS = [  # BLOCK_M, BLOCK_K, BLOCK_C, warps, stages
@@ -37,18 +37,24 @@ _ROWS = [  # BLOCK_M, BLOCK_K, BLOCK_C, warps, stages
     (32, 128, 64, 4, 3),
     (16, 64, 128, 4, 4),
     (64, 64, 128, 8, 2),
+    (16, 64, 64, 4, 4),
+    (16, 64, 32, 4, 4),
+    (16, 32, 32, 4, 3),
+    (16, 32, 16, 4, 3),
 ]
 _NAMES = ("BLOCK_M", "BLOCK_K", "BLOCK_C")
 
 
 def _fits(kw: dict, args: dict, arch: int) -> bool:
     bm, bk, bc, bt = kw["BLOCK_M"], kw["BLOCK_K"], kw["BLOCK_C"], args["BLOCK_T"]
-    if bc > pow2(args["TR"]) and bc > 64:  # no chunk wider than T*R needs
+    if bc > pow2(args["TR"]) and bc > 32:  # no chunk wider than T*R needs
         return False
-    esz = elem_bytes(args, "x_ptr") if "x_ptr" in args else elem_bytes(args, "dy_ptr")
+    esz = elem_bytes(args, "x_ptr" if "x_ptr" in args else "dy_ptr")
+    if esz >= 4 and bk > 32:
+        return False  # fp32 dots run on FMA units: short K tiles
     smem = kw["num_stages"] * (bm * bk + bk * (bc + bt)) * esz
-    acc = bm * bc * 2 + bm * bt * 2  # chunk accumulator and its epilogue, router / dp tiles
-    return smem_ok(smem, arch) and regs_ok(acc, kw["num_warps"])
+    # the S / dH chunk and the router (dp, softmax) tiles of a row block
+    return smem_ok(smem, arch) and tiles_ok(esz, 2048, 512 + 256, bm * bc, bm * bt)
 
 
 @triton.autotune(
@@ -251,10 +257,12 @@ def _soft_bwd_kernel(
             (acc * p_c.to(ACC_DTYPE) * s_c[None, :]).to(g_ptr.dtype.element_ty),
             mask=m2,
         )
-        # dp[n, t] += sum over the chunk's columns of task t of s_t dH S: a one-hot product
+        # dp[n, t] += sum over the chunk's columns of task t of s_t dH S (exact fp32 sums; an
+        # fp32 one-hot dot would take the FMA path and its register tiles)
         v = tl.where(m2, acc * sh.to(ACC_DTYPE) * s_c[None, :], 0.0)  # [BLOCK_M, BLOCK_C]
-        onehot = ((ct[:, None] == ts[None, :]) & cmask[:, None]).to(ACC_DTYPE)  # [BLOCK_C, BLOCK_T]
-        dp = tl.dot(v, onehot, dp, input_precision="ieee")
+        for t in tl.static_range(BLOCK_T):
+            col = tl.sum(tl.where((ct == t)[None, :], v, 0.0), 1)  # [BLOCK_M]
+            dp += tl.where((ts == t)[None, :], col[:, None], 0.0)
     # softmax backward: dz = p (dp - sum_t p dp); dL = dz / temperature + gL
     p = tl.load(
         probs_ptr + rows[:, None] * stride_pm + ts[None, :] * stride_pt, mask=lmask, other=0.0
