@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHS = (80, 90)
-# Max dynamic shared memory per block with opt-in: A100 (sm_80), H100/H200 (sm_90).
-SHARED_LIMIT = {80: 166_912, 90: 232_448}
+SHARED_LIMIT = {80: 166_912, 90: 232_448}  # opt-in shared memory per block: A100, H100/H200
 OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
