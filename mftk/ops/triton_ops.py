@@ -18,9 +18,10 @@ Strategies for the rows of y (forward) and dx (backward):
 `STRATEGY_TABLE` is set from the cost model (benchmarks/launch_model.py), not from a GPU
 measurement: no GPU has run these kernels yet. See benchmarks/results/gpu-model.md.
 
-Launches per fwd+bwd (addmm): hard 2 + 4, soft 3 + 5 (see the cost model). Nothing uses atomics,
-so every path is deterministic: each weight gradient tile is owned by one program that walks its
-task's rows in order (kernels/reduce.py).
+Launches per fwd+bwd (addmm): hard 2 + 4, soft 3 + 5 (benchmarks/results/gpu-model.md). Weight
+gradients have one owner program per tile (no atomics on them). The only atomics accumulate hard
+routing's dS (N, R) over D_out blocks; under torch.use_deterministic_algorithms dS gets its own
+pass over dy instead, and every run is bit-identical.
 
 fp64 inputs run the same kernels with fp64 operands and accumulators (tl.dot in fp64).
 """
