@@ -345,12 +345,13 @@ def write_markdown(out: dict, path: str, mode: str) -> None:
         "spill fails; configs the arch's pruner drops are listed as pruned, one row per launch.\n",
         f"**{s['launches']} launches ({s['distinct_launches']} distinct), {s['compiles']} "
         f"compiles, {s['pruned']} pruned, {s['failures']} failures** ({s['seconds']} s)\n",
-        "| kernel | launch | key constexprs | config | arch | regs | spill st/ld B | shared B "
-        "| status |\n|---|---|---|---|---|---|---|---|---|",
+        "| kernel | launch | constexprs | config | arch | regs | spill st/ld | shared B | status |"
+        "\n|---|---|---|---|---|---|---|---|---|",
     ]
     pruned: dict[tuple, list] = {}
     for r in out["results"]:
-        row = f"| {r['name']} | {r['launch']} | {r['key_constexprs']} |"
+        consts = " ".join(c for c in r["key_constexprs"].split() if not c.startswith("stride"))
+        row = f"| {r['name']} | {r['launch']} | {consts} |"
         if r["status"] == "pruned":
             pruned.setdefault((row, r["arch"]), []).append(r["config"])
             continue
@@ -383,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL {where}: {r['reason']}")
     print(f"gpu_compile: {s['launches']} launches ({s['distinct_launches']} distinct), ", end="")
     print(f"{s['compiles']} compiles, {s['pruned']} pruned, {s['failures']} failures")
-    for k, v in s["compiled_per_kernel_arch"].items():
-        print(f"  compiled {k}: {v}")
+    print("\n".join(f"  compiled {k}: {v}" for k, v in s["compiled_per_kernel_arch"].items()))
     md = args.out or (None if args.ci else os.path.join(HERE, "results", "gpu-compile.md"))
     if md:
         write_markdown(out, md, "ci" if args.ci else "full")
