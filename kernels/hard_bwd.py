@@ -56,6 +56,9 @@ def _fits(kw: dict, args: dict, arch: int) -> bool:
     configs=configs(_ROWS, ("BLOCK_M", "BLOCK_N")),
     key=["D", "R", "N_BKT", "SIDE"],
     prune_configs_by={"early_config_prune": pruner("hard_bwd", _fits)},
+    # on a GPU, autotuning runs the kernel once per config and repetition: dS (SIDE 1) is
+    # accumulated with atomics, so it is zeroed before each of those runs and before the real one
+    reset_to_zero=["side_ptr"],
 )
 @triton.jit
 def _hard_bwd_kernel(
@@ -211,7 +214,7 @@ def _launch(d, lr, w, wgrad, side, perm, offsets, dtype, side_mode, scale) -> No
         w,
         scale if scale is not None else lr,
         wgrad,
-        side if side is not None else lr,
+        side if side is not None else wgrad,  # written whole: zeroing it is harmless
         perm,
         offsets,
         n,
