@@ -66,8 +66,17 @@ def test_export_loads_in_peft_with_same_logits(arch, tmp_path):
             rank_pattern={"o_proj": 6},
             alpha_pattern={"up_proj": 10},
         ),
+        # rsLoRA with per-module scales: export must write alpha_pattern as s * sqrt(r)
+        dict(
+            r=2,
+            lora_alpha=4,
+            use_rslora=True,
+            target_modules="all-linear",
+            rank_pattern={"o_proj": 6, "gate_proj": 3},
+            alpha_pattern={"up_proj": 10, "o_proj": 9},
+        ),
     ],
-    ids=["alpha_over_r-subset", "rslora", "rank_alpha_patterns"],
+    ids=["alpha_over_r-subset", "rslora", "rank_alpha_patterns", "rslora_rank_alpha_patterns"],
 )
 def test_import_peft_matches_peft_and_round_trips(lora_kw, tmp_path):
     base = tiny_llama(torch.float64)
@@ -86,6 +95,8 @@ def test_import_peft_matches_peft_and_round_trips(lora_kw, tmp_path):
     pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
     got2 = pm2(ids).logits
     assert torch.allclose(got2, want, **TOL), max_err(got2, want)
+    if lora_kw.get("alpha_pattern"):  # per-module scales went out as alpha_pattern entries
+        assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["alpha_pattern"]
     from safetensors.torch import load_file
 
     src = load_file(tmp_path / "src" / "adapter_model.safetensors")
