@@ -71,6 +71,41 @@ def test_accuracy_f1():
     assert accuracy_f1([1, 1], [1, 1], 3) == (1.0, 1.0)  # absent labels leave the macro mean
 
 
+def test_eval_predicts_the_argmax_class():
+    """Known head logits on the last token of each classify sample: accuracy, macro-F1, CE and the
+    majority baseline are exact (argmin predictions would score 0.25 / 1/6)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from mftk.train.classify import ClassifyTasks
+
+    rows = [[Sample(1, [1, 2], [-100] * 2, 0), Sample(0, [3, 4], [-100, 4]), Sample(1, [5], [-100], 1)],
+            [Sample(1, [6, 7, 8], [-100] * 3, 2), Sample(1, [9, 9], [-100] * 2, 1)]]  # fmt: skip
+    b = rows_to_batch(rows, pad_id=0)
+    # gold [0, 1, 2, 1]; argmax [0, 1, 2, 0]; argmin [2, 0, 1, 1]
+    z = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0], [5.0, 2.0, 3.0]])
+    hidden = torch.full((2, b.input_ids.shape[1], 3), 7.0)  # the head is the identity
+    for (r, c), zi in zip([(0, 1), (0, 4), (1, 2), (1, 4)], z):
+        hidden[r, c] = zi
+    cls = ClassifyTasks.__new__(ClassifyTasks)
+    cls.index = {1: SimpleNamespace(name="kind", labels=["a", "b", "c"])}
+    cls.heads = {1: torch.nn.Identity()}
+    cls.majority = {1: [(1, 5)]}
+    cls.last_metrics = {}
+    cls.eval_begin()
+    cls.eval_batch(hidden, b)
+    out = {}
+    cls.eval_end(out)
+    gold = torch.tensor([0, 1, 2, 1])
+    assert out["kind/accuracy"] == 0.75
+    assert out["kind/f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    assert out["kind"] == pytest.approx(float(F.cross_entropy(z, gold)))
+    m = cls.last_metrics["kind"]
+    assert (m["accuracy"], m["eval_samples"], m["majority_label"]) == (0.75, 4, "b")
+    assert (m["majority_accuracy"], m["majority_macro_f1"]) == (0.5, pytest.approx(2 / 9))
+
+
 def test_packed_batch_marks_last_token_of_classify_samples():
     rows = [[Sample(0, [5, 6, 7], [-100, 6, 7]), Sample(1, [8, 9], [-100, -100], 1)],
             [Sample(1, [3, 4, 5, 6], [-100] * 4, 0)]]  # fmt: skip
