@@ -92,8 +92,12 @@ def test_exit_before_tests_fails():
 def test_marker_cannot_be_forged():
     from mftk.sandbox import PASS_MARKER
 
-    res = run_program(f"print({PASS_MARKER!r})\nimport os\nos._exit(0)\n", TESTS, timeout=5)
-    assert res.status == "failed"
+    # flush: an unflushed print is lost at os._exit and the forgery would never reach the parent
+    for forged in (PASS_MARKER, PASS_MARKER + "0" * 16):
+        code = f"print({forged!r}, flush=True)\nimport os\nos._exit(0)\n"
+        res = run_program(code, TESTS, timeout=5)
+        assert res.returncode == 0 and forged in res.stdout, "the forged marker reached stdout"
+        assert res.status == "failed", (forged, res.status)
 
 
 def test_bad_arguments():
