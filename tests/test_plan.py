@@ -210,6 +210,25 @@ def test_memory_rows_by_hand_nf4_one_gpu_and_sdpa(tiny_path):
         assert rows["peak_transient"] == max(10 * V * n, bwd)
 
 
+def test_memory_rows_by_hand_nf4_fsdp(tiny_path):
+    """G > 1 with nf4: the packed 4-bit base sharded flat, the bf16 root gathered whole, and the
+    FSDP2 layer buffers sized from 4-bit layers (not bf16 ones)."""
+    G, T, R = 3, 2, 3
+    info = _info(tiny_path, rank=R, tasks=T)
+    o = P.PlanOptions(gpus=G, seq_len=16, micro_batch=2, rank=R, tasks=T, quantize="nf4")
+    rows = {k: v for k, _, v in P.memory_rows(info, o)["rows"]}
+    packed = L * sum(math.ceil(math.ceil(o_ * i_ / 2) / G) for o_, i_ in TINY_LINEARS)
+    bf16 = 2 * (L * 2 * _shard((H,), G) + 2 * _shard((V, H), G) + _shard((H,), G))
+    assert rows["base_weights"] == packed + bf16
+    assert rows["fsdp_root"] == 2 * (2 * V * H + H)
+    layer_4bit = sum(math.ceil(o_ * i_ / 2) for o_, i_ in TINY_LINEARS) + 2 * 2 * H
+    layer_adapters = T * R * sum(o_ + i_ for o_, i_ in TINY_LINEARS)
+    assert rows["fsdp_layer_buffers"] == 3 * (layer_4bit + 2 * layer_adapters) + 6 * layer_adapters
+    o.quantize = None
+    bf16_rows = {k: v for k, _, v in P.memory_rows(info, o)["rows"]}
+    assert rows["fsdp_layer_buffers"] < bf16_rows["fsdp_layer_buffers"]
+
+
 def test_adapter_shard_dims_are_the_trainers():
     from mftk.train.distributed import SHARD_DIMS
 
