@@ -76,6 +76,13 @@ def test_soft(shape, dtype, top_k):
     check_case(make_case(n, d_in, d_out, t, r, "soft", dtype, top_k=k))
 
 
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "x".join(map(str, s)))
+def test_fp16(shape, mode):
+    """fp16 in, fp16 out and grads, within fp16 tolerances of the float64 reference."""
+    check_case(make_case(*shape, mode, torch.float16, top_k=2 if mode == "soft" else None))
+
+
 @pytest.mark.parametrize(
     "ids",
     [
