@@ -42,6 +42,8 @@ _ROWS = [  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages
     (64, 128, 32, 8, 4, 5),
     (64, 64, 32, 8, 4, 3),
     (32, 64, 32, 8, 4, 3),
+    (32, 32, 32, 8, 4, 3),
+    (16, 32, 32, 8, 4, 3),
 ]
 
 
@@ -53,11 +55,13 @@ def _fits(kw: dict, args: dict, arch: int) -> bool:
     stages = kw["num_stages"]
     base = stages * (bm + bn) * bk * esz if args.get("HAS_BASE") else 0
     smem = max(base, stages * (bm * bj * 4 + bj * bn * esz))  # the loops reuse shared memory
-    if esz >= 4 and bk > 32:  # fp32 FMA dots: K tiles of 32 at most
-        return False
+    if esz >= 4 and (bk > 32 or bm > 16 or bn > 32):
+        return False  # fp32 dots run on FMA units: small tiles only
+    if esz < 4 and bm == 16:
+        return False  # the fp32 fallback tile; it spills a little in bf16/fp16 on sm_90
     # accumulator per warp, plus the fp32 adapter tile h that is scaled, rounded and multiplied
     per_warp = (bm * bn + 2 * bm * bj) // warps
-    return smem_ok(smem, arch) and tiles_ok(esz, 4096, 2048, per_warp)
+    return smem_ok(smem, arch) and tiles_ok(esz, 3584, 2048, per_warp)
 
 
 @triton.autotune(

@@ -47,9 +47,12 @@ def _fits(kw: dict, args: dict, arch: int) -> bool:
     bm, bn, br = kw["BLOCK_M"], kw["BLOCK_N"], args["BLOCK_R"]
     esz = elem_bytes(args, "d_ptr")
     smem = kw["num_stages"] * bm * (bn + br) * max(esz, 4)
-    if br <= 32:
-        return smem_ok(smem, arch) and tiles_ok(esz, 1 << 30, 4096, bn * br, bm * br)
-    return smem_ok(smem, arch) and tiles_ok(esz, 8192, 4096, bn * br, bm * br)
+    if esz >= 4 and (bm > 16 or bn > 32):
+        return False  # fp32 dots run on FMA units: small tiles only
+    if br <= 32 and esz < 4:
+        return smem_ok(smem, arch)
+    budget = 6144 if args.get("SIDE") == 2 else 8192  # the x pass also holds dx0's tile
+    return smem_ok(smem, arch) and tiles_ok(esz, budget, 4096, bn * br, bm * br)
 
 
 @triton.autotune(

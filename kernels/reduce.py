@@ -42,6 +42,8 @@ _ROWS = [  # BLOCK_M, BLOCK_Q, warps, stages
     (32, 32, 4, 4),
     (32, 32, 8, 3),
     (16, 32, 4, 4),
+    (16, 32, 8, 3),
+    (16, 16, 8, 3),
 ]
 
 
@@ -53,7 +55,9 @@ def _fits(kw: dict, args: dict, arch: int) -> bool:
     # the output tile and the fp32 L tile (scaled, then rounded), per warp
     per_warp = (bp * bq + bp * bm) // kw["num_warps"]
     lo = 2 if args.get("HAS_COEF") else 1
-    return smem_ok(int(smem), arch) and tiles_ok(esz, 4096 // lo, 2048 // lo, per_warp)
+    return smem_ok(int(smem), arch) and tiles_ok(
+        esz, 4096 // lo, 1536 if lo == 1 else 1024, per_warp
+    )
 
 
 @triton.autotune(

@@ -67,9 +67,12 @@ def choose_strategy(n: int, d_in: int, d_out: int) -> str:
     return STRATEGY_TABLE["large" if n * d_in * d_out >= 2**30 else "small"]
 
 
-def _fused(n: int, d_in: int, d_out: int, weight: Tensor | None) -> bool:
+def _fused(n: int, d_in: int, d_out: int, weight: Tensor | None, rank: int = 0) -> bool:
     # Without a base weight there is no base GEMM to fuse: the adapters' kernel writes y itself.
-    return weight is not None and choose_strategy(n, d_in, d_out) == "fused"
+    # fp32 with rank > 32 has no fused GEMM config that compiles without spills (gpu-compile.md).
+    if weight is None or (weight.dtype == torch.float32 and rank > 32):
+        return False
+    return choose_strategy(n, d_in, d_out) == "fused"
 
 
 def _base(x: Tensor, weight: Tensor | None, bias: Tensor | None, d_out: int) -> Tensor:
@@ -122,7 +125,7 @@ def hard_fwd(
     if n == 0:
         return _base(x, weight, bias, d_out), shrink
     y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
-    if _fused(n, d_in, d_out, weight):
+    if _fused(n, d_in, d_out, weight, r):
         shrink_expand(x, lora_a, shrink, perm, offsets, x.dtype)  # S only
         h = shrink.unsqueeze(1).expand(n, t, r)  # h[i, t, :] = S[i]: the group picks its adapter
         grouped_gemm_fwd(
@@ -168,7 +171,7 @@ def hard_bwd(
         return _base_dx(grad_y, weight, d_in), torch.zeros_like(lora_a), torch.zeros_like(lora_b)
     grad_x = torch.empty((n, d_in), dtype=x.dtype, device=x.device)
     grad_a, grad_b = torch.empty_like(lora_a), torch.empty_like(lora_b)
-    fused = _fused(n, d_in, d_out, weight)
+    fused = _fused(n, d_in, d_out, weight, r)
     if torch.are_deterministic_algorithms_enabled():
         # dS by its own pass over dy (no atomics), dB by the dy pass
         ds = torch.empty((n, r), dtype=adt, device=x.device)
@@ -230,7 +233,7 @@ def soft_fwd(
     )
     y = torch.empty((n, d_out), dtype=x.dtype, device=x.device)
     kw = dict(h=shrink.view(n, t, r), e=lora_b, extra=2, coef=probs, scale=s, bias=bias)
-    if _fused(n, d_in, d_out, weight):
+    if _fused(n, d_in, d_out, weight, r):
         grouped_gemm_fwd(y, None, 0, x.dtype, a=x, w=weight, **kw)
     else:
         grouped_gemm_fwd(y, None, 0, x.dtype, **kw)  # y0 = b + sum_t p s S B^T, write-only
@@ -290,7 +293,7 @@ def soft_bwd(
     grad_x = torch.empty((n, d_in), dtype=x.dtype, device=x.device)
     kw = dict(h=g[:, : t * r].unflatten(1, (t, r)), e=lora_a.transpose(1, 2), extra=2)
     kw.update(h2=g[:, t * r :], e2=router_weight.t())
-    if _fused(n, d_in, d_out, weight):
+    if _fused(n, d_in, d_out, weight, r):
         grouped_gemm_fwd(grad_x, None, 0, x.dtype, a=grad_y, w=weight.t(), **kw)
     else:
         grouped_gemm_fwd(grad_x, None, 0, x.dtype, **kw)  # dx0 = [dS | dL] [A_cat ; Wr]
