@@ -56,8 +56,15 @@ def measure(
     inp = make_inputs(shape)
     providers = providers or PROVIDERS[routing]
     steps = {p: build(p, routing, direction, inp, shape) for p in providers}
-    for step in steps.values():  # warm-up
-        step()
+    return interleaved(steps, rounds, seed)
+
+
+def interleaved(steps: dict, rounds: int, seed: int = 0, warmup: int = 1) -> dict[str, list]:
+    """Seconds per call of each step, over `rounds` rounds in a fresh random order each round
+    (so that load on a shared machine falls on every provider alike), after `warmup` calls."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     times: dict[str, list] = {p: [] for p in steps}
     rng = random.Random(seed)
     for _ in range(rounds):

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
-import time
 
 import mftk  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
 
@@ -32,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from busy import busy_processes, load_average  # noqa: E402
+from run_cpu import interleaved  # noqa: E402
 
 from mftk.patch import adapter_layers  # noqa: E402
 
@@ -115,19 +114,8 @@ def build_steps(seed: int = 0) -> dict:
 
 
 def measure(steps: dict, rounds: int, seed: int = 0) -> dict[str, list[float]]:
-    for step in steps.values():  # warm-up, twice: allocator and autograd caches
-        step()
-        step()
-    times: dict[str, list[float]] = {p: [] for p in steps}
-    rng = random.Random(seed)
-    for _ in range(rounds):
-        order = list(steps)
-        rng.shuffle(order)
-        for p in order:
-            t0 = time.perf_counter()
-            steps[p]()
-            times[p].append(time.perf_counter() - t0)
-    return times
+    # warm-up twice: allocator and autograd caches
+    return interleaved(steps, rounds, seed, warmup=2)
 
 
 def table(times: dict[str, list[float]], title: str) -> list[str]:

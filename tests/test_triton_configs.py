@@ -65,17 +65,10 @@ def test_other_dtypes_largest_tiles(mode, dtype):
     """fp16 and fp32 with the widest config of every kernel at once."""
     with contextlib.ExitStack() as stack:
         for name, kernel in _common.kernels().items():
-            widest = max(range(len(kernel.configs)), key=lambda i: _size(kernel.configs[i]))
+            widest = max(range(len(kernel.configs)), key=lambda i: _common._size(kernel.configs[i]))
             stack.enter_context(_common.force_config(name, widest))
         top_k = 2 if mode == "soft" else None
         check_case(make_case(*SHAPE[mode], mode=mode, dtype=dtype, top_k=top_k))
-
-
-def _size(cfg) -> int:
-    out = 1
-    for v in cfg.kwargs.values():
-        out *= v
-    return out
 
 
 def test_bf16_rounding_is_emulated():
