@@ -10,8 +10,8 @@
      base        the frozen linear alone, cuBLAS fwd + dx (the floor)
      mftk-addmm  mftk Triton kernels, cuBLAS base + Triton adapter expand
      mftk-fused  mftk Triton kernels, adapters folded into a Triton base GEMM
-     loop        the per-task loop of mftk/reference.py (what PEFT/mLoRA-style code does)
-     grouped_mm  torch._grouped_mm over tokens in plan order (mftk.reference.grouped_mm_hard)
+     loop        the per-task loop of mftk/ops/reference.py (what PEFT/mLoRA-style code does)
+     grouped_mm  torch._grouped_mm over tokens in plan order (mftk.ops.reference.grouped_mm_hard)
      dense       soft routing as plain torch GEMMs over the concatenated adapters
      peft        PEFT: one LoRA for the whole batch (fwd+bwd) and its mixed-adapter loop (fwd)
 3. prints the table and writes benchmarks/results/gpu-<card>.md with card, commit and versions,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import mftk
-from mftk.reference import grouped_mm_hard, multi_adapter_linear_ref, soft_dense_torch
+from mftk.ops.reference import grouped_mm_hard, multi_adapter_linear_ref, soft_dense_torch
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ python examples/op_demo.py
 import torch
 
 import mftk
-from mftk.reference import multi_adapter_linear_ref
+from mftk.ops.reference import multi_adapter_linear_ref
 
 torch.manual_seed(0)
 N, D_IN, D_OUT, T, R = 12, 64, 32, 3, 8

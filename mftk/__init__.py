@@ -13,18 +13,10 @@ if "torch" not in sys.modules:
 import torch  # noqa: E402, F401  (loads libtorch before mftk._C)
 
 from mftk.checkpoint import from_pretrained, load_adapters, save_adapters
+from mftk.core import MftkConfig, task_index, task_names
 from mftk.nn import MultiAdapterLinear
 from mftk.ops import RoutingPlan, build_plan, multi_adapter_linear, set_debug
-from mftk.patch import (
-    MftkConfig,
-    adapter_parameters,
-    adapter_state_dict,
-    merge,
-    patch_model,
-    task_index,
-    task_names,
-    unmerge,
-)
+from mftk.patch import adapter_parameters, adapter_state_dict, merge, patch_model, unmerge
 from mftk.peft_io import export_peft, import_peft
 from mftk.pyramid import add_task
 from mftk.routing import RoutingState, clear_default_tasks, set_default_tasks, use_tasks

@@ -18,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mftk.patch import MftkConfig, adapter_state_dict, get_config, patch_model, unwrap
+from mftk.core import MftkConfig, get_config, unwrap
+from mftk.heads import ensure_heads, head_state_dict
+from mftk.patch import adapter_state_dict, patch_model
 
 WEIGHTS_NAME = "mftk_adapters.safetensors"
 CONFIG_NAME = "mftk_config.json"
@@ -31,7 +33,6 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     Files are written to temporary names and renamed, so a crash never leaves half a checkpoint.
     """
     cfg = get_config(model)
-    from mftk.heads import head_state_dict
 
     state = {**adapter_state_dict(model), **head_state_dict(model)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -87,7 +88,6 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, grow: bool = False)
                 f"path: checkpoint {k}={getattr(saved, k)!r} differs from the model's "
                 f"{getattr(cfg, k)!r}"
             )
-    from mftk.heads import ensure_heads, head_state_dict
 
     own = adapter_state_dict(model)
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:

@@ -1,4 +1,5 @@
-"""`mftk` command line: each subcommand lives in its own module and is imported only when used.
+"""`mftk` command line: each subcommand lives in its own module (mftk.apps.*), imported only when
+it is the one called, so `mftk plan` never loads the trainer.
 
 A subcommand module exposes `add_arguments(parser)` and `run(args) -> int`.
 """
@@ -11,20 +12,29 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mftk.train.cli", "fine-tune a model on a YAML list of tasks"),
-    "plan": ("mftk.plan", "estimate per-GPU memory and step time for a model on G GPUs"),
-    "eval": ("mftk.evaluate", "per-task held-out loss, router accuracy and pass@k of a run"),
-    "compare": ("mftk.compare", "side-by-side per-task eval loss and pass@k of runs, with a plot"),
-    "scan": ("mftk.scan", "classify a codebase's functions with a task's head (CI gate)"),
+    "train": ("mftk.apps.train", "fine-tune a model on a YAML list of tasks"),
+    "plan": ("mftk.apps.plan", "estimate per-GPU memory and step time for a model on G GPUs"),
+    "eval": (
+        "mftk.apps.evaluate",
+        "per-task held-out loss, router accuracy and pass@k of a run",
+    ),
+    "compare": (
+        "mftk.apps.compare",
+        "side-by-side per-task eval loss and pass@k of runs, with a plot",
+    ),
+    "scan": ("mftk.apps.scan", "classify a codebase's functions with a task's head (CI gate)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (every one when command is None)."""
     parser = argparse.ArgumentParser(prog="mftk", description="multi-task fine-tuning kernels")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if command is not None and name != command:
+            continue
         try:
             importlib.import_module(module).add_arguments(p)
         except ImportError as err:  # a subcommand whose optional deps are missing
@@ -33,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mftk.patch import get_config, unwrap
+from mftk.core import get_config, unwrap
+from mftk.routing import use_tasks
 
 HEAD_TYPES = ("classify",)
 
@@ -182,7 +183,6 @@ def classify(
     if hs is None or task not in hs:
         have = list(hs.keys()) if hs is not None else []
         raise ValueError(f"task: {task!r} has no classification head (heads: {have})")
-    from mftk.routing import use_tasks
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mftk.core import adapter_layers, get_config, layer_of, task_index, unwrap
 from mftk.nn import lora_scale
-from mftk.patch import adapter_layers, get_config, task_index, unwrap
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -110,8 +110,6 @@ def export_peft(
     }
     if cfg.layers is not None:
         # PEFT's layers_to_transform: the decoder layers that carry the adapter
-        from mftk.pyramid import layer_of
-
         found = layer_of(targets[0])
         config["layers_to_transform"] = list(cfg.layers)
         config["layers_pattern"] = found[0] if found else None

@@ -22,38 +22,15 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-# PEFT's default layers_pattern names (ModuleList attribute holding the decoder layers)
-LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-_LAYER_RE = re.compile(r"(?:^|\.)(" + "|".join(LAYER_PATTERNS) + r")\.(\d+)(?:\.|$)")
-
-LayerSpec = str | int | slice | range | Sequence[int] | None
-
-
-def layer_of(name: str) -> tuple[str, int] | None:
-    """(pattern, decoder-layer index) of a module name such as `model.layers.3.mlp.up_proj`,
-    or None for modules outside the decoder layers (embeddings, lm_head, final norm)."""
-    m = _LAYER_RE.search(name)  # the outermost numbered ModuleList is the decoder stack
-    if m is None:
-        return None
-    return m.group(1), int(m.group(2))
-
-
-def num_decoder_layers(model: nn.Module) -> int:
-    """The number of decoder layers: config.num_hidden_layers, else the largest index seen + 1."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    idx = [li[1] for li in (layer_of(name) for name, _ in model.named_modules()) if li]
-    if not idx:
-        raise ValueError("layers: the model has no numbered decoder layers (model.layers.<i>.)")
-    return max(idx) + 1
+from mftk.core import BASE, LayerSpec, adapter_layers, get_config, layer_of, unwrap
+from mftk.nn import init_lora_a_, lora_scale
+from mftk.routing import clear_default_tasks
 
 
 def parse_layers(spec: LayerSpec, num_layers: int) -> list[int] | None:
@@ -227,10 +204,6 @@ def add_task(
     The adapter Parameters are replaced by larger ones: rebuild the optimizer (the trainer keeps
     the old tasks' AdamW moments, see mftk.train).
     """
-    from mftk.nn import init_lora_a_, lora_scale
-    from mftk.patch import BASE, adapter_layers, get_config, unwrap
-    from mftk.routing import clear_default_tasks
-
     model = unwrap(model)
     cfg = get_config(model)
     if not isinstance(name, str) or not name or name == BASE:

@@ -22,11 +22,15 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from mftk.core import find_targets, unwrap
+from mftk.nn import MultiAdapterLinear
 
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {
@@ -105,7 +109,6 @@ def _fix_cpu_dequantize(bnb: Any) -> None:
     want = dequantize_4bit_flat(q, st.absmax, 64, "nf4", w.shape, torch.float32)
     if torch.equal(got, want):
         return
-    import warnings
 
     def kernel(A, absmax, blocksize, quant_type, shape, dtype):  # the op's schema
         return dequantize_4bit_flat(A, absmax, blocksize, quant_type, shape, dtype)
@@ -271,8 +274,6 @@ def quant_settings(module: nn.Module) -> dict[str, Any]:
 
 
 def _tensors(module: nn.Module) -> Iterator[Tensor]:
-    from mftk.nn import MultiAdapterLinear
-
     if isinstance(module, MultiAdapterLinear):  # a quantized one's base_layer is visited itself
         if module.weight is not None:
             yield module.weight
@@ -292,8 +293,6 @@ def base_linear_bytes(model: nn.Module, include_bias: bool = False) -> int:
     """Bytes held by the base weights of every linear layer below `model` (nn.Linear, Linear4bit,
     and the bases of MultiAdapterLinear), 4-bit quantization constants included; each storage
     counted once. The output layer (lm_head) counts if it is below model; adapters do not."""
-    from mftk.nn import MultiAdapterLinear
-
     seen, total = set(), 0
     for m in model.modules():
         if not isinstance(m, (nn.Linear, MultiAdapterLinear)):  # Linear4bit is an nn.Linear
@@ -324,8 +323,6 @@ def quantized_adapter_layer(
     BitsAndBytesConfig or quantize_model), used as is; the adapters then take the dtype the
     weight was quantized from. kw: router, top_k, temperature, dropout, use_rslora.
     """
-    from mftk.nn import MultiAdapterLinear
-
     if is_4bit(linear):
         q, dtype = linear, linear.weight.quant_state.dtype
         q.support_avx512bf16_for_cpu = False  # see quantize_linear
@@ -367,8 +364,6 @@ def quantize_model(
     weight is freed once its layer is swapped): the target modules (patch_model's rule), or every
     nn.Linear with all_linear; never the output layer (lm_head). patch_model then puts adapters
     over the 4-bit targets. Returns the names quantized."""
-    from mftk.patch import find_targets, unwrap
-
     check_quant_args(quant_type, double_quant, compute_dtype)
     model = unwrap(model)
     names = find_targets(model, "all-linear" if all_linear else target_modules)
@@ -381,8 +376,6 @@ def quant_info(model: nn.Module, targets: list[str]) -> dict[str, Any] | None:
     """MftkConfig.quantize for a model with 4-bit linears (None if it has none): the first 4-bit
     layer's settings, compute_dtype as a name, and whether linears other than the adapter
     targets (module names) are 4-bit too."""
-    from mftk.patch import unwrap
-
     model = unwrap(model)
     four = [(n, m) for n, m in model.named_modules() if is_4bit(m)]
     if not four:

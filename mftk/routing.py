@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mftk.core import adapter_layers, to_task_ids
 from mftk.ops import RoutingPlan, build_plan
-from mftk.patch import adapter_layers, to_task_ids
 
 
 def expand_task_ids(ids: Tensor, lead: tuple[int, ...]) -> Tensor:

@@ -80,7 +80,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 class RefLayer(nn.Module):
-    """Float64-reference stand-in for a MultiAdapterLinear: mftk.reference on its parameters, with
+    """Float64-reference stand-in for a MultiAdapterLinear: mftk.ops.reference on its parameters, with
     the task ids (B,) or (B, S) (or None: soft routing) read from `holder["ids"]`."""
 
     def __init__(self, m: nn.Module, holder: dict) -> None:
@@ -88,7 +88,7 @@ class RefLayer(nn.Module):
         self.m, self.holder = m, holder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from mftk.reference import multi_adapter_linear_ref
+        from mftk.ops.reference import multi_adapter_linear_ref
 
         m, ids = self.m, self.holder["ids"]
         if ids is not None:
@@ -106,7 +106,7 @@ class RefLayer(nn.Module):
 
 
 def reference_model(model: nn.Module) -> tuple[nn.Module, dict]:
-    """A deep copy of a patched model whose adapter layers run mftk.reference instead of the op.
+    """A deep copy of a patched model whose adapter layers run mftk.ops.reference instead of the op.
 
     Returns (copy, holder): set holder["ids"] before each forward (and holder["logits"] = [] to
     collect router logits).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mftk.reference import multi_adapter_linear_ref
+from mftk.ops.reference import multi_adapter_linear_ref
 
 # |kernel - ref64| <= 2 * |torch_same_dtype - ref64| + ATOL * max|ref64| + RTOL * |ref64|
 # (flash-attention's rule, with a floor per dtype: ATOL is relative to the tensor's scale, since a

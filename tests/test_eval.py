@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import mftk
-from mftk.evaluate import (
+from mftk.apps.evaluate import (
     Evaluator,
     evaluate_run,
     format_table,
@@ -22,7 +22,7 @@ from mftk.evaluate import (
     router_hits,
     truncate_completion,
 )
-from mftk.sandbox import run_program
+from mftk.apps.sandbox import run_program
 from mftk.train.config import ConfigError, config_from_dict, single_task
 from mftk.train.loop import Trainer
 

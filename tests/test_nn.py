@@ -11,7 +11,7 @@ from helpers_models import max_err
 from torch import nn
 
 import mftk
-from mftk.reference import multi_adapter_linear_ref
+from mftk.ops.reference import multi_adapter_linear_ref
 
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
 

@@ -1,4 +1,4 @@
-"""mftk.sandbox: generated code runs in a limited child; loops, memory hogs, sockets, processes and
+"""mftk.apps.sandbox: generated code runs in a limited child; loops, memory hogs, sockets, processes and
 writes outside its temp dir are stopped and count as failures; a correct solution passes."""
 
 import os
@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from mftk.sandbox import run_program
+from mftk.apps.sandbox import run_program
 
 SOLUTION = "def add(a, b):\n    return a + b\n"
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
@@ -90,7 +90,7 @@ def test_exit_before_tests_fails():
 
 
 def test_marker_cannot_be_forged():
-    from mftk.sandbox import PASS_MARKER
+    from mftk.apps.sandbox import PASS_MARKER
 
     # flush: an unflushed print is lost at os._exit and the forgery would never reach the parent
     for forged in (PASS_MARKER, PASS_MARKER + "0" * 16):

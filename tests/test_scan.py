@@ -1,4 +1,4 @@
-"""`mftk scan` on the bundled sample tree tests/data/scan_sample (mftk.scan)."""
+"""`mftk scan` on the bundled sample tree tests/data/scan_sample (mftk.apps.scan)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import mftk
+from mftk.apps.scan import render, split_file, window_units
 from mftk.cli import main
 from mftk.heads import add_head, classify
-from mftk.scan import render, split_file, window_units
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "scan_sample")
 META = {"prompt_template": "Is there a bug?\n{code}\nAnswer:", "bos": "<s>", "seq_len": 96}

@@ -104,7 +104,7 @@ def load(variant: str, seed: int):
 
 
 def run_one(variant: str, seed: int, samples: int) -> dict:
-    from mftk.evaluate import evaluate_run
+    from mftk.apps.evaluate import evaluate_run
     from mftk.train.loop import Trainer
 
     cfg = load(variant, seed)

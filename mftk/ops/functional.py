@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mftk.ops import _lib, registry
+from mftk.ops import _lib, registry  # submodules, not the package's names
 from mftk.ops.checks import check_op_args
 from mftk.ops.plan import RoutingPlan, build_plan
-from mftk.reference import base_linear_ref, multi_adapter_linear_ref
+from mftk.ops.reference import base_linear_ref, multi_adapter_linear_ref
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 

@@ -84,7 +84,6 @@ executed FLOPs, recompute included (HFU in Korthikanti et al.'s terms). Elementw
 RoPE, softmax, 4-bit dequantization) is not counted.
 """
 
-from mftk.plan.cli import add_arguments, make_plan, options_from_args, run
 from mftk.plan.memory import (
     DRIVER_CONTEXT_GIB,
     GIB,
@@ -109,7 +108,7 @@ from mftk.plan.model import (
     inspect_model,
     load_config,
 )
-from mftk.plan.report import format_plan, plan, step_flops
+from mftk.plan.report import format_plan, make_plan, plan, step_flops
 
 __all__ = [
     "ADAPTER_SHARD_DIMS",
@@ -124,7 +123,6 @@ __all__ = [
     "PlanOptions",
     "TensorInfo",
     "adapter_saved_bytes_per_linear",
-    "add_arguments",
     "count_adapters",
     "format_plan",
     "inspect_model",
@@ -133,10 +131,8 @@ __all__ = [
     "load_config",
     "make_plan",
     "memory_rows",
-    "options_from_args",
     "plan",
     "quant_constant_bytes",
-    "run",
     "shard_numel",
     "step_flops",
 ]

@@ -7,7 +7,16 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from mftk.core import adapter_layers, decoder_layers
+from mftk.patch import patch_model
 
 LLAMA_LAYER_LINEARS = 7  # q, k, v, o, gate, up, down
 # The dim FSDP2 shards each adapter tensor on: the trainer's shard_placement_fn puts them on a
@@ -77,11 +86,7 @@ class ModelInfo:
 
 def load_config(model: str) -> Any:
     """A transformers PretrainedConfig from a shipped name or a path to config.json (or its dir)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if model in SHIPPED:
-        from importlib.resources import files
-
         text = (files("mftk") / "configs" / SHIPPED[model]).read_text(encoding="utf-8")
         where = f"shipped config {SHIPPED[model]}"
     else:
@@ -106,14 +111,10 @@ def load_config(model: str) -> Any:
 
 def _layer_prefix(model: Any, num_layers: int) -> str:
     """The qualified name of the decoder layers' ModuleList (e.g. "model.layers")."""
-    from torch import nn
-
-    best = [
-        n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers
-    ]
-    if not best:
+    layers = decoder_layers(model)
+    if len(layers) != num_layers:
         raise ValueError(f"model: no ModuleList of {num_layers} decoder layers found")
-    return best[0]
+    return layers[0][0].rpartition(".")[0]
 
 
 def _layer_of(name: str, prefix: str) -> int | None:
@@ -124,10 +125,6 @@ def _layer_of(name: str, prefix: str) -> int | None:
 
 def inspect_model(config: Any, name: str = "") -> tuple[ModelInfo, Any]:
     """Build the model on the meta device; return its ModelInfo and the meta model itself."""
-    import torch
-    from torch import nn
-    from transformers import AutoModelForCausalLM
-
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -181,15 +178,14 @@ def inspect_model(config: Any, name: str = "") -> tuple[ModelInfo, Any]:
     return info, model
 
 
-def count_adapters(info: ModelInfo, meta_model: Any, rank: int, tasks: int, router: bool) -> None:
+def count_adapters(
+    info: ModelInfo, meta_model: Any, rank: int, tasks: int, router: bool, via_patch: bool = True
+) -> None:
     """Fill info.adapters: the trainable tensors `mftk.patch_model` adds (on the meta model, in
-    place), or, without mftk.patch, the shapes MultiAdapterLinear would give every target linear."""
-    try:
-        from mftk.patch import adapter_layers, patch_model
-    except ImportError:
-        patch_model = None
+    place), or, with via_patch=False, the shapes MultiAdapterLinear would give every target
+    linear (a cross-check of the two counts)."""
     adapters: list[TensorInfo] = []
-    if patch_model is not None:
+    if via_patch:
         names = [f"task{i}" for i in range(tasks)]
         patch_model(meta_model, tasks=names, rank=rank, router="softmax" if router else None)
         prefix = _layer_prefix(meta_model, info.num_layers)

@@ -16,7 +16,13 @@ from mftk.plan.memory import (
     memory_rows,
     shard_numel,
 )
-from mftk.plan.model import LLAMA_LAYER_LINEARS, ModelInfo
+from mftk.plan.model import (
+    LLAMA_LAYER_LINEARS,
+    ModelInfo,
+    count_adapters,
+    inspect_model,
+    load_config,
+)
 
 # -------------------------------------------------------------------------------------- FLOPs
 
@@ -241,3 +247,12 @@ def format_plan(p: dict[str, Any]) -> str:
             "the GPU count)"
         )
     return "\n".join(lines)
+
+
+def make_plan(model: str, options: PlanOptions) -> dict[str, Any]:
+    """Load `model` (shipped name or config.json path), build it on meta, and plan it."""
+    options.check()
+    config = load_config(model)
+    info, meta = inspect_model(config, name=model)
+    count_adapters(info, meta, options.rank, options.tasks, options.router)
+    return plan(info, options)

@@ -19,16 +19,17 @@ from typing import Any
 
 import torch
 
-import mftk
+from mftk.checkpoint import load_adapters, save_adapters
+from mftk.peft_io import export_peft
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def save_adapter_outputs(model: torch.nn.Module, tasks: list[str], path: str) -> None:
     """adapters/ (mftk format) and peft/<task>/ for every task, under path."""
-    mftk.save_adapters(model, os.path.join(path, "adapters"))
+    save_adapters(model, os.path.join(path, "adapters"))
     for task in tasks:  # a router, if any, has no PEFT equivalent: only the LoRA weights go
-        mftk.export_peft(model, task, os.path.join(path, "peft", task))
+        export_peft(model, task, os.path.join(path, "peft", task))
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,5 +80,5 @@ def list_checkpoints(root: str) -> list[str]:
 
 def load_checkpoint(path: str, model: torch.nn.Module) -> dict[str, Any]:
     """Load the adapters into model (in place) and return the trainer state."""
-    mftk.load_adapters(model, os.path.join(path, "adapters"))
+    load_adapters(model, os.path.join(path, "adapters"))
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)

@@ -11,7 +11,7 @@ nothing. Relative paths are resolved against the config file's folder.
       (per task also: format auto|prompt_completion|chat_rounds|csv, prompt, completion,
        prompt_template: the jsonl keys / csv columns, or a str.format template over a row;
        eval: loss|exec, exec_problems: a jsonl of execution-checked problems for `eval: exec`,
-       see mftk.evaluate; type: generate (default) | classify with labels: [...] and label:
+       see mftk.apps.evaluate; type: generate (default) | classify with labels: [...] and label:
        the csv column / jsonl key holding each record's label (default "label"), trained with
        cross-entropy on a head over the last prompt token (mftk.heads); rank: this task's own
        adapter rank (default adapter.rank; mixed ranks are padded, see mftk.pyramid))

@@ -67,8 +67,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mftk
-from mftk.patch import adapter_layers
+from mftk.core import adapter_layers
+from mftk.core import decoder_layers as find_decoder_layers
+from mftk.patch import adapter_parameters
+from mftk.routing import use_tasks
 from mftk.train import checkpointing as ckpt
 from mftk.train.config import Config, ConfigError
 from mftk.train.data import IGNORE
@@ -276,13 +278,13 @@ def global_router_losses(router_logits: list[Tensor], task_ids: Tensor) -> dict[
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers: modules whose class is in HF's `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    """The model's decoder layers (mftk.core.decoder_layers); fsdp2 shards one at a time."""
+    layers = [m for _, m in find_decoder_layers(model)]
     if not layers:
+        names = sorted(getattr(model, "_no_split_modules", None) or [])
         raise ConfigError(
             f"distributed.strategy: found no decoder layers in {type(model).__name__} "
-            f"(_no_split_modules={sorted(names)}); fsdp2 shards one decoder layer at a time"
+            f"(_no_split_modules={names}); fsdp2 shards one decoder layer at a time"
         )
     return layers
 
@@ -392,7 +394,7 @@ class DistributedTrainer(Trainer):
         di = cfg.distributed
         model = self.model
         with torch.no_grad():  # fp32 masters (patch_model creates adapters in the base dtype)
-            for p in mftk.adapter_parameters(model):
+            for p in adapter_parameters(model):
                 p.data = p.data.float()
         if di.activation_checkpointing:
             if getattr(model.config, "use_cache", None):  # training needs no KV cache
@@ -419,7 +421,7 @@ class DistributedTrainer(Trainer):
         # the optimizer over the sharded (DTensor) parameters that replaced the originals
         from mftk.train.loop import lr_lambda
 
-        self.params = list(mftk.adapter_parameters(model))
+        self.params = list(adapter_parameters(model))
         self.opt = torch.optim.AdamW(
             self.params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
@@ -473,7 +475,7 @@ class DistributedTrainer(Trainer):
             batch = self._next_batch()
             self.model.set_requires_gradient_sync(k == accum - 1)
             ids = None if self.router else self.route_ids(batch.task_ids)
-            with mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state:
+            with use_tasks(self.model, ids, collect_router_logits=self.router) as state:
                 logits = self.model(**batch.model_inputs(self.varlen)).logits
                 loss, value, means, cnt, ntok = global_task_loss(
                     token_losses(logits, batch.targets),

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mftk.checkpoint import load_adapters
 from mftk.train.config import Config, ConfigError
 
 
@@ -147,13 +148,12 @@ def grow_state(trainer, st: dict[str, Any], added: list[str], run_key) -> dict[s
 def load_grown_checkpoint(trainer, path: str, run_key) -> dict[str, Any] | None:
     """If the checkpoint in `path` has fewer tasks than the trainer: load its adapters into the
     old slots and return the grown trainer state; None when the task lists are equal."""
-    import mftk
 
     st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     added = new_tasks(trainer.cfg, st, run_key)
     if not added:
         return None
-    mftk.load_adapters(trainer.model, os.path.join(path, "adapters"), grow=True)
+    load_adapters(trainer.model, os.path.join(path, "adapters"), grow=True)
     trainer.log(
         f"--resume: adding tasks {added} to the {len(trainer.tasks) - len(added)} of {path}"
     )

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-import mftk
+from mftk.patch import adapter_parameters, patch_model
+from mftk.routing import use_tasks
 from mftk.train import checkpointing as ckpt
 from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
 from mftk.train.coba import CoBa
@@ -156,7 +157,7 @@ class Trainer:
             rank, alpha = a.rank * len(self.tasks), a.alpha * len(self.tasks)
         pk = patch_kwargs(cfg)  # per-task ranks, layer range
         try:
-            mftk.patch_model(
+            patch_model(
                 self.model,
                 tasks=self.adapter_tasks,
                 rank=pk.pop("rank", rank),
@@ -170,7 +171,7 @@ class Trainer:
         except ValueError as err:
             raise as_config_error(err) from None
         self.cls = ClassifyTasks(cfg, self.model, bos, train_labels(self.data))
-        self.params = list(mftk.adapter_parameters(self.model)) + self.cls.params()
+        self.params = list(adapter_parameters(self.model)) + self.cls.params()
         self.opt = torch.optim.AdamW(
             self.cls.param_groups(self.params, cfg.train.lr),
             lr=cfg.train.lr,
@@ -275,7 +276,7 @@ class Trainer:
         """(logits (B, S, V), router losses dict or None) for one batch (on self.device)."""
         ids = None if self.router else self.route_ids(batch.task_ids)
         with (
-            mftk.use_tasks(self.model, ids, collect_router_logits=self.router) as state,
+            use_tasks(self.model, ids, collect_router_logits=self.router) as state,
             self.cls.capture() as cap,
         ):
             logits = self.model(**batch.model_inputs(self.varlen)).logits

@@ -6,11 +6,10 @@ import argparse
 import json
 import math
 import sys
-from typing import Any
 
 from mftk.plan.memory import GPUS, PlanOptions
-from mftk.plan.model import SHIPPED, count_adapters, inspect_model, load_config
-from mftk.plan.report import format_plan, plan
+from mftk.plan.model import SHIPPED
+from mftk.plan.report import format_plan, make_plan
 
 # ------------------------------------------------------------------------------------------ CLI
 
@@ -116,15 +115,6 @@ def options_from_args(args: argparse.Namespace) -> PlanOptions:
         attention=args.attention, mfu=args.mfu, gpu=args.gpu, peak_tflops=args.peak_tflops,
         grad_accum=args.grad_accum, headroom=args.headroom,
     )  # fmt: skip
-
-
-def make_plan(model: str, options: PlanOptions) -> dict[str, Any]:
-    """Load `model` (shipped name or config.json path), build it on meta, and plan it."""
-    options.check()
-    config = load_config(model)
-    info, meta = inspect_model(config, name=model)
-    count_adapters(info, meta, options.rank, options.tasks, options.router)
-    return plan(info, options)
 
 
 def run(args: argparse.Namespace) -> int:

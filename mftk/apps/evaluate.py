@@ -10,7 +10,7 @@ Reports, per task of the config:
 - for tasks with `eval: exec`: functional correctness on the task's `exec_problems` (jsonl of
   {"task_id", "prompt", "tests"}): completions are generated from `{bos}{prompt}` through the
   task's adapter, cut at the next top-level statement, and `prompt + completion` then the tests
-  run in mftk.sandbox (separate process, time and memory limits, no network, temp dir).
+  run in mftk.apps.sandbox (separate process, time and memory limits, no network, temp dir).
   pass@1 (greedy) is the fraction solved by the greedy completion; pass@k (sampling) uses n
   samples per problem and the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
   averaged over problems.
@@ -33,6 +33,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from mftk.apps.sandbox import run_program
+from mftk.checkpoint import CONFIG_NAME, load_adapters
+from mftk.core import adapter_layers
+from mftk.patch import adapter_parameters
+from mftk.routing import use_tasks
+from mftk.train.config import ConfigError, load_config
+from mftk.train.data import IGNORE, DataError, special_strings
+from mftk.train.loop import Trainer
+from mftk.train.losses import task_token_means, token_losses
 
 # generation stops at the next top-level statement (HumanEval's stop sequences)
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\nassert ")
@@ -118,8 +128,6 @@ class Evaluator:
     the adapters of `adapters_dir` loaded in."""
 
     def __init__(self, cfg, adapters_dir: str, run_dir: str | None = None, log=None):
-        import mftk
-        from mftk.train.loop import Trainer
 
         self.cfg = cfg
         self.adapters_dir = os.path.abspath(adapters_dir)
@@ -129,19 +137,16 @@ class Evaluator:
             run_dir = parent if os.path.isdir(os.path.join(parent, "cache")) else cfg.output.dir
         self.trainer = Trainer(cfg, output_dir=run_dir, progress=False, log=self.log)
         self.trainer.setup()
-        mftk.load_adapters(self.trainer.model, self.adapters_dir)
+        load_adapters(self.trainer.model, self.adapters_dir)
         self.model = self.trainer.model
         self.model.eval()
         self.tasks = cfg.task_names
         self.mode = "router" if self.trainer.router else cfg.adapter.mode
-        self.adapter_params = sum(p.numel() for p in mftk.adapter_parameters(self.model))
+        self.adapter_params = sum(p.numel() for p in adapter_parameters(self.model))
 
     @torch.no_grad()
     def loss_metrics(self) -> dict[str, Any]:
         """Per-task held-out loss, perplexity, answer tokens; router accuracy for router runs."""
-        import mftk
-        from mftk.train.data import IGNORE
-        from mftk.train.losses import task_token_means, token_losses
 
         tr, n = self.trainer, len(self.tasks)
         cls = getattr(tr, "cls", None)  # classify tasks: the trainer's heads score them
@@ -156,7 +161,7 @@ class Evaluator:
             batch = batch.to(tr.device)
             ids = None if tr.router else tr.route_ids(batch.task_ids)
             with (
-                mftk.use_tasks(self.model, ids, collect_router_logits=tr.router) as state,
+                use_tasks(self.model, ids, collect_router_logits=tr.router) as state,
                 cls.capture() if cls is not None else contextlib.nullcontext() as cap,
             ):
                 logits = self.model(**batch.model_inputs(tr.varlen)).logits
@@ -197,7 +202,7 @@ class Evaluator:
                 for i, name in enumerate(self.tasks):
                     out["tasks"][name][f"router_accuracy_{key}"] = float(c[i] / t[i])
             out["router_accuracy"] = out["router_accuracy_all"]
-            names = [name for name, _ in mftk.patch.adapter_layers(self.model)]
+            names = [name for name, _ in adapter_layers(self.model)]
             if len(names) != len(per_layer):  # a layer called twice per forward: index them
                 names = [str(i) for i in range(len(per_layer))]
             out["router_accuracy_answer_per_layer"] = {
@@ -216,15 +221,13 @@ class Evaluator:
         self, task: str, prompt: str, n: int, sample: bool, max_new_tokens: int, **sampling
     ) -> list[str]:
         """n completions of `prompt` as `task` (greedy when not sample), truncated."""
-        import mftk
-        from mftk.train.data import special_strings
 
         tok, tr = self.trainer.tokenizer, self.trainer
         bos, _ = special_strings(tok)
         ids = tok(bos + prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         ids = ids.to(tr.device)
         kw = dict(do_sample=True, **sampling) if sample else dict(do_sample=False)
-        with mftk.use_tasks(self.model, self._route(task)):
+        with use_tasks(self.model, self._route(task)):
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -251,7 +254,6 @@ class Evaluator:
         seed: int = 0,
     ) -> dict[str, Any]:
         """pass@1 (greedy) and pass@k (sampling, n = samples) of `task` on `problems`."""
-        from mftk.sandbox import run_program
 
         torch.manual_seed(seed)
         rows, statuses = [], {}
@@ -400,7 +402,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_adapters(path: str | None, cfg) -> str:
     """The adapter folder for --adapters (a folder with mftk_config.json, or a run dir)."""
-    from mftk.checkpoint import CONFIG_NAME
 
     path = path or os.path.join(cfg.output.dir, "adapters")
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
@@ -411,8 +412,6 @@ def resolve_adapters(path: str | None, cfg) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mftk.train.config import ConfigError, load_config
-    from mftk.train.data import DataError
 
     try:
         ks = tuple(int(k) for k in args.k.split(",") if k.strip())

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mftk.train.config import ConfigError, load_config, single_task
+from mftk.train.data import DataError
+from mftk.train.distributed import trainer_class
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -33,10 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mftk.train.config import ConfigError, load_config, single_task
-    from mftk.train.data import DataError
-    from mftk.train.distributed import trainer_class
-
     if args.max_steps is not None and args.max_steps < 1:
         print("mftk train: error: --max-steps: must be >= 1", file=sys.stderr)
         return 2

@@ -23,6 +23,14 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from mftk.checkpoint import from_pretrained, read_config
+from mftk.heads import classify
+
 DEFAULT_EXTS = (".py", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".go", ".rs", ".rb", ".sh")
 SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv", "venv", "build", "dist", ".tox"}
 
@@ -123,12 +131,6 @@ def render(text: str, meta: dict[str, Any]) -> str:
 
 def load_classifier(adapters: str, task: str, base: str | None, tokenizer: str | None, device):
     """(model, tokenizer, head meta) for a save_adapters folder with a head for task."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    import mftk
-    from mftk.checkpoint import read_config
-
     cfg = read_config(adapters)
     if task not in cfg.tasks:
         raise ValueError(f"--task: {task!r} is not a task of {adapters} ({cfg.tasks})")
@@ -153,7 +155,7 @@ def load_classifier(adapters: str, task: str, base: str | None, tokenizer: str |
     hf_logging.disable_progress_bar()  # our own bar is the one that matters
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = AutoModelForCausalLM.from_pretrained(base)
-    mftk.from_pretrained(model, adapters)
+    from_pretrained(model, adapters)
     model.to(device).eval()
     return model, tok, cfg.heads[task]
 
@@ -163,11 +165,6 @@ def classify_units(
     progress: bool = True,
 ) -> list[list[float]]:  # fmt: skip
     """Class probabilities per unit, in batches (right-padded, truncated like the trainer)."""
-    import torch
-    from tqdm import tqdm
-
-    from mftk.heads import classify
-
     seq_len = int(meta.get("seq_len") or 0) or None
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     out: list[list[float]] = []
@@ -220,7 +217,6 @@ def scan(
     """Scan paths; returns the report {"task", "labels", "negative", "files", "units": [...]},
     units sorted by score (highest first), each {file, function, line, end_line, label, score,
     probs: {label: p}}."""
-    import torch
 
     if window < 1 or not 0 <= overlap < window:
         raise ValueError(f"--window/--overlap: need window >= 1 and 0 <= overlap < window, "
