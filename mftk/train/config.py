@@ -136,6 +136,9 @@ class DataConfig:
     skip_bad_lines: bool = False
     noise_kind: str = "random_tokens"
     noise_token_rate: float = 0.2
+    template: str = "mftk"  # mftcoder: MFTCoder's formats and rendering (mftk.train.mftcoder_format)
+    overlong: str | None = None  # drop | truncate (null: drop under mftcoder, else truncate)
+    role_markers: dict[str, str] | None = None  # mftcoder: {system, user, assistant} markers
 
 
 @dataclass
