@@ -49,7 +49,8 @@ class Shape:
     rank: int
 
     def flops(self, routing: str, direction: str) -> float:
-        """docs/ARCHITECTURE.md's floor: base fwd (+ dx bwd), adapters 2NR(Din+Dout) fwd / 4x bwd."""
+        """The floor (docs/ARCHITECTURE.md): base fwd (+ dx bwd), adapters 2NR(Din+Dout) fwd, 4x
+        bwd."""
         base = 2 * self.n * self.d_in * self.d_out
         lora = 2 * self.n * self.rank * (self.d_in + self.d_out)
         router = 0
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             f"commit {_git_commit()}, {now}; torch {torch.__version__}, triton "
             f"{triton.__version__}, mftk {mftk.__version__}; bf16, N tokens as listed, T=8.\n"
             "Times: median ms (triton.testing.do_bench, inputs rotated over "
-            f"{ROTATE} copies); ratio = fwd+bwd / base fwd+bwd; TFLOP/s counts the docs/ARCHITECTURE.md "
+            f"{ROTATE} copies); ratio = fwd+bwd / base fwd+bwd; TFLOP/s counts the "
+            "docs/ARCHITECTURE.md "
             "floor FLOPs (base + adapters + router); peak = extra memory of one fwd+bwd.\n\n"
             "| shape | routing | provider | fwd ms | bwd ms | fwd+bwd ms | x base | TFLOP/s "
             "| peak MB |\n|---|---|---|---|---|---|---|---|---|\n"

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from busy import busy_processes, load_average  # noqa: E402
 from run_cpu import interleaved  # noqa: E402
 
-from mftk.patch import adapter_layers  # noqa: E402
+from mftk.core import adapter_layers  # noqa: E402
 
 TASKS = ["t0", "t1", "t2", "t3"]
 BATCH, SEQ, RANK, VOCAB = 8, 256, 16, 2048

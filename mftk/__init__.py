@@ -19,7 +19,9 @@ from mftk.ops import RoutingPlan, build_plan, multi_adapter_linear, set_debug
 from mftk.patch import adapter_parameters, adapter_state_dict, merge, patch_model, unmerge
 from mftk.peft_io import export_peft, import_peft
 from mftk.pyramid import add_task
+from mftk.route import BaseOnly, Hard, Route, RouterLogits, Soft
 from mftk.routing import RoutingState, clear_default_tasks, set_default_tasks, use_tasks
+from mftk.spec import AdapterSpec, QuantSpec
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,13 @@ __all__ = [
     "task_names",
     "unmerge",
     "RoutingState",
+    "Route",
+    "Hard",
+    "Soft",
+    "BaseOnly",
+    "RouterLogits",
+    "AdapterSpec",
+    "QuantSpec",
     "clear_default_tasks",
     "set_default_tasks",
     "use_tasks",

@@ -131,15 +131,6 @@ def from_pretrained(model: nn.Module, path: str | os.PathLike, quantize: bool = 
     quantize=False: then the adapters go on the full-precision base as it is.
     """
     c = read_config(path)
-    q = c.quantize if quantize else None
-    qkw = {} if not q else dict(
-        quantize=q["quant_type"], double_quant=q["double_quant"],
-        compute_dtype=q["compute_dtype"], quantize_all_linear=q["quantize_all_linear"],
-    )  # fmt: skip
-    patch_model(
-        model, tasks=c.tasks, rank=c.ranks or c.rank, alpha=c.alpha if c.ranks is None else None,
-        target_modules=c.target_modules, router=c.router, top_k=c.top_k,
-        temperature=c.temperature, dropout=c.dropout, use_rslora=c.use_rslora, layers=c.layers,
-        **qkw,
-    )  # fmt: skip
+    spec = c.spec(quantize=quantize)
+    patch_model(model, c.tasks, target_modules=c.target_modules, layers=c.layers, spec=spec)
     return load_adapters(model, path)

@@ -5,7 +5,7 @@ Everything here reads a model or a name; nothing patches, routes or trains:
 - `unwrap` (through torch.compile), `adapter_layers` (every MultiAdapterLinear), `find_targets`
   (the nn.Linear modules a target spec names, never lm_head), `set_module`;
 - task names to ids: `BASE`, `task_index`, `to_task_ids` (names and lists to an int64 tensor;
-  the range of a tensor's ids is checked once, by `mftk.ops.build_plan`);
+  the range of a tensor's ids is checked once, by `mftk.ops.check_task_ids`);
 - the decoder stack: `layer_of` (a module name's decoder-layer index, PEFT's layers_pattern rule),
   `num_decoder_layers`, `decoder_layers` (the layer modules, by HF's `_no_split_modules`).
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mftk.nn import MultiAdapterLinear
+from mftk.spec import AdapterSpec, QuantSpec
 
 BASE = "__base__"  # PEFT's name for "no adapter" in mixed batches; task id -1
 
@@ -55,6 +56,20 @@ class MftkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def spec(self, quantize: bool = True) -> AdapterSpec:
+        """The AdapterSpec that patches a base model as this config says (quantize=False: leave
+        the base full precision even if it was 4-bit)."""
+        q = QuantSpec.from_dict(self.quantize) if self.quantize and quantize else None
+        alpha = self.alpha
+        if self.ranks is not None:  # mixed ranks: one alpha for all, or None (alpha_t = r_t)
+            alphas = {float(v["lora_alpha"]) for v in self.task_adapters.values()}
+            alpha = alphas.pop() if len(alphas) == 1 else None
+        return AdapterSpec(
+            rank=self.ranks or self.rank, alpha=alpha,
+            use_rslora=self.use_rslora, dropout=self.dropout, router=self.router,
+            top_k=self.top_k, temperature=self.temperature, quantize=q,
+        )  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MftkConfig:
@@ -119,9 +134,9 @@ def to_task_ids(model: nn.Module, task_ids: Any) -> Tensor:
     """Task ids as an int64 tensor (on task_ids' device if it is a tensor, else CPU).
 
     task_ids: an int tensor, a name or index (returned as a 0-d tensor), or a (nested) list of
-    names and indices, (B,) or (B, S). Raises ValueError naming a bad name or out-of-range id.
+    names and indices, (B,) or (B, S). Raises ValueError naming a bad name or out-of-range
+    index; the ids of a tensor are range-checked by the op's check (mftk.ops.check_task_ids).
     """
-    n = _num_tasks(model)
     if isinstance(task_ids, Tensor):
         if (
             task_ids.dtype.is_floating_point
@@ -133,16 +148,7 @@ def to_task_ids(model: nn.Module, task_ids: Any) -> Tensor:
             raise ValueError(
                 f"task_ids: expected (B,) or (B, S), got shape {tuple(task_ids.shape)}"
             )
-        ids = task_ids.to(torch.int64)
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= n:
-                bad = lo if lo < -1 else hi
-                raise ValueError(
-                    f"task_ids: task id {bad} out of range; expected -1 (base) or 0..{n - 1} "
-                    f"(tasks {task_names(model)})"
-                )
-        return ids
+        return task_ids.to(torch.int64)  # the range: checked once, by mftk.ops.check_task_ids
     if isinstance(task_ids, (str, int)):
         return torch.tensor(task_index(model, task_ids), dtype=torch.int64)
 

@@ -13,13 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from mftk.ops import RoutingPlan, multi_adapter_linear
+from mftk.route import BaseOnly, Hard, Route, Soft
+from mftk.spec import ROUTERS, AdapterSpec, lora_scale
 
-ROUTERS = (None, "softmax")
-
-
-def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
-    """alpha / rank, or alpha / sqrt(rank) for rsLoRA (PEFT's convention)."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+__all__ = ["ROUTERS", "MultiAdapterLinear", "init_lora_a_", "lora_scale"]
 
 
 def init_lora_a_(lora_a: Tensor) -> None:
@@ -161,26 +158,14 @@ class MultiAdapterLinear(nn.Module):
         self, weight, bias, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora,
         base_layer=None, shape=None, kw=None,
     ) -> None:  # fmt: skip
-        if not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks: expected a positive int, got {num_tasks!r}")
-        if not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank: expected a positive int, got {rank!r}")
-        if router not in ROUTERS:
-            raise ValueError(f"router: expected one of {ROUTERS}, got {router!r}")
-        if top_k is not None:
-            if router is None:
-                raise ValueError("top_k: only meaningful with router='softmax'")
-            if not isinstance(top_k, int) or not 1 <= top_k <= num_tasks:
-                raise ValueError(
-                    f"top_k: expected an int in [1, num_tasks={num_tasks}], got {top_k!r}"
-                )
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a float in [0, 1), got {dropout!r}")
+        spec = AdapterSpec(
+            rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout, router=router,
+            top_k=top_k, temperature=temperature,
+        )  # fmt: skip
+        spec.check_tasks(num_tasks)
         alpha = float(rank if alpha is None else alpha)
-        if not alpha > 0:
-            raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
         if base_layer is None:
             shape, kw = tuple(weight.shape), {"device": weight.device, "dtype": weight.dtype}
         self.out_features, self.in_features = shape
@@ -206,7 +191,9 @@ class MultiAdapterLinear(nn.Module):
         self.register_buffer(
             "lora_rank", torch.full((t,), rank, dtype=torch.int64, device=kw["device"])
         )
-        self._mftk_routing = None  # a RoutingState, set by patch_model / use_tasks
+        # The model's one shared mftk.routing.Routing (set once by patch_model or use_tasks):
+        # it resolves each forward's Route, so no routing state is written per layer.
+        self.routing: Any = None
 
     def _init_base(self) -> None:
         # nn.Linear's own init, for a module built from sizes.
@@ -257,58 +244,78 @@ class MultiAdapterLinear(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
 
-    def _routing(self, x: Tensor, task_ids: Tensor | RoutingPlan | None):
-        """(plan or ids for hard routing | None, soft: bool)."""
+    @property
+    def spec(self) -> AdapterSpec:
+        """This layer's settings as an AdapterSpec (rank R; alpha the layer's)."""
+        return AdapterSpec(
+            rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora, dropout=self.dropout,
+            router=self.router, top_k=self.top_k, temperature=self.temperature,
+        )  # fmt: skip
+
+    def _route(self, x: Tensor, task_ids: Route | Tensor | RoutingPlan | None) -> Route:
+        """The Route of this forward: given, from the model's Routing, or soft for a router."""
+        if isinstance(task_ids, (Hard, Soft, BaseOnly)):
+            if isinstance(task_ids, Soft) and self.router is None:
+                raise ValueError("route: Soft routing needs a layer with router='softmax'")
+            return task_ids
         if task_ids is not None:
-            return task_ids, False
-        state = self._mftk_routing
-        if state is not None:
-            return state.resolve(x.shape[:-1], x.device, self.num_tasks, self.router is not None)
+            return Hard(task_ids)
+        if self.routing is not None:
+            return self.routing.resolve(x.shape[:-1], x.device, self.num_tasks, self.router)
         if self.router is not None:
-            return None, True
+            return Soft()
         raise RuntimeError(
             "MultiAdapterLinear: no task ids for this forward. Pass task_ids=..., run the model "
             "inside `with mftk.use_tasks(model, task_ids):`, or opt in to base-only outputs with "
             "`mftk.use_tasks(model, None)` / `mftk.set_default_tasks(model, None)`."
         )
 
-    def forward(self, x: Tensor, task_ids: Tensor | RoutingPlan | None = None) -> Tensor:
-        """x: (..., D_in) -> (..., D_out) in x.dtype; task_ids: (...) int, or a RoutingPlan."""
-        ids, soft = self._routing(x, task_ids)
-        routed = soft or ids is not None
+    def forward(self, x: Tensor, task_ids: Route | Tensor | RoutingPlan | None = None) -> Tensor:
+        """x: (..., D_in) -> (..., D_out) in x.dtype.
+
+        task_ids: (...) int ids or a RoutingPlan (hard routing), a Route (Hard | Soft |
+        BaseOnly), or None (the model's routing from mftk.use_tasks).
+        """
+        route = self._route(x, task_ids)
+        routed = not isinstance(route, BaseOnly)
         if self.base_layer is not None:
-            return self._forward_base_layer(x, ids, soft, routed)
+            return self._forward_base_layer(x, route, routed)
         if self.dropout > 0 and self.training and routed:
-            return self._forward_dropout(x, ids, soft)
-        return self._call_op(x, self.weight, ids, soft, bias=self.bias)
+            return self._forward_dropout(x, route)
+        return self._call_op(x, self.weight, route, bias=self.bias)
 
     def _call_op(
-        self, x: Tensor, weight: Tensor | None, ids, soft: bool, bias: Tensor | None = None
+        self, x: Tensor, weight: Tensor | None, route: Route, bias: Tensor | None = None
     ) -> Tensor:
         """One op call with this layer's adapters (and router when soft); records router logits.
 
         x: (..., D_in); weight: (D_out, D_in) or None (adapters only) -> (..., D_out).
         """
+        soft = isinstance(route, Soft)
+        ids = route.plan if isinstance(route, Hard) else None
+        top_k = route.top_k if soft and route.top_k is not None else self.top_k
+        temp = route.temperature if soft and route.temperature is not None else self.temperature
         out = multi_adapter_linear(
             x, weight, self.lora_a, self.lora_b, bias=bias, scaling=self.lora_scaling,
             task_ids=ids, router_weight=self.router_weight if soft else None,
-            router_bias=self.router_bias if soft else None, top_k=self.top_k,
-            temperature=self.temperature, return_router_logits=soft,
+            router_bias=self.router_bias if soft else None, top_k=top_k,
+            temperature=temp, return_router_logits=soft,
         )  # fmt: skip
         if soft:
             out, logits = out
-            self._record(logits)
+            if route.logits is not None:
+                route.logits.add(logits.reshape(-1, self.num_tasks))
         return out
 
-    def _forward_dropout(self, x: Tensor, ids, soft: bool) -> Tensor:
+    def _forward_dropout(self, x: Tensor, route: Route) -> Tensor:
         # Exact LoRA dropout: the base sees x, the adapters (and router) see dropout(x). The adapter
         # call runs with weight=None (adapters alone), so the base GEMM is done once; the cost over
         # the fused path (dropout=0) is one extra pass over x and y.
         base = multi_adapter_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias)
         xd = nn.functional.dropout(x, p=self.dropout, training=True)
-        return base + self._call_op(xd, None, ids, soft)
+        return base + self._call_op(xd, None, route)
 
-    def _forward_base_layer(self, x: Tensor, ids, soft: bool, routed: bool) -> Tensor:
+    def _forward_base_layer(self, x: Tensor, route: Route, routed: bool) -> Tensor:
         # The base from base_layer (bitsandbytes' 4-bit matmul dequantizes one layer on the fly and
         # saves only the packed weight for backward), the adapters from the op with weight=None.
         base = self.base_layer(x)
@@ -316,12 +323,7 @@ class MultiAdapterLinear(nn.Module):
             return base
         if self.dropout > 0 and self.training:
             x = nn.functional.dropout(x, p=self.dropout, training=True)
-        return base + self._call_op(x, None, ids, soft)
-
-    def _record(self, logits: Tensor) -> None:
-        state = self._mftk_routing
-        if state is not None and state.router_logits is not None:
-            state.router_logits.append(logits.reshape(-1, self.num_tasks))
+        return base + self._call_op(x, None, route)
 
     def extra_repr(self) -> str:
         s = (

@@ -12,6 +12,7 @@ LoRA hyper-parameters it came with (for PEFT export).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +33,11 @@ from mftk.pyramid import (
     filter_by_layers,
     mask_padded_grads,
     parse_layers,
-    resolve_ranks,
     zero_padding_,
 )
 from mftk.quant import (
-    BLOCKSIZE,
-    check_quant_args,
+    as_quant_spec,
     dequantize_weight,
-    dtype_name,
     is_4bit,
     quant_info,
     quant_settings,
@@ -48,6 +46,7 @@ from mftk.quant import (
     quantized_adapter_layer,
 )
 from mftk.routing import clear_default_tasks
+from mftk.spec import AdapterSpec, QuantSpec
 
 
 def patch_model(
@@ -61,11 +60,12 @@ def patch_model(
     temperature: float = 1.0,
     dropout: float = 0.0,
     use_rslora: bool = False,
-    quantize: str | None = None,
+    quantize: str | QuantSpec | None = None,
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
     quantize_all_linear: bool = False,
     layers: str | int | slice | Sequence[int] | None = None,
+    spec: AdapterSpec | None = None,
 ) -> nn.Module:
     """Replace the target nn.Linear layers (never lm_head) by MultiAdapterLinear, in place.
 
@@ -86,6 +86,9 @@ def patch_model(
     gives scaling alpha / r_t (PEFT's lora_alpha / r).
     layers: decoder-layer indices to patch ("18:", "2:6", a slice, a list; None = all). Target
     modules in other layers stay plain frozen nn.Linear.
+    spec: every adapter setting at once (mftk.AdapterSpec: rank, alpha, use_rslora, dropout,
+    router, top_k, temperature, quantize); the keyword spellings of those then stay at their
+    defaults.
     """
     model = unwrap(model)
     if not isinstance(model, nn.Module):
@@ -101,49 +104,49 @@ def patch_model(
         raise ValueError(f"tasks: duplicate task names in {list(tasks)}")
     if any(isinstance(m, MultiAdapterLinear) for m in model.modules()):
         raise ValueError("model: already patched by mftk (it has MultiAdapterLinear layers)")
-    ranks = resolve_ranks(rank, tasks)
+    if spec is None:
+        quant = as_quant_spec(quantize, double_quant, compute_dtype, bool(quantize_all_linear))
+        if quantize_all_linear and quant is None:
+            raise ValueError("quantize_all_linear: needs quantize='nf4' or 'fp4'")
+        spec = AdapterSpec(
+            rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout, router=router,
+            top_k=top_k, temperature=temperature, quantize=quant,
+        )  # fmt: skip
+    elif not isinstance(spec, AdapterSpec):
+        raise TypeError(f"spec: expected an mftk.AdapterSpec, got {type(spec).__name__}")
+    else:
+        _check_no_keywords(rank, alpha, router, top_k, temperature, dropout, use_rslora, quantize)
+    spec.check_tasks(len(tasks))
+    ranks = spec.ranks(tasks)
     layer_ids = None if layers is None else parse_layers(layers, num_decoder_layers(model))
     names = filter_by_layers(find_targets(model, target_modules), layer_ids)
     mixed = len(set(ranks)) > 1
-    rank = max(ranks)
-    qdtype = check_quant_args(quantize, double_quant, compute_dtype)
-    if quantize_all_linear and quantize is None:
-        raise ValueError("quantize_all_linear: needs quantize='nf4' or 'fp4'")
+    rank, alpha, quant = max(ranks), spec.alpha, spec.quantize
     others = [n for n in find_targets(model, "all-linear") if n not in names]
-    kw = dict(
-        router=router, top_k=top_k, temperature=temperature, dropout=dropout, use_rslora=use_rslora
-    )
-    qinfo = None
-    if quantize is not None:
-        qinfo = dict(
-            quant_type=quantize, double_quant=double_quant, compute_dtype=dtype_name(qdtype),
-            quantize_all_linear=bool(quantize_all_linear), blocksize=BLOCKSIZE,
-        )  # fmt: skip
+    kw = spec.layer_kwargs()
     new = {
         n: MultiAdapterLinear.from_linear(model.get_submodule(n), len(tasks), rank, alpha, **kw)
-        if quantize is None and not is_4bit(model.get_submodule(n))
-        else quantized_adapter_layer(
-            model.get_submodule(n), len(tasks), rank, alpha, quantize, double_quant, qdtype, **kw
-        )
+        if quant is None and not is_4bit(model.get_submodule(n))
+        else quantized_adapter_layer(model.get_submodule(n), len(tasks), rank, alpha, quant, **kw)
         for n in names
     }
-    if quantize_all_linear:
-        quantize_linears(model, others, quantize, double_quant, qdtype)
-    if qinfo is None:  # quantized before patching (quantize_model, transformers' bnb loading)
-        qinfo = quant_info(model, names)
+    if quant is not None and quant.all_linear:
+        quantize_linears(model, others, quant)
+    # a model quantized before patching (quantize_model, transformers' bnb loading): read it
+    qinfo = quant.to_dict() if quant is not None else quant_info(model, names)
     for p in model.parameters():
         p.requires_grad_(False)
     for n, m in new.items():
         set_module(model, n, m)
         for p in m.adapter_params():
             p.requires_grad_(True)
-    alphas = [float(alpha if alpha is not None else r) for r in ranks]
+    alphas = spec.alphas(ranks)
     if mixed:
         with torch.no_grad():
             for m in new.values():
                 for t, (r, a) in enumerate(zip(ranks, alphas)):
                     m.lora_rank[t] = r
-                    m.lora_scaling[t] = lora_scale(a, r, bool(use_rslora))
+                    m.lora_scaling[t] = lora_scale(a, r, spec.use_rslora)
                 zero_padding_(m)
                 mask_padded_grads(m)
     first = next(iter(new.values()))
@@ -151,17 +154,25 @@ def patch_model(
         getattr(model, "config", None), "_name_or_path", None
     )
     model.mftk_config = MftkConfig(
-        tasks=list(tasks), rank=rank, alpha=first.alpha, target_modules=names, router=router,
-        top_k=top_k, temperature=float(temperature), dropout=float(dropout),
-        use_rslora=bool(use_rslora), base_model=base or None, quantize=qinfo,
+        tasks=list(tasks), rank=rank, alpha=first.alpha, target_modules=names,
+        router=spec.router, top_k=spec.top_k, temperature=spec.temperature, dropout=spec.dropout,
+        use_rslora=spec.use_rslora, base_model=base or None, quantize=qinfo,
         task_adapters={
-            t: {"r": r, "lora_alpha": a if mixed else first.alpha, "use_rslora": bool(use_rslora)}
+            t: {"r": r, "lora_alpha": a if mixed else first.alpha, "use_rslora": spec.use_rslora}
             for t, r, a in zip(tasks, ranks, alphas)
         },
         layers=layer_ids, ranks=list(ranks) if mixed else None,
     )  # fmt: skip
     clear_default_tasks(model)
     return model
+
+
+def _check_no_keywords(*values: Any) -> None:
+    defaults = (8, None, None, None, 1.0, 0.0, False, None)
+    names = ("rank", "alpha", "router", "top_k", "temperature", "dropout", "use_rslora", "quantize")
+    given = [n for n, v, d in zip(names, values, defaults) if v != d]
+    if given:
+        raise ValueError(f"spec: given together with {given}; put those settings in the spec")
 
 
 def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,31 +97,6 @@ def filter_by_layers(names: list[str], layers: list[int] | None) -> list[str]:
     out = [n for n in names if (li := layer_of(n)) is not None and li[1] in keep]
     if not out:
         raise ValueError(f"layers: no target module lies in decoder layers {layers}")
-    return out
-
-
-def resolve_ranks(rank: int | Mapping[str, int] | Sequence[int], tasks: Sequence[str]) -> list[int]:
-    """Per-task ranks (T,) from an int (all tasks), a {task: rank} dict naming every task, or a
-    list in task order. Raises ValueError naming `rank`."""
-    if isinstance(rank, bool):
-        raise TypeError(f"rank: expected an int, a dict or a list, got {rank!r}")
-    if isinstance(rank, int):
-        out = [rank] * len(tasks)
-    elif isinstance(rank, Mapping):
-        missing = [t for t in tasks if t not in rank]
-        extra = [k for k in rank if k not in tasks]
-        if missing or extra:
-            raise ValueError(f"rank: dict must name every task; missing {missing}, unknown {extra}")
-        out = [rank[t] for t in tasks]
-    elif isinstance(rank, Sequence) and not isinstance(rank, str):
-        out = list(rank)
-        if len(out) != len(tasks):
-            raise ValueError(f"rank: {len(out)} ranks for {len(tasks)} tasks")
-    else:
-        raise TypeError(f"rank: expected an int, a dict or a list, got {type(rank).__name__}")
-    for r in out:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"rank: each rank must be a positive int, got {r!r}")
     return out
 
 

@@ -31,17 +31,11 @@ from torch import Tensor, nn
 
 from mftk.core import find_targets, unwrap
 from mftk.nn import MultiAdapterLinear
+from mftk.spec import BLOCKSIZE, COMPUTE_DTYPES, QUANT_TYPES, QuantSpec, compute_dtype_of
 
-QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (QLoRA's)
+__all__ = ["BLOCKSIZE", "COMPUTE_DTYPES", "QUANT_TYPES", "QuantSpec"]
+
+QuantArg = str | QuantSpec | None  # a quant_type name, or the whole QuantSpec
 
 _bnb: Any = None
 _SHARED_CODES: dict[tuple, Tensor] = {}
@@ -128,34 +122,36 @@ def bitsandbytes_available() -> bool:
 
 
 def check_quant_args(
-    quantize: str | None,
+    quantize: QuantArg,
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
     blocksize: int = BLOCKSIZE,
 ) -> torch.dtype | None:
-    """Validate the quantization settings; return compute_dtype as a torch.dtype.
-
-    Raises ValueError / TypeError naming the bad argument. Does not import bitsandbytes.
-    """
-    if quantize is not None and quantize not in QUANT_TYPES:
-        raise ValueError(f"quantize: expected one of {QUANT_TYPES} or None, got {quantize!r}")
+    """Validate the quantization settings (QuantSpec's checks); return compute_dtype as a
+    torch.dtype. Raises ValueError / TypeError naming the bad argument. No bitsandbytes import."""
+    if isinstance(quantize, QuantSpec):
+        return quantize.compute_dtype
+    if quantize is not None:
+        return as_quant_spec(
+            quantize, double_quant, compute_dtype, blocksize=blocksize
+        ).compute_dtype
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant: expected a bool, got {type(double_quant).__name__}")
-    if blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
-        raise ValueError(f"blocksize: expected a power of two in [64, 4096], got {blocksize!r}")
-    if compute_dtype is None:
-        return None
-    if isinstance(compute_dtype, str):
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"compute_dtype: expected one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}"
-            )
-        return COMPUTE_DTYPES[compute_dtype]
-    if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"compute_dtype: expected float32, bfloat16 or float16, got {compute_dtype!r}"
-        )
-    return compute_dtype
+    return compute_dtype_of(compute_dtype)
+
+
+def as_quant_spec(
+    quantize: QuantArg,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | str | None = torch.bfloat16,
+    all_linear: bool = False,
+    blocksize: int = BLOCKSIZE,
+) -> QuantSpec | None:
+    """The one QuantSpec for the settings (None for no quantization): a QuantSpec is returned as
+    is, a name ("nf4" | "fp4") is completed by the other arguments."""
+    if quantize is None or isinstance(quantize, QuantSpec):
+        return quantize
+    return QuantSpec(quantize, double_quant, compute_dtype, all_linear, blocksize)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -181,7 +177,7 @@ def _share_codes(state: Any) -> None:
 
 def quantize_linear(
     linear: nn.Linear,
-    quant_type: str = "nf4",
+    quant_type: QuantArg = "nf4",
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
     blocksize: int = BLOCKSIZE,
@@ -193,9 +189,11 @@ def quantize_linear(
     kept: once `linear` is dropped its memory is freed. Returns Linear4bit computing
     (..., D_in) -> (..., D_out) in the input's dtype, with matmuls in compute_dtype.
     """
-    dt = check_quant_args(quant_type, double_quant, compute_dtype, blocksize)
     if quant_type is None:
         raise ValueError("quant_type: expected 'nf4' or 'fp4', got None")
+    spec = as_quant_spec(quant_type, double_quant, compute_dtype, blocksize=blocksize)
+    quant_type, double_quant, dt = spec.quant_type, spec.double_quant, spec.compute_dtype
+    blocksize = spec.blocksize
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
     w = linear.weight
@@ -312,7 +310,7 @@ def quantized_adapter_layer(
     num_tasks: int,
     rank: int,
     alpha: float | None,
-    quant_type: str,
+    quant_type: QuantArg,
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
     **kw: Any,
@@ -338,7 +336,7 @@ def quantized_adapter_layer(
 def quantize_linears(
     model: nn.Module,
     names: list[str],
-    quant_type: str,
+    quant_type: QuantArg,
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
 ) -> None:
@@ -354,7 +352,7 @@ def quantize_linears(
 
 def quantize_model(
     model: nn.Module,
-    quant_type: str,
+    quant_type: QuantArg,
     double_quant: bool = True,
     compute_dtype: torch.dtype | str | None = torch.bfloat16,
     target_modules: str | list[str] = "all-linear",
@@ -363,10 +361,12 @@ def quantize_model(
     """Quantize a loaded model's linears to 4 bits in place, one layer at a time (each dense
     weight is freed once its layer is swapped): the target modules (patch_model's rule), or every
     nn.Linear with all_linear; never the output layer (lm_head). patch_model then puts adapters
-    over the 4-bit targets. Returns the names quantized."""
-    check_quant_args(quant_type, double_quant, compute_dtype)
+    over the 4-bit targets. quant_type: "nf4" | "fp4", or a QuantSpec (whose all_linear then
+    wins). Returns the names quantized."""
+    spec = as_quant_spec(quant_type, double_quant, compute_dtype, all_linear)
+    quant_type = spec
     model = unwrap(model)
-    names = find_targets(model, "all-linear" if all_linear else target_modules)
+    names = find_targets(model, "all-linear" if spec.all_linear else target_modules)
     names = [n for n in names if not is_4bit(model.get_submodule(n))]
     quantize_linears(model, names, quant_type, double_quant, compute_dtype)
     return names

@@ -3,13 +3,15 @@
     with mftk.use_tasks(model, task_ids):      # (B,) per sequence or (B, S) per token
         logits = model(input_ids).logits
 
-Every MultiAdapterLinear of the model points at one shared RoutingState while the context is open.
-The first layer of a forward builds the RoutingPlan for that forward's token shape; every other
-layer reuses it, so tokens are grouped by task once per forward, not once per layer.
+Every MultiAdapterLinear of a model holds the model's one `Routing` (set once); `use_tasks` swaps
+the RoutingState inside it. The first layer of a forward resolves that state to a Route value
+(mftk.route: Hard(plan) | Soft(...) | BaseOnly()) for the forward's token shape; every other layer
+gets the same value, so tokens are grouped by task once per forward, not once per layer. Task ids
+are checked once, when the context opens (mftk.ops.check_task_ids, the op's own check).
 
 Router mode: `use_tasks(model, None, collect_router_logits=True)` routes softly and collects every
-layer's router logits, (N, T) each, in call order, in `ctx.router_logits` (a list): a trainer adds
-its router losses from them and then calls `ctx.pop_router_logits()` before the next forward.
+layer's router logits, (N, T) each, in call order, in a RouterLogits collector (`ctx.logits`): a
+trainer adds its router losses from `ctx.pop_router_logits()` after each forward.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from torch import Tensor
 
 from mftk.core import adapter_layers, to_task_ids
-from mftk.ops import RoutingPlan, build_plan
+from mftk.ops import check_task_ids, plan_checked
+from mftk.route import BaseOnly, Hard, Route, RouterLogits, Soft
 
 
 def expand_task_ids(ids: Tensor, lead: tuple[int, ...]) -> Tensor:
@@ -58,12 +61,12 @@ def expand_task_ids(ids: Tensor, lead: tuple[int, ...]) -> Tensor:
 
 
 class RoutingState:
-    """The routing every patched layer of a model reads during a forward.
+    """What one `use_tasks` context (or the default) asks of a model's layers.
 
-    mode "ids": hard routing by task_ids (int64, () / (B,) / (B, S)); "none": base only, or soft
-    routing in router layers; "error": router layers route softly, other layers raise (the state
-    of a freshly patched model outside any context). router_logits: a list that router layers
-    append their (N, T) logits to, or None when not collecting.
+    mode "ids": hard routing by task_ids (int64, () / (B,) / (B, S), already checked); "none":
+    base only, or soft routing in router layers; "error": router layers route softly, other
+    layers raise (a freshly patched model outside any context). logits: the RouterLogits
+    collector router layers add to, or None when not collecting.
     """
 
     def __init__(
@@ -71,43 +74,76 @@ class RoutingState:
     ) -> None:
         self.task_ids = task_ids
         self.mode = mode
-        self.router_logits: list[Tensor] | None = [] if collect_router_logits else None
-        self._key: Any = None  # the shape and device the cached plan was built for
-        self._plan: RoutingPlan | None = None
+        self.logits: RouterLogits | None = RouterLogits() if collect_router_logits else None
+        self._soft = Soft(logits=self.logits)
+        self._key: Any = None  # the shape and device the cached Hard route was built for
+        self._hard: Hard | None = None
 
     def resolve(
-        self, lead: torch.Size, device: torch.device, num_tasks: int, has_router: bool
-    ) -> tuple[RoutingPlan | None, bool]:
-        """(plan for hard routing or None, soft?) for a forward whose x.shape[:-1] == lead."""
+        self, lead: torch.Size, device: torch.device, num_tasks: int, router: str | None
+    ) -> Route:
+        """The Route of a forward whose x.shape[:-1] == lead, for a layer with `router`."""
         if self.mode == "ids":
             key = (tuple(lead), device, num_tasks)
             if self._key != key:
                 ids = expand_task_ids(self.task_ids.to(device), tuple(lead))
-                self._plan = build_plan(ids, num_tasks)
+                self._hard = Hard(plan_checked(ids, num_tasks))
                 self._key = key
-            return self._plan, False
-        if has_router:
-            return None, True
+            return self._hard
+        if router is not None:
+            return self._soft
         if self.mode == "none":
-            return None, False
+            return BaseOnly()
         raise RuntimeError(
             "mftk: a patched model was called outside `mftk.use_tasks(model, task_ids)`. Wrap the "
             "call in that context to pick each sequence's task, or opt in to base-only outputs "
             "with `mftk.use_tasks(model, None)` or `mftk.set_default_tasks(model, None)`."
         )
 
+    @property
+    def router_logits(self) -> list[Tensor] | None:
+        """The router logits collected so far (a list copy), or None when not collecting."""
+        return None if self.logits is None else self.logits.peek()
+
     def pop_router_logits(self) -> list[Tensor]:
         """The router logits collected so far, (N, T) per layer call in call order; clears them."""
-        if self.router_logits is None:
+        if self.logits is None:
             raise RuntimeError("router logits are collected only with collect_router_logits=True")
-        out, self.router_logits = self.router_logits, []
-        return out
+        return self.logits.pop()
+
+
+class Routing:
+    """A model's one routing slot, shared by all its MultiAdapterLinear layers (layer.routing).
+
+    state: the RoutingState in force; use_tasks swaps it and puts the previous one back.
+    """
+
+    def __init__(self) -> None:
+        self.state = RoutingState(None, "error")
+
+    def resolve(
+        self, lead: torch.Size, device: torch.device, num_tasks: int, router: str | None
+    ) -> Route:
+        return self.state.resolve(lead, device, num_tasks, router)
+
+
+def model_routing(model: torch.nn.Module) -> Routing:
+    """The Routing shared by every patched layer of model (made and attached on first use)."""
+    layers = [m for _, m in adapter_layers(model)]
+    shared = layers[0].routing
+    if not isinstance(shared, Routing) or any(m.routing is not shared for m in layers):
+        shared = Routing()
+        for m in layers:
+            m.routing = shared
+    return shared
 
 
 def _state_for(model: torch.nn.Module, task_ids: Any, collect: bool) -> RoutingState:
     if task_ids is None:
         return RoutingState(None, "none", collect)
-    return RoutingState(to_task_ids(model, task_ids), "ids", collect)
+    ids = to_task_ids(model, task_ids)
+    check_task_ids(ids, adapter_layers(model)[0][1].num_tasks)
+    return RoutingState(ids, "ids", collect)
 
 
 @contextlib.contextmanager
@@ -120,22 +156,19 @@ def use_tasks(
     names or indices, or one name/index for all tokens; -1 (or "__base__") means base only.
     None means no adapters (base only) in a model without a router, and soft routing in a model
     with one. Ids given to a router model route hard, bypassing the router.
-    collect_router_logits: router layers append their logits (N, T) to the yielded state's
-    `router_logits` list, in call order (see RoutingState.pop_router_logits).
-    Yields the RoutingState shared by all patched layers; the previous routing returns on exit.
+    collect_router_logits: router layers add their logits (N, T) to the yielded state's
+    RouterLogits collector `logits`, in call order (see RoutingState.pop_router_logits).
+    Yields the RoutingState in force; the previous routing returns on exit.
     With activation checkpointing, call backward inside the block too: the recomputed forward
     reads the routing again (outside the block it raises rather than route wrongly).
     """
-    layers = [m for _, m in adapter_layers(model)]
+    routing = model_routing(model)
     state = _state_for(model, task_ids, collect_router_logits)
-    previous = [m._mftk_routing for m in layers]
-    for m in layers:
-        m._mftk_routing = state
+    previous, routing.state = routing.state, state
     try:
         yield state
     finally:
-        for m, p in zip(layers, previous):
-            m._mftk_routing = p
+        routing.state = previous
 
 
 def set_default_tasks(model: torch.nn.Module, task_ids: Any) -> None:
@@ -144,13 +177,9 @@ def set_default_tasks(model: torch.nn.Module, task_ids: Any) -> None:
     `set_default_tasks(model, None)` opts in to base-only outputs (soft routing in router
     models); `set_default_tasks(model, "code")` sends every token to task "code".
     """
-    state = _state_for(model, task_ids, False)
-    for _, m in adapter_layers(model):
-        m._mftk_routing = state
+    model_routing(model).state = _state_for(model, task_ids, False)
 
 
 def clear_default_tasks(model: torch.nn.Module) -> None:
     """Back to the patched default: calls outside `use_tasks` raise (router layers route softly)."""
-    state = RoutingState(None, "error")
-    for _, m in adapter_layers(model):
-        m._mftk_routing = state
+    model_routing(model).state = RoutingState(None, "error")

@@ -50,7 +50,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 
 def randomize_adapters(model: nn.Module, std: float = 0.1, seed: int = 1) -> None:
     """Fill every lora_b (and router) with random values, so each task really changes the model."""
-    from mftk.patch import adapter_layers
+    from mftk.core import adapter_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -80,8 +80,8 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> str:
 
 
 class RefLayer(nn.Module):
-    """Float64-reference stand-in for a MultiAdapterLinear: mftk.ops.reference on its parameters, with
-    the task ids (B,) or (B, S) (or None: soft routing) read from `holder["ids"]`."""
+    """Float64-reference stand-in for a MultiAdapterLinear: mftk.ops.reference on its parameters,
+    with the task ids (B,) or (B, S) (or None: soft routing) read from `holder["ids"]`."""
 
     def __init__(self, m: nn.Module, holder: dict) -> None:
         super().__init__()
@@ -113,12 +113,12 @@ def reference_model(model: nn.Module) -> tuple[nn.Module, dict]:
     """
     import copy
 
-    from mftk.patch import _set_module, adapter_layers
+    from mftk.core import adapter_layers, set_module
 
     ref = copy.deepcopy(model)
     holder: dict = {"ids": None, "logits": None}
     for name, m in adapter_layers(ref):
-        _set_module(ref, name, RefLayer(m, holder))
+        set_module(ref, name, RefLayer(m, holder))
     return ref, holder
 
 
@@ -127,7 +127,7 @@ def merged_copy(base: nn.Module, patched: nn.Module, task: int) -> nn.Module:
     weights' own dtype: W + s * B @ A, computed here from the adapter tensors."""
     import copy
 
-    from mftk.patch import adapter_layers
+    from mftk.core import adapter_layers
 
     ref = copy.deepcopy(base)
     with torch.no_grad():

@@ -266,8 +266,8 @@ def test_compiled_patched_model_has_no_graph_break():
 def test_plan_built_once_per_forward_shape(monkeypatch):
     _, model = _patched("llama", torch.float32)
     calls = []
-    real = mftk.routing.build_plan
-    monkeypatch.setattr(mftk.routing, "build_plan", lambda *a: calls.append(1) or real(*a))
+    real = mftk.routing.plan_checked
+    monkeypatch.setattr(mftk.routing, "plan_checked", lambda *a: calls.append(1) or real(*a))
     ids = tokens(2, 5)
     with mftk.use_tasks(model, ["code", "docs"]):
         model(ids)

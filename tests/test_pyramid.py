@@ -12,8 +12,8 @@ from helpers_models import max_err, tiny_llama, tokens
 from torch import nn
 
 import mftk
+from mftk.core import adapter_layers
 from mftk.ops.reference import base_linear_ref, multi_adapter_linear_ref
-from mftk.patch import adapter_layers
 from mftk.pyramid import add_task, padding_flops, parse_layers
 
 TOL = dict(atol=1e-10, rtol=1e-9)

@@ -18,7 +18,7 @@ from torch import nn
 
 import mftk
 from mftk import quant
-from mftk.patch import adapter_layers
+from mftk.core import adapter_layers
 
 if not quant.bitsandbytes_available():
     pytest.skip("bitsandbytes is not installed", allow_module_level=True)

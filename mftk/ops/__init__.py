@@ -2,6 +2,13 @@
 
 from mftk.ops.checks import set_debug
 from mftk.ops.functional import multi_adapter_linear
-from mftk.ops.plan import RoutingPlan, build_plan
+from mftk.ops.plan import RoutingPlan, build_plan, check_task_ids, plan_checked
 
-__all__ = ["RoutingPlan", "build_plan", "multi_adapter_linear", "set_debug"]
+__all__ = [
+    "RoutingPlan",
+    "build_plan",
+    "check_task_ids",
+    "multi_adapter_linear",
+    "plan_checked",
+    "set_debug",
+]

@@ -80,6 +80,12 @@ def build_plan(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
     if not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks: expected a positive int, got {num_tasks!r}")
     check_task_ids(task_ids, num_tasks)
+    return plan_checked(task_ids, num_tasks)
+
+
+def plan_checked(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
+    """build_plan for ids already checked by check_task_ids (mftk.use_tasks checks its ids once,
+    then plans each forward's token shape without another host sync)."""
     ids = task_ids.reshape(-1).to(torch.int64)
     if ids.device.type == "cpu" and _lib.HAS_CPU_OPS:
         perm, offsets = torch.ops.mftk.build_plan(ids, num_tasks)
