@@ -40,12 +40,48 @@ _UNSUPPORTED = {
 }
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module).
+# A group holding a quantifier or an alternation, itself repeated: `(a+)+`, `(.|.)*`. Python's
+# re backtracks exponentially on such patterns, and has no timeout.
+_NESTED_REPEAT = re.compile(r"\((?:[^()\\]|\\.)*[*+?}|](?:[^()\\]|\\.)*\)[*+?{]")
+_PLAIN_KEY = re.compile(r"[\w.]+")
+
+
+def _pattern_matcher(field: str, key: Any):
+    r"""A predicate module -> bool for one alpha_pattern / rank_pattern key, as PEFT's
+    get_pattern_key matches it (re.match(rf"(.*\.)?({key})$", module)), but bounded: a plain
+    dotted name is matched as a suffix without a regex, and a regex that could backtrack
+    exponentially is refused."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"{field}: keys must be non-empty strings, got {key!r}")
+    if _PLAIN_KEY.fullmatch(key):
+        return lambda module: module == key or module.endswith("." + key)
+    if len(key) > 256 or _NESTED_REPEAT.search(key):
+        raise ValueError(
+            f"{field}: pattern {key!r} is refused (a repeated group that can backtrack for "
+            "minutes); use plain module names or a simpler regex"
+        )
+    try:
+        rx = re.compile(rf"(.*\.)?({key})$")
+    except re.error as err:
+        raise ValueError(f"{field}: pattern {key!r} is not a valid regex: {err}") from None
+    return lambda module: rx.match(module) is not None
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any, field: str) -> Any:
+    # PEFT's get_pattern_key: the value of the first key that matches the module.
     for k, v in patterns.items():
-        if re.match(rf"(.*\.)?({k})$", module):
+        if _pattern_matcher(field, k)(module):
             return v
     return default
+
+
+def _positive(config: dict[str, Any], key: str, default: Any, integer: bool) -> Any:
+    v = config.get(key, default)
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not v > 0 or (not integer and not math.isfinite(v)):
+        what = "a positive int" if integer else "a positive number"
+        raise ValueError(f"adapter_config.json: {key} must be {what}, got {v!r}")
+    return v
 
 
 def _task(model: nn.Module, task: str | int) -> tuple[int, str]:
@@ -128,7 +164,12 @@ def read_peft(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, dict[s
         if not os.path.isfile(p):
             raise FileNotFoundError(f"path: {p} not found (expected a PEFT LoRA folder)")
     with open(cfg_path) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"path: {cfg_path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"path: {cfg_path} must hold a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(
             f"path: peft_type {config.get('peft_type')!r} is not supported, only 'LORA'"
@@ -170,10 +211,19 @@ def import_peft(model: nn.Module, task: str | int, path: str | os.PathLike) -> N
     t, name = _task(model, task)
     config, modules = read_peft(path)
     layers = dict(adapter_layers(model))
-    r0 = int(config.get("r", 8))
-    alpha0 = float(config.get("lora_alpha", 8))
-    rs = bool(config.get("use_rslora", False))
+    r0 = _positive(config, "r", 8, integer=True)
+    alpha0 = float(_positive(config, "lora_alpha", 8, integer=False))
+    rs = config.get("use_rslora", False)
+    if not isinstance(rs, bool):
+        raise ValueError(f"adapter_config.json: use_rslora must be true or false, got {rs!r}")
     alpha_pattern = config.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict):
+        raise ValueError(
+            f"adapter_config.json: alpha_pattern must be an object, got {alpha_pattern!r}"
+        )
+    for k, v in alpha_pattern.items():
+        _pattern_matcher("alpha_pattern", k)
+        _positive({k: v}, k, None, integer=False)
     plan = {}
     for mod, ab in modules.items():
         m = layers.get(mod)
@@ -183,12 +233,12 @@ def import_peft(model: nn.Module, task: str | int, path: str | os.PathLike) -> N
                 f"(patch it via target_modules)"
             )
         a, b = ab["A"], ab["B"]
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r:
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or a.shape[0] == 0:
             raise ValueError(
                 f"module {mod!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not "
-                "(r, D_in) / (D_out, r)"
+                "(r, D_in) / (D_out, r) with r >= 1"
             )
+        r = a.shape[0]
         if r > m.rank:
             raise ValueError(
                 f"module {mod!r}: PEFT rank {r} exceeds the mftk rank {m.rank}; "
@@ -199,7 +249,8 @@ def import_peft(model: nn.Module, task: str | int, path: str | os.PathLike) -> N
                 f"module {mod!r}: PEFT shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                 f"the layer ({m.out_features} x {m.in_features})"
             )
-        plan[mod] = (a, b, lora_scale(float(_pattern_value(alpha_pattern, mod, alpha0)), r, rs))
+        alpha = _pattern_value(alpha_pattern, mod, alpha0, "alpha_pattern")
+        plan[mod] = (a, b, lora_scale(float(alpha), r, rs))
     with torch.no_grad():
         for mod, m in layers.items():
             m.lora_a[t].zero_()

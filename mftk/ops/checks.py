@@ -75,6 +75,8 @@ def check_op_args(
         named["bias"] = _tensor("bias", bias)
         check_shape("bias", bias, (d_out,), "(D_out,)")
     if isinstance(scaling, Tensor):
+        if not scaling.dtype.is_floating_point:
+            raise TypeError(f"scaling: expected a real floating tensor, got dtype {scaling.dtype}")
         if scaling.numel() not in (1, num_tasks):
             raise ValueError(
                 f"scaling: expected a float or (T,) = ({num_tasks},), got {tuple(scaling.shape)}"
@@ -85,7 +87,7 @@ def check_op_args(
             )
         if scaling.device != x.device and scaling.device.type != "cpu":
             raise ValueError(f"scaling: expected device {x.device}, got {scaling.device}")
-    elif not isinstance(scaling, (int, float)):
+    elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling: expected a float or a (T,) tensor, got {type(scaling).__name__}")
     if router_weight is not None:
         named["router_weight"] = _tensor("router_weight", router_weight)
@@ -93,9 +95,15 @@ def check_op_args(
         if router_bias is not None:
             named["router_bias"] = _tensor("router_bias", router_bias)
             check_shape("router_bias", router_bias, (num_tasks,), "(T,)")
-        if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= num_tasks):
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_tasks
+        ):
             raise ValueError(f"top_k: expected an int in [1, T={num_tasks}], got {top_k!r}")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not temperature > 0
+        ):
             raise ValueError(f"temperature: expected a positive float, got {temperature!r}")
     elif router_bias is not None:
         raise ValueError("router_bias: given without router_weight")

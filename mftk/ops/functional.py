@@ -7,7 +7,7 @@ from torch import Tensor
 
 from mftk.ops import _lib, registry  # submodules, not the package's names
 from mftk.ops.checks import check_op_args
-from mftk.ops.plan import RoutingPlan, build_plan
+from mftk.ops.plan import RoutingPlan, build_plan, check_plan
 from mftk.ops.reference import base_linear_ref, multi_adapter_linear_ref
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
@@ -84,6 +84,7 @@ def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> Routing
             raise ValueError(
                 f"task_ids: plan built for {plan.num_tasks} tasks, lora_a has {num_tasks}"
             )
+        check_plan(plan)
     else:
         plan = build_plan(task_ids, num_tasks)
     if plan.num_tokens != n:

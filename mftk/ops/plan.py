@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +24,8 @@ class RoutingPlan:
     offsets: Tensor
     task_ids: Tensor
     num_tasks: int
+    # True once checked (build_plan's plans are; a plan built by hand is checked on first use)
+    checked: bool = field(default=False, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -93,4 +95,33 @@ def plan_checked(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
         perm, offsets = torch.ops.mftk.build_plan(ids, num_tasks)  # csrc/cuda counting sort
     else:
         perm, offsets = _plan_torch(ids, num_tasks)
-    return RoutingPlan(perm=perm, offsets=offsets, task_ids=ids, num_tasks=num_tasks)
+    return RoutingPlan(perm=perm, offsets=offsets, task_ids=ids, num_tasks=num_tasks, checked=True)
+
+
+def check_plan(plan: RoutingPlan) -> None:
+    """Raise ValueError naming `task_ids` unless a (hand-built) plan is consistent: perm a
+    permutation of 0..N-1, offsets (T + 1,) non-decreasing from 0, and task_ids[perm] grouped as
+    the offsets say. One pass over N; a plan is checked once (plan.checked)."""
+    if plan.checked:
+        return
+    n, t = plan.task_ids.numel(), plan.num_tasks
+    for name, v, shape in (("perm", plan.perm, (n,)), ("offsets", plan.offsets, (t + 1,))):
+        if not isinstance(v, Tensor) or v.dtype != torch.int64 or tuple(v.shape) != shape:
+            raise ValueError(f"task_ids: plan.{name} must be an int64 tensor of shape {shape}")
+    if torch.compiler.is_compiling():
+        return
+    perm, off = plan.perm, plan.offsets
+    seen = torch.zeros(n, dtype=torch.int64, device=perm.device)
+    in_range = bool(((perm >= 0) & (perm < n)).all()) if n else True
+    if not in_range or (
+        n and not bool(seen.index_add_(0, perm, torch.ones_like(perm)).eq(1).all())
+    ):
+        raise ValueError("task_ids: plan.perm is not a permutation of 0..N-1")
+    if int(off[0]) != 0 or bool((off[1:] < off[:-1]).any()) or int(off[-1]) > n:
+        raise ValueError("task_ids: plan.offsets must rise from 0 to at most N")
+    counts = off[1:] - off[:-1]
+    want = torch.repeat_interleave(torch.arange(t, device=perm.device), counts)
+    got = plan.task_ids.reshape(-1)[perm]
+    if not torch.equal(got[: want.numel()], want) or bool(got[want.numel() :].ne(-1).any()):
+        raise ValueError("task_ids: plan.perm does not group plan.task_ids as plan.offsets say")
+    object.__setattr__(plan, "checked", True)
