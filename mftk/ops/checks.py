@@ -116,3 +116,36 @@ def check_op_args(
         for name, t in {"x": x, **named}.items():
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name}: contains NaN or Inf (mftk debug checks are on)")
+
+
+def check_shared_args(
+    lora_a: Tensor,
+    lora_b: Tensor,
+    shared_a: Tensor | None,
+    shared_b: Tensor | None,
+    shared_scaling: float,
+    shared_tasks: Tensor | None,
+) -> None:
+    """The hybrid (shared adapter) arguments of the op, against lora_a (T, R, D_in) and lora_b
+    (T, D_out, R)."""
+    if (shared_a is None) != (shared_b is None):
+        raise ValueError("shared_a and shared_b: give both (a hybrid layer) or neither")
+    _tensor("shared_a", shared_a)
+    _tensor("shared_b", shared_b)
+    if shared_a.dim() != 2 or shared_a.shape[0] < 1:
+        raise ValueError(f"shared_a: expected shape (R_s, D_in), got {tuple(shared_a.shape)}")
+    num_tasks, d_out, d_in = lora_a.shape[0], lora_b.shape[1], lora_a.shape[2]
+    rs = shared_a.shape[0]
+    check_shape("shared_a", shared_a, (rs, d_in), "(R_s, D_in)")
+    check_shape("shared_b", shared_b, (d_out, rs), "(D_out, R_s)")
+    for name, t in (("shared_a", shared_a), ("shared_b", shared_b)):
+        if t.dtype != lora_a.dtype or t.device != lora_a.device:
+            raise ValueError(
+                f"{name}: expected {lora_a.dtype} on {lora_a.device} like lora_a, got "
+                f"{t.dtype} on {t.device}"
+            )
+    if isinstance(shared_scaling, bool) or not isinstance(shared_scaling, (int, float)):
+        raise TypeError(f"shared_scaling: expected a float, got {shared_scaling!r}")
+    if shared_tasks is not None:
+        _tensor("shared_tasks", shared_tasks)
+        check_shape("shared_tasks", shared_tasks, (num_tasks,), "(T,)")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from mftk.ops import _lib, registry  # submodules, not the package's names
-from mftk.ops.checks import check_op_args
+from mftk.ops.checks import check_op_args, check_shared_args
 from mftk.ops.plan import RoutingPlan, build_plan, check_plan
 from mftk.ops.reference import base_linear_ref, multi_adapter_linear_ref
 
@@ -77,6 +77,29 @@ def _scaling_tensor(scaling: float | Tensor, num_tasks: int, x: Tensor) -> Tenso
 _SCALINGS: dict[tuple, Tensor] = {}
 
 
+def with_shared(
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float | Tensor,
+    shared_a: Tensor | None,
+    shared_b: Tensor | None,
+    shared_scaling: float,
+    shared_tasks: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """(T, R + R_s, D_in), (T, D_out, R + R_s): the shared adapter appended to every task's rank
+    range, its scale folded into B so the op's per-task scaling s[t] applies to both parts."""
+    check_shared_args(lora_a, lora_b, shared_a, shared_b, shared_scaling, shared_tasks)
+    num_tasks = lora_a.shape[0]
+    s = _scaling_tensor(scaling, num_tasks, lora_a)
+    on = torch.ones_like(s) if shared_tasks is None else shared_tasks.to(s)
+    if not torch.compiler.is_compiling() and bool(((s == 0) & (on != 0)).any()):
+        raise ValueError("scaling: must be non-zero for the tasks that use the shared adapter")
+    ratio = torch.where(on != 0, float(shared_scaling) / s, torch.zeros_like(s))
+    a = torch.cat([lora_a, shared_a.unsqueeze(0).expand(num_tasks, -1, -1)], dim=1)
+    b_sh = shared_b.unsqueeze(0) * ratio.to(shared_b.dtype)[:, None, None]
+    return a, torch.cat([lora_b, b_sh], dim=2)
+
+
 def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> RoutingPlan:
     if isinstance(task_ids, RoutingPlan):
         plan = task_ids
@@ -109,6 +132,10 @@ def multi_adapter_linear(
     temperature: float = 1.0,
     return_router_logits: bool = False,
     backend: str = "auto",
+    shared_a: Tensor | None = None,
+    shared_b: Tensor | None = None,
+    shared_scaling: float = 1.0,
+    shared_tasks: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """A frozen linear layer plus one LoRA adapter per task, routed per token.
 
@@ -124,6 +151,11 @@ def multi_adapter_linear(
     lora_a: (T, R, D_in); lora_b: (T, D_out, R); bias: (D_out,); scaling: float or (T,);
     task_ids: (...) int matching x's leading dims, or a RoutingPlan from mftk.build_plan;
     router_weight: (T, D_in); router_bias: (T,); top_k: keep the k largest p per token, renormalise.
+    hybrid (shared_a (R_s, D_in), shared_b (D_out, R_s)): every routed token also gets a shared
+    adapter, y[n] += m[t] * shared_scaling * (x[n] @ A_sh.T) @ B_sh.T (soft: weighted by p[n, t]);
+    shared_tasks m (T,) 0/1 says which tasks use it (None: all). It runs as rank range R..R+R_s of
+    every task's adapter in the same launches (A_t' = [A_t; A_sh], B_t' = [B_t, B_sh * m[t] *
+    shared_scaling / s[t]]), so every backend computes it, forward and backward.
     returns y: (..., D_out) in x.dtype, and the router logits (..., T) when return_router_logits.
     Gradients flow to x, lora_a, lora_b, bias, router_weight, router_bias (and weight if it
     requires grad); scaling is a constant.
@@ -131,6 +163,10 @@ def multi_adapter_linear(
     check_op_args(
         x, weight, lora_a, lora_b, bias, scaling, router_weight, router_bias, top_k, temperature
     )
+    if shared_a is not None or shared_b is not None:
+        lora_a, lora_b = with_shared(
+            lora_a, lora_b, scaling, shared_a, shared_b, shared_scaling, shared_tasks
+        )
     if task_ids is not None and router_weight is not None:
         raise ValueError(
             "task_ids and router_weight: give one routing mode (hard or soft), not both"

@@ -149,3 +149,30 @@ def soft_dense_torch(
     shrink = x @ lora_a.reshape(num_tasks * rank, d_in).t()
     b_cat = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], num_tasks * rank)
     return y + (shrink * coef) @ b_cat.t()
+
+
+def shared_adapter_ref(
+    x: Tensor,
+    shared_a: Tensor,
+    shared_b: Tensor,
+    shared_scaling: float,
+    task_ids: Tensor | None = None,
+    shared_tasks: Tensor | None = None,
+    probs: Tensor | None = None,
+) -> Tensor:
+    """The shared adapter's term of a hybrid layer, added to multi_adapter_linear_ref's y.
+
+    hard: delta[n] = m[t] * s_sh * (x[n] @ A_sh.T) @ B_sh.T for t = task_ids[n] >= 0 (0 for -1);
+    soft: delta[n] = sum_t p[n, t] * m[t] * s_sh * (x[n] @ A_sh.T) @ B_sh.T.
+    x: (N, D_in); shared_a: (R_s, D_in); shared_b: (D_out, R_s); shared_tasks m: (T,) 0/1 (None:
+    all 1); probs: (N, T) router probabilities (soft). returns (N, D_out).
+    """
+    full = shared_scaling * ((x @ shared_a.t()) @ shared_b.t())
+    if probs is not None:
+        m = probs.new_ones(probs.shape[1]) if shared_tasks is None else shared_tasks.to(probs)
+        return full * (probs @ m)[:, None]
+    assert task_ids is not None, "hard routing needs task_ids"
+    on = task_ids >= 0
+    if shared_tasks is not None:
+        on = on & (shared_tasks.to(x.device)[task_ids.clamp(min=0)] != 0)
+    return full * on[:, None].to(full.dtype)
