@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from mftk import __version__
+
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mftk.apps.train", "fine-tune a model on a YAML list of tasks"),
@@ -23,12 +25,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "side-by-side per-task eval loss and pass@k of runs, with a plot",
     ),
     "scan": ("mftk.apps.scan", "classify a codebase's functions with a task's head (CI gate)"),
+    "convert-config": (
+        "mftk.apps.convert_config",
+        "write an MFTCoder training config (JSON) as a commented mftk YAML config",
+    ),
 }
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported (every one when command is None)."""
     parser = argparse.ArgumentParser(prog="mftk", description="multi-task fine-tuning kernels")
+    parser.add_argument("--version", action="version", version=f"mftk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

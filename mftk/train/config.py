@@ -25,7 +25,8 @@ nothing. Relative paths are resolved against the config file's folder.
              (shared: rank T*rank and alpha T*alpha, the per-task setup's adapter parameters),
              layers: decoder layers that get adapters ("18:", [0, 3], null = all)
     data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
-             noise_token_rate
+             noise_token_rate, template (mftk|mftcoder: MFTCoder's formats and rendering),
+             overlong (drop|truncate; null: drop under mftcoder), role_markers (mftcoder)
     train:   steps, lr, schedule (cosine|linear|constant), warmup_steps, batch_size (rows of up
              to seq_len tokens per micro-batch; one sample per row without packing),
              grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every
@@ -48,6 +49,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from mftk.train.mftcoder import MFTCoderConfigError, load_json
+from mftk.train.mftcoder_format import DEFAULT_MARKERS
 
 
 class ConfigError(ValueError):
@@ -136,7 +140,7 @@ class DataConfig:
     skip_bad_lines: bool = False
     noise_kind: str = "random_tokens"
     noise_token_rate: float = 0.2
-    template: str = "mftk"  # mftcoder: MFTCoder's formats and rendering (mftk.train.mftcoder_format)
+    template: str = "mftk"  # mftcoder: MFTCoder's formats and rendering (train.mftcoder_format)
     overlong: str | None = None  # drop | truncate (null: drop under mftcoder, else truncate)
     role_markers: dict[str, str] | None = None  # mftcoder: {system, user, assistant} markers
 
@@ -459,6 +463,13 @@ def _validate(cfg: Config) -> None:
     )
     _check(d.eval_max_samples >= 1, "data.eval_max_samples", "must be >= 1")
     _choice(d.noise_kind, NOISE_KINDS, "data.noise_kind")
+    _choice(d.template, ("mftk", "mftcoder"), "data.template")
+    if d.overlong is not None:
+        _choice(d.overlong, ("drop", "truncate"), "data.overlong")
+    if d.role_markers is not None:
+        need = sorted(DEFAULT_MARKERS)
+        _check(d.template == "mftcoder", "data.role_markers", "only with data.template: mftcoder")
+        _check(sorted(d.role_markers) == need, "data.role_markers", f"needs the keys {need}")
     _check(0 < d.noise_token_rate <= 1, "data.noise_token_rate", "must be in (0, 1]")
     tr = cfg.train
     _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
@@ -553,11 +564,18 @@ def config_from_dict(raw: Any, base_dir: str = ".") -> Config:
 
 
 def load_config(path: str) -> Config:
-    """Read a YAML file into a validated Config (ConfigError on any problem)."""
+    """Read a YAML file into a validated Config (ConfigError on any problem). A .json file may
+    be an MFTCoder training config: it is converted (mftk.train.mftcoder)."""
     import yaml
 
     if not os.path.isfile(path):
         raise ConfigError(f"config: no such file {path}")
+    if path.lower().endswith(".json"):
+        try:
+            raw = load_json(path)
+        except MFTCoderConfigError as err:  # each MFTCoder key mftk cannot follow, by name
+            raise ConfigError(str(err)) from None
+        return config_from_dict(raw, os.path.dirname(os.path.abspath(path)))
     with open(path, encoding="utf-8") as f:
         try:
             raw = yaml.safe_load(f)

@@ -1,0 +1,406 @@
+"""Coming from MFTCoder: its data formats rendered token for token (data.template: mftcoder), its
+role checks, over-long samples dropped, its training configs converted key by key (or refused by
+name), `mftk convert-config`, `mftk train CONFIG.json` and `mftk --version`.
+
+The expected token ids are built here from MFTCoder's template as its code writes it (markers
+`<s>system\\n`, `<s>human\\n`, `<s>bot\\n`; every content + "\\n"; each piece tokenized on its own,
+then the eos id; after a bot turn a separate "\\n" without loss), with a tokenizer trained here.
+"""
+
+import json
+
+import pytest
+import yaml
+
+import mftk
+from mftk.apps.convert_config import to_yaml
+from mftk.cli import main
+from mftk.train.config import ConfigError, config_from_dict, load_config
+from mftk.train.data import DROP_OVERLONG, IGNORE, build_task_data
+from mftk.train.mftcoder import MFTCoderConfigError, convert, is_mftcoder_config
+from mftk.train.records import DataError
+from mftk.train.tiny_model import tiny_config, train_tokenizer
+
+SYS, HUMAN, BOT = "<s>system\n", "<s>human\n", "<s>bot\n"
+TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "<s>system\nYou are a coder\n<s>human\nWrite add\n<s>bot\n",
+    "Explain the code. It adds a and b. ok\n\n",
+    "instruction output question response query answer text",
+] * 20
+CHAT = [
+    {"role": "system", "content": "You are a coder"},
+    {"role": "human", "content": "Write add"},
+    {"role": "bot", "content": "def add(a, b):\n    return a + b"},
+    {"role": "user", "content": "Explain\xa0the code"},
+    {"role": "assistant", "content": "It adds a and b."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXT, 300)
+
+
+def expected(tok, pieces):
+    """(ids, labels) of MFTCoder's pieces: (text, loss) or (None, loss) for the eos id."""
+    ids, labels = [], []
+    for text, loss in pieces:
+        seg = [tok.eos_token_id] if text is None else tok.encode(text, add_special_tokens=False)
+        ids += seg
+        labels += seg if loss else [IGNORE] * len(seg)
+    return ids, labels
+
+
+def samples(tmp_path, tok, records, **data):
+    """Every record of one mftcoder-template task as a Sample, in file order."""
+    path = tmp_path / "task" / "part.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records * 2))
+    raw = {
+        "tasks": [{"name": "task", "data": str(path)}],
+        "model": {"tiny": {}},
+        "train": {"steps": 1},
+        "data": {"template": "mftcoder", "eval_fraction": 0.5, "seq_len": 512, **data},
+    }
+    (td,) = build_task_data(config_from_dict(raw, str(tmp_path)), tok)
+    return td, sorted(td.train + td.eval, key=lambda s: s.input_ids)
+
+
+def test_multi_round_chat_equals_mftcoder_template_token_for_token(tmp_path, tok):
+    _, (s, _) = samples(tmp_path, tok, [{"chat_rounds": CHAT}])
+    ids, labels = expected(
+        tok,
+        [
+            (SYS + "You are a coder\n", False),
+            (HUMAN + "Write add\n" + BOT, False),
+            ("def add(a, b):\n    return a + b\n", True),
+            (None, True),
+            ("\n", False),
+            (HUMAN + "Explain the code\n" + BOT, False),  # U+00A0 becomes a space
+            ("It adds a and b.\n", True),
+            (None, True),
+            ("\n", False),
+        ],
+    )
+    assert s.input_ids == ids
+    assert s.labels == labels
+    # the same string MFTCoder's inference template (its tokenizer's chat_template) writes
+    assert tok.decode(s.input_ids) == (
+        "<s>system\nYou are a coder\n<s>human\nWrite add\n<s>bot\n"
+        "def add(a, b):\n    return a + b\n</s>\n<s>human\nExplain the code\n<s>bot\n"
+        "It adds a and b.\n</s>\n"
+    )
+
+
+def test_prompt_answer_with_and_without_system_and_text(tmp_path, tok):
+    recs = [
+        {"system": "You are a coder", "prompt": "Write add", "answer": "return a + b"},
+        {"instruction": "Write add", "output": "return a + b"},
+        {"text": "def add(a, b):\n    return a + b"},
+    ]
+    _, got = samples(tmp_path, tok, recs)
+    want = [
+        expected(
+            tok,
+            [
+                (SYS + "You are a coder\n" + HUMAN + "Write add\n" + BOT, False),
+                ("return a + b\n", True),
+                (None, True),
+            ],
+        ),
+        expected(
+            tok, [(HUMAN + "Write add\n" + BOT, False), ("return a + b\n", True), (None, True)]
+        ),
+        expected(tok, [("def add(a, b):\n    return a + b\n", True), (None, True)]),
+    ]
+    assert sorted((s.input_ids, s.labels) for s in got[::2]) == sorted(want)
+
+
+@pytest.mark.parametrize(
+    "rounds",
+    [
+        [{"role": "human", "content": "Write add"}, {"role": "gpt", "content": "ok"}],
+        [{"role": "human", "content": "Write add"}, {"role": "bot", "content": ""}],
+        [
+            {"role": "user", "content": "Write add"},
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "again"},
+        ],
+    ],
+)
+def test_roles_mftcoder_accepts(tmp_path, tok, rounds):
+    td, got = samples(tmp_path, tok, [{"chat_rounds": rounds}])
+    assert len(got) == 2 and not td.skipped
+    assert tok.decode([t for t, lab in zip(got[0].input_ids, got[0].labels) if lab != IGNORE]) in (
+        "ok\n</s>",
+        "\n</s>",  # an empty bot turn still learns its newline and eos, as in MFTCoder
+    )
+
+
+@pytest.mark.parametrize(
+    "rounds, reason",
+    [
+        ([{"role": "bot", "content": "hi"}], "chat_rounds[0].role: 'bot' where a human/user"),
+        (
+            [{"role": "human", "content": "a"}, {"role": "bot", "content": "b"}]
+            + [{"role": "bot", "content": "c"}],
+            "chat_rounds[2].role: 'bot' where a human/user",
+        ),
+        (
+            [{"role": "human", "content": "a"}, {"role": "human", "content": "b"}],
+            "chat_rounds[1].role: 'human' where a bot/assistant",
+        ),
+        (
+            [{"role": "human", "content": "a"}, {"role": "system", "content": "b"}],
+            "chat_rounds[1].role: 'system' only as the first turn",
+        ),
+        (
+            [{"role": "human", "content": "a"}, {"role": "robot", "content": "b"}],
+            "chat_rounds[1].role: 'robot' not supported",
+        ),
+        ([{"role": "human", "content": 3}], "chat_rounds[0].content must be a string"),
+    ],
+)
+def test_roles_mftcoder_rejects_with_file_and_line(tmp_path, tok, rounds, reason):
+    with pytest.raises(DataError) as err:
+        samples(tmp_path, tok, [{"prompt": "a", "answer": "b"}, {"chat_rounds": rounds}])
+    assert str(err.value).startswith(f"{tmp_path / 'task' / 'part.jsonl'}:2: ")
+    assert reason in str(err.value)
+
+
+def test_overlong_dropped_as_mftcoder_or_truncated_with_a_count(tmp_path, tok):
+    long = {"prompt": "Write add", "answer": "return a + b " * 30}
+    short = {"prompt": "Write add", "answer": "ok"}
+    n_short = len(expected(tok, [(HUMAN + "Write add\n" + BOT, 0), ("ok\n", 1), (None, 1)])[0])
+    td, got = samples(tmp_path, tok, [long, short, short], seq_len=n_short)
+    assert len(got) == 4 and td.skipped == {DROP_OVERLONG: 2} and td.truncated == 0
+    assert got[0].input_ids[-1] == tok.eos_token_id  # a kept sample keeps its eos
+    td, got = samples(tmp_path, tok, [long, short, short], seq_len=n_short, overlong="truncate")
+    assert len(got) == 6 and not td.skipped and td.truncated == 2
+    assert max(len(s) for s in got) == n_short
+
+
+def test_mftk_template_points_to_mftcoder_for_its_records(tmp_path, tok):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"system": "s", "prompt": "a", "answer": "b"}))
+    raw = {"tasks": [{"name": "t", "data": "a.jsonl"}], "model": {"tiny": {}}}
+    raw["train"] = {"steps": 1}
+    with pytest.raises(DataError, match=r"a\.jsonl:1: missing key 'completion' \(an MFTCoder.*"):
+        build_task_data(config_from_dict(raw, str(tmp_path)), tok)
+    for bad, msg in [
+        ({"template": "chatml"}, "data.template: 'chatml' is not one of"),
+        ({"overlong": "cut"}, "data.overlong: 'cut' is not one of"),
+        ({"role_markers": {"user": "U"}}, "data.role_markers: only with data.template: mftcoder"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict({**raw, "data": bad}, str(tmp_path))
+
+
+def test_role_markers(tmp_path, tok):
+    markers = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### R:\n"}
+    _, (s, _) = samples(
+        tmp_path, tok, [{"prompt": "Write add", "answer": "ok"}], role_markers=markers
+    )
+    assert (s.input_ids, s.labels) == expected(
+        tok, [("### Instruction:\nWrite add\n### R:\n", False), ("ok\n", True), (None, True)]
+    )
+
+
+# ----------------------------------------------------------------------------- configs
+
+# MFTCoder's lora_train_config.json (its documented keys and values), filled in
+LORA = {
+    "data_paths": "[data/code_exercise,data/code_qa]",
+    "output_dir": "out",
+    "tb_dir": "tb",
+    "pretrained_model_path": "model",
+    "model_type": "llama",
+    "load_raw_dataset": True,
+    "data_split": "98,2,0",
+    "padding_mode": "padding",
+    "use_dynamic_padding": True,
+    "tokenize_mode": "sft",
+    "tokenizer_type": "AutoTokenizer",
+    "weighted_loss_mode": "case3",
+    "attn_implementation": "flash_attention_2",
+    "seq_length": 4096,
+    "seed": 1234,
+    "peft_type": "lora",
+    "quantization": None,
+    "lora_rank": 96,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "per_device_train_batch_size": 2,
+    "per_device_eval_batch_size": 2,
+    "learning_rate": 5e-5,
+    "weight_decay": 0.1,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "cosine",
+    "num_warmup_steps": 300,
+    "resume_from_checkpoint": None,
+    "log_interval": 10,
+    "checkpointing_steps": 100,
+    "evaluation_steps": 100,
+    "max_train_steps": 2000,
+    "epoch_checkpointing": False,
+    "shuffle_before_split": True,
+    "early_stopping": False,
+    "early_stopping_stall_num": 5,
+    "saving_limit": None,
+}
+
+
+def test_lora_config_maps_every_key():
+    assert is_mftcoder_config(LORA) and not is_mftcoder_config({"tasks": [], "seed": 1})
+    c = convert(dict(LORA, task_weights="[1,3]"))
+    cfg = c.config
+    assert cfg["tasks"] == [
+        {"name": "code_exercise", "data": "data/code_exercise/**/*.jsonl", "loss_weight": 1.0},
+        {"name": "code_qa", "data": "data/code_qa/**/*.jsonl", "loss_weight": 3.0},
+    ]
+    assert cfg["model"] == {
+        "path": "model",
+        "dtype": "bfloat16",
+        "attn_implementation": "flash_attention_2",
+    }
+    assert cfg["adapter"] == {
+        "mode": "shared",
+        "rank": 96,
+        "alpha": 32.0,
+        "dropout": 0.05,
+        "target_modules": "all-linear",
+    }
+    assert cfg["data"] == {
+        "template": "mftcoder",
+        "overlong": "drop",
+        "seq_len": 4097,
+        "eval_fraction": 0.02,
+        "eval_max_samples": 10**9,
+        "packing": False,
+    }
+    assert cfg["train"] == {
+        "lr": 5e-5,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "weight_decay": 0.1,
+        "clip": 1.0,
+        "seed": 1234,
+        "log_every": 10,
+        "eval_every": 100,
+        "steps": 2000,
+        "warmup_steps": 300,
+        "schedule": "cosine",
+    }
+    assert cfg["loss"] == {"mode": "balanced"}
+    assert cfg["output"] == {"dir": "out", "save_every": 100}
+    # every given key is either mapped (its name in a comment) or noted with the reason
+    used = " ".join(c.comments.values())
+    assert [k for k in LORA if k not in c.notes and k not in used] == []
+    assert "early_stopping_stall_num" in c.notes and "min_lr" in c.notes
+
+
+def test_qlora_coba_and_defaults():
+    raw = {k: LORA[k] for k in ("data_paths", "output_dir", "pretrained_model_path")}
+    raw.update(max_train_steps=100, early_stopping=False, weighted_loss_mode="coba")
+    raw.update(coba_warmup_steps=10, coba_history_length=30, coba_tau=5, padding_mode="pack")
+    cfg = convert(raw).config
+    assert cfg["model"]["quantize"] == "nf4" and cfg["model"]["double_quant"]  # default qlora
+    assert cfg["adapter"]["rank"] == 96 and cfg["data"]["seq_len"] == 4097
+    assert cfg["train"]["warmup_steps"] == 5  # num_warmup_steps 0.05 of 100 steps
+    assert cfg["train"]["weight_decay"] == 0.01 and cfg["data"]["packing"] is True
+    assert cfg["loss"] == {
+        "mode": "coba",
+        "coba": {"warmup_steps": 10, "history_length": 30, "tau": 5.0},
+    }
+
+
+@pytest.mark.parametrize(
+    "over, key, hint",
+    [
+        ({"min_lr": 5e-6}, "min_lr", "not supported yet"),
+        ({"max_train_steps": None, "num_train_epochs": 4}, "num_train_epochs", "max_train_steps"),
+        ({"early_stopping": True}, "early_stopping", "not supported yet"),
+        ({"epoch_checkpointing": True}, "epoch_checkpointing", "checkpointing_steps"),
+        ({"weighted_loss_mode": "coba", "coba_update_interval": 1}, "coba_update_interval", "yet"),
+        ({"weighted_loss_mode": "case2"}, "weighted_loss_mode", "case1 (token)"),
+        ({"padding_mode": "concat"}, "padding_mode", "use padding or pack"),
+        ({"peft_type": None}, "peft_type", "use lora or qlora"),
+        ({"distributed_type": "deepspeed"}, "distributed_type", "distributed.strategy: fsdp2"),
+        ({"deepspeed_config": {"zero_stage": 2}}, "deepspeed_config", "torchrun"),
+        ({"lora_rnak": 8}, "lora_rnak", "did you mean 'lora_rank'"),
+        ({"load_raw_dataset": False}, "load_raw_dataset", "jsonl"),
+        ({"data_paths": "$DATA_PATHS"}, "data_paths", "placeholder"),
+        ({"lora_rank": "96"}, "lora_rank", "expected an integer"),
+        ({"resume_from_checkpoint": "out/step_100"}, "resume_from_checkpoint", "--resume"),
+        ({"xxpo": "dpo"}, "xxpo", "DPO/ORPO"),
+    ],
+)
+def test_keys_mftk_cannot_follow_are_refused_by_name(over, key, hint):
+    with pytest.raises(MFTCoderConfigError) as err:
+        convert({**LORA, **over, "min_lr": 1e-6})
+    lines = str(err.value).splitlines()[1:]
+    assert any(x.startswith("  min_lr: not supported yet") for x in lines)  # all at once
+    assert any(x.startswith(f"  {key}: ") and hint in x for x in lines), lines
+
+
+def make_model_dir(path, tok):
+    from transformers import LlamaForCausalLM
+
+    tok.save_pretrained(path)
+    LlamaForCausalLM(tiny_config(None, len(tok), 256, tok)).save_pretrained(path)
+
+
+def make_task_dirs(root):
+    for name, rec in [
+        ("code_exercise", {"chat_rounds": CHAT}),
+        ("code_qa", {"prompt": "Write add", "answer": "def add(a, b):\n    return a + b"}),
+    ]:
+        (root / "data" / name / "sub").mkdir(parents=True)
+        (root / "data" / name / "sub" / "a.jsonl").write_text((json.dumps(rec) + "\n") * 6)
+
+
+def test_convert_config_cli_and_train_from_json(tmp_path, tok, capsys):
+    make_task_dirs(tmp_path)
+    make_model_dir(tmp_path / "model", tok)
+    raw = dict(LORA, max_train_steps=2, seq_length=128, data_split="80,20,0")
+    raw.update(log_interval=1, evaluation_steps=1, checkpointing_steps=100)
+    (tmp_path / "cfg.json").write_text(json.dumps(raw, indent="\t"))  # tabs: JSON, not YAML
+    out = tmp_path / "yaml" / "cfg.yaml"
+    out.parent.mkdir()
+    assert main(["convert-config", str(tmp_path / "cfg.json"), str(out)]) == 0
+    text = out.read_text()
+    assert "seq_len: 4097" not in text and "seq_len: 129" in text
+    assert "# seq_length 128 + 1" in text and "#   tb_dir: mftk writes TensorBoard" in text
+    conv = convert(raw)
+    assert yaml.safe_load(to_yaml(conv, "cfg.json")) == conv.config
+    from_yaml, from_json = load_config(str(out)), load_config(str(tmp_path / "cfg.json"))
+    a, b = from_yaml.to_dict(), from_json.to_dict()
+    for d in (a, b):  # the patterns differ (../data/... against data/...), the files do not
+        d["base_dir"] = [t.pop("data") for t in d["tasks"]] and ""
+    assert a == b and a["tasks"][0]["files"] == [str(tmp_path / "data/code_exercise/sub/a.jsonl")]
+    assert main(["convert-config", str(tmp_path / "cfg.json"), str(out)]) == 2  # exists
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "cfg.json"), "--no-progress"]) == 0
+    assert "is an MFTCoder config: converted" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and set(metrics["eval_after"]) >= {"code_exercise", "code_qa"}
+    # the trained samples are MFTCoder's: the one-round prompt/answer record, token for token
+    (qa,) = {tuple(s.input_ids) for s in build_task_data(from_json, tok)[1].train}
+    want = expected(
+        tok,
+        [
+            (HUMAN + "Write add\n" + BOT, False),
+            ("def add(a, b):\n    return a + b\n", True),
+            (None, True),
+        ],
+    )
+    assert list(qa) == want[0]
+    (tmp_path / "bad.json").write_text(json.dumps(dict(raw, min_lr=1e-6)))
+    assert main(["train", str(tmp_path / "bad.json")]) == 2
+    assert "min_lr: not supported yet" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mftk {mftk.__version__}"
