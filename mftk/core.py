@@ -53,6 +53,10 @@ class MftkConfig:
     ranks: list[int] | None = None
     # per-task output heads: {task: {"type": "classify", "labels": [...], "hidden_size": H}}
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # "hybrid": a shared adapter of rank shared_rank (alpha shared_alpha) on every routed token
+    mode: str = "per_task"
+    shared_rank: int | None = None
+    shared_alpha: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,7 +72,8 @@ class MftkConfig:
         return AdapterSpec(
             rank=self.ranks or self.rank, alpha=alpha,
             use_rslora=self.use_rslora, dropout=self.dropout, router=self.router,
-            top_k=self.top_k, temperature=self.temperature, quantize=q,
+            top_k=self.top_k, temperature=self.temperature, quantize=q, mode=self.mode,
+            shared_rank=self.shared_rank, shared_alpha=self.shared_alpha,
         )  # fmt: skip
 
     @classmethod

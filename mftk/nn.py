@@ -67,6 +67,8 @@ class MultiAdapterLinear(nn.Module):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        shared_rank: int = 0,
+        shared_alpha: float | None = None,
     ) -> None:
         super().__init__()
         for name, v in (("in_features", in_features), ("out_features", out_features)):
@@ -76,8 +78,9 @@ class MultiAdapterLinear(nn.Module):
         weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
         b = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
         self._setup(
-            weight, b, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora
-        )
+            weight, b, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora,
+            hybrid=(shared_rank, shared_alpha),
+        )  # fmt: skip
         self._init_base()
         self.reset_adapters()
 
@@ -93,6 +96,8 @@ class MultiAdapterLinear(nn.Module):
         temperature: float = 1.0,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        shared_rank: int = 0,
+        shared_alpha: float | None = None,
     ) -> MultiAdapterLinear:
         """Wrap `linear` without copying: the new module's weight and bias ARE linear's Parameters
         (now frozen). Adapters are created on linear.weight's device and dtype."""
@@ -107,7 +112,7 @@ class MultiAdapterLinear(nn.Module):
             linear.bias.requires_grad_(False)
         self._setup(
             linear.weight, linear.bias, num_tasks, rank, alpha, router, top_k, temperature, dropout,
-            use_rslora,
+            use_rslora, hybrid=(shared_rank, shared_alpha),
         )  # fmt: skip
         self.reset_adapters()
         return self
@@ -128,6 +133,8 @@ class MultiAdapterLinear(nn.Module):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        shared_rank: int = 0,
+        shared_alpha: float | None = None,
     ) -> MultiAdapterLinear:
         """Adapters over a base computed by another module, e.g. a bitsandbytes 4-bit linear
         (see mftk.quant):  y = base_layer(x) + adapters(x).
@@ -150,19 +157,21 @@ class MultiAdapterLinear(nn.Module):
         self._setup(
             None, None, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora,
             base_layer=base_layer, shape=(out_features, in_features), kw=kw,
+            hybrid=(shared_rank, shared_alpha),
         )  # fmt: skip
         self.reset_adapters()
         return self
 
     def _setup(
         self, weight, bias, num_tasks, rank, alpha, router, top_k, temperature, dropout, use_rslora,
-        base_layer=None, shape=None, kw=None,
+        base_layer=None, shape=None, kw=None, hybrid=(0, None),
     ) -> None:  # fmt: skip
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank: expected a positive int, got {rank!r}")
         spec = AdapterSpec(
             rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout, router=router,
-            top_k=top_k, temperature=temperature,
+            top_k=top_k, temperature=temperature, mode="hybrid" if hybrid[0] else "per_task",
+            shared_rank=hybrid[0] or None, shared_alpha=hybrid[1],
         )  # fmt: skip
         spec.check_tasks(num_tasks)
         alpha = float(rank if alpha is None else alpha)
@@ -191,9 +200,27 @@ class MultiAdapterLinear(nn.Module):
         self.register_buffer(
             "lora_rank", torch.full((t,), rank, dtype=torch.int64, device=kw["device"])
         )
+        self._setup_shared(spec, kw)
         # The model's one shared mftk.routing.Routing (set once by patch_model or use_tasks):
         # it resolves each forward's Route, so no routing state is written per layer.
         self.routing: Any = None
+
+    def _setup_shared(self, spec: AdapterSpec, kw: dict[str, Any]) -> None:
+        # Hybrid: one shared adapter (A_sh (R_s, D_in), B_sh (D_out, R_s)) on every routed token,
+        # scale alpha_sh / R_s (or / sqrt(R_s)); shared_tasks (T,) 0/1: the tasks that use it.
+        self.shared_rank = spec.shared_rank if spec.mode == "hybrid" else 0
+        if not self.shared_rank:
+            self.shared_a = self.shared_b = self.shared_tasks = None
+            self.shared_scaling = 0.0
+            return
+        rs = self.shared_rank
+        self.shared_alpha = float(spec.shared_alpha if spec.shared_alpha is not None else rs)
+        self.shared_scaling = lora_scale(self.shared_alpha, rs, self.use_rslora)
+        self.shared_a = nn.Parameter(torch.empty(rs, self.in_features, **kw))
+        self.shared_b = nn.Parameter(torch.empty(self.out_features, rs, **kw))
+        self.register_buffer(
+            "shared_tasks", torch.ones(self.num_tasks, dtype=torch.float64, device=kw["device"])
+        )
 
     def _init_base(self) -> None:
         # nn.Linear's own init, for a module built from sizes.
@@ -226,12 +253,17 @@ class MultiAdapterLinear(nn.Module):
             if self.router_weight is not None and task is None:
                 nn.init.normal_(self.router_weight, std=0.02)
                 nn.init.zeros_(self.router_bias)
+            if self.shared_a is not None and task is None:
+                init_lora_a_(self.shared_a[None])
+                self.shared_b.zero_()
 
     def adapter_params(self) -> list[nn.Parameter]:
         """The trainable parameters: lora_a, lora_b and, with a router, router_weight/bias."""
         ps = [self.lora_a, self.lora_b]
         if self.router_weight is not None:
             ps += [self.router_weight, self.router_bias]
+        if self.shared_a is not None:
+            ps += [self.shared_a, self.shared_b]
         return ps
 
     def _apply(self, fn, recurse=True):
@@ -250,6 +282,9 @@ class MultiAdapterLinear(nn.Module):
         return AdapterSpec(
             rank=self.rank, alpha=self.alpha, use_rslora=self.use_rslora, dropout=self.dropout,
             router=self.router, top_k=self.top_k, temperature=self.temperature,
+            mode="hybrid" if self.shared_rank else "per_task",
+            shared_rank=self.shared_rank or None,
+            shared_alpha=self.shared_alpha if self.shared_rank else None,
         )  # fmt: skip
 
     def _route(self, x: Tensor, task_ids: Route | Tensor | RoutingPlan | None) -> Route:
@@ -299,7 +334,9 @@ class MultiAdapterLinear(nn.Module):
             x, weight, self.lora_a, self.lora_b, bias=bias, scaling=self.lora_scaling,
             task_ids=ids, router_weight=self.router_weight if soft else None,
             router_bias=self.router_bias if soft else None, top_k=top_k,
-            temperature=temp, return_router_logits=soft,
+            temperature=temp, return_router_logits=soft, shared_a=self.shared_a,
+            shared_b=self.shared_b, shared_scaling=self.shared_scaling,
+            shared_tasks=self.shared_tasks,
         )  # fmt: skip
         if soft:
             out, logits = out
@@ -338,4 +375,6 @@ class MultiAdapterLinear(nn.Module):
             s += f", router={self.router!r}, top_k={self.top_k}, temperature={self.temperature:g}"
         if self.dropout:
             s += f", dropout={self.dropout:g}"
+        if self.shared_rank:
+            s += f", shared_rank={self.shared_rank}, shared_alpha={self.shared_alpha:g}"
         return s

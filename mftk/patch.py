@@ -66,6 +66,9 @@ def patch_model(
     quantize_all_linear: bool = False,
     layers: str | int | slice | Sequence[int] | None = None,
     spec: AdapterSpec | None = None,
+    mode: str = "per_task",
+    shared_rank: int | None = None,
+    shared_alpha: float | None = None,
 ) -> nn.Module:
     """Replace the target nn.Linear layers (never lm_head) by MultiAdapterLinear, in place.
 
@@ -86,6 +89,8 @@ def patch_model(
     gives scaling alpha / r_t (PEFT's lora_alpha / r).
     layers: decoder-layer indices to patch ("18:", "2:6", a slice, a list; None = all). Target
     modules in other layers stay plain frozen nn.Linear.
+    mode="hybrid": every routed token also gets one shared adapter of rank shared_rank (default:
+    the largest task rank) and alpha shared_alpha (default: shared_rank), in the same op call.
     spec: every adapter setting at once (mftk.AdapterSpec: rank, alpha, use_rslora, dropout,
     router, top_k, temperature, quantize); the keyword spellings of those then stay at their
     defaults.
@@ -110,12 +115,16 @@ def patch_model(
             raise ValueError("quantize_all_linear: needs quantize='nf4' or 'fp4'")
         spec = AdapterSpec(
             rank=rank, alpha=alpha, use_rslora=use_rslora, dropout=dropout, router=router,
-            top_k=top_k, temperature=temperature, quantize=quant,
+            top_k=top_k, temperature=temperature, quantize=quant, mode=mode,
+            shared_rank=shared_rank, shared_alpha=shared_alpha,
         )  # fmt: skip
     elif not isinstance(spec, AdapterSpec):
         raise TypeError(f"spec: expected an mftk.AdapterSpec, got {type(spec).__name__}")
     else:
-        _check_no_keywords(rank, alpha, router, top_k, temperature, dropout, use_rslora, quantize)
+        _check_no_keywords(
+            rank, alpha, router, top_k, temperature, dropout, use_rslora, quantize, mode,
+            shared_rank, shared_alpha,
+        )  # fmt: skip
     spec.check_tasks(len(tasks))
     ranks = spec.ranks(tasks)
     layer_ids = None if layers is None else parse_layers(layers, num_decoder_layers(model))
@@ -161,15 +170,18 @@ def patch_model(
             t: {"r": r, "lora_alpha": a if mixed else first.alpha, "use_rslora": spec.use_rslora}
             for t, r, a in zip(tasks, ranks, alphas)
         },
-        layers=layer_ids, ranks=list(ranks) if mixed else None,
+        layers=layer_ids, ranks=list(ranks) if mixed else None, mode=spec.mode,
+        shared_rank=first.shared_rank or None,
+        shared_alpha=first.shared_alpha if first.shared_rank else None,
     )  # fmt: skip
     clear_default_tasks(model)
     return model
 
 
 def _check_no_keywords(*values: Any) -> None:
-    defaults = (8, None, None, None, 1.0, 0.0, False, None)
-    names = ("rank", "alpha", "router", "top_k", "temperature", "dropout", "use_rslora", "quantize")
+    defaults = (8, None, None, None, 1.0, 0.0, False, None, "per_task", None, None)
+    names = ("rank", "alpha", "router", "top_k", "temperature", "dropout", "use_rslora",
+             "quantize", "mode", "shared_rank", "shared_alpha")  # fmt: skip
     given = [n for n, v, d in zip(names, values, defaults) if v != d]
     if given:
         raise ValueError(f"spec: given together with {given}; put those settings in the spec")
@@ -181,7 +193,10 @@ def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
         yield from m.adapter_params()
 
 
-ADAPTER_KEYS = ("lora_a", "lora_b", "router_weight", "router_bias", "lora_scaling", "lora_rank")
+ADAPTER_KEYS = (
+    "lora_a", "lora_b", "router_weight", "router_bias", "lora_scaling", "lora_rank",
+    "shared_a", "shared_b", "shared_tasks",
+)  # fmt: skip
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -207,7 +222,8 @@ def merge(
     requantize: bool = False,
 ) -> nn.Module:
     """Fold one task into the base weights: every MultiAdapterLinear becomes a plain nn.Linear with
-    W' = W + s[t] * B[t] @ A[t] (computed in float32, float64 for float64 weights), in place.
+    W' = W + s[t] * B[t] @ A[t] (+ s_sh * B_sh @ A_sh for a hybrid task; computed in float32,
+    float64 for float64 weights), in place.
 
     The original weights are never modified, so `unmerge(model)` restores the patched model exactly
     (keep_original=False frees the originals instead; then there is no unmerge). Biases are shared.
@@ -239,6 +255,8 @@ def merge(
             if t >= 0:
                 cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
                 delta = float(m.lora_scaling[t]) * (m.lora_b[t].to(cdt) @ m.lora_a[t].to(cdt))
+                if m.shared_a is not None and float(m.shared_tasks[t]):
+                    delta += m.shared_scaling * (m.shared_b.to(cdt) @ m.shared_a.to(cdt))
                 w = (w.to(cdt) + delta).to(w.dtype)
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
             lin.weight = nn.Parameter(w, requires_grad=False)

@@ -101,7 +101,9 @@ def export_peft(
 
     Every patched module is written, at the rank the task really uses there (lora_rank), with
     per-module rank_pattern / alpha_pattern entries where it differs from the task's r / lora_alpha.
-    A router has no PEFT equivalent and is not exported.
+    A router has no PEFT equivalent and is not exported. A hybrid task is written as one LoRA of
+    rank r_t + R_s per module: A = [A_t; A_sh], B = [B_t, B_sh * s_sh / s_t] at the task's scale
+    s_t, which PEFT computes exactly as mftk does.
     """
     model = unwrap(model)
     t, name = _task(model, task)
@@ -111,7 +113,14 @@ def export_peft(
     )
     r0, alpha0, rs = int(meta["r"]), float(meta["lora_alpha"]), bool(meta["use_rslora"])
     tensors, rank_pattern, alpha_pattern, targets = {}, {}, {}, []
-    for mod, m in adapter_layers(model):
+    layers = adapter_layers(model)
+    if any(m.shared_a is not None and float(m.shared_tasks[t]) for _, m in layers):
+        # the task's PEFT rank grows by R_s; keep its PEFT scale s_t = lora_alpha / r
+        alpha0 = lora_scale(alpha0, r0, rs) * (
+            math.sqrt(r0 + cfg.shared_rank) if rs else r0 + cfg.shared_rank
+        )
+        r0 += cfg.shared_rank
+    for mod, m in layers:
         r = int(m.lora_rank[t])
         a, b = m.lora_a[t].detach(), m.lora_b[t].detach()
         if r < m.rank and (a[r:].any() or b[:, r:].any()):
@@ -119,12 +128,17 @@ def export_peft(
                 f"module {mod!r}: task {name!r} uses rank {r} but its padded rows are nonzero"
             )
         s = float(m.lora_scaling[t])
+        a, b = a[:r], b[:, :r]
+        if m.shared_a is not None and float(m.shared_tasks[t]):
+            a = torch.cat([a, m.shared_a.detach()])
+            b = torch.cat([b, m.shared_b.detach() * (m.shared_scaling / s)], dim=1)
+            r += m.shared_rank
         if r != r0:
             rank_pattern[mod] = r
         if not math.isclose(lora_scale(alpha0, r, rs), s, rel_tol=1e-12):
             alpha_pattern[mod] = s * (math.sqrt(r) if rs else r)
-        tensors[f"{PREFIX}{mod}.lora_A.weight"] = a[:r].contiguous()
-        tensors[f"{PREFIX}{mod}.lora_B.weight"] = b[:, :r].contiguous()
+        tensors[f"{PREFIX}{mod}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PREFIX}{mod}.lora_B.weight"] = b.contiguous()
         targets.append(mod)
     config = {
         "peft_type": "LORA",
@@ -205,7 +219,8 @@ def import_peft(model: nn.Module, task: str | int, path: str | os.PathLike) -> N
     padded up to the module's rank R, which is exact); scaling comes from lora_alpha / r (or
     sqrt(r)), with alpha_pattern applied. Patched modules the adapter does not touch get a zero
     adapter for this task. Raises ValueError naming the module when the adapter has a module that
-    is not patched, a rank above R, or shapes that do not match.
+    is not patched, a rank above R, or shapes that do not match. In a hybrid model the task stops
+    using the shared adapter: the imported LoRA is all of it, as in PEFT.
     """
     model = unwrap(model)
     t, name = _task(model, task)
@@ -255,6 +270,8 @@ def import_peft(model: nn.Module, task: str | int, path: str | os.PathLike) -> N
         for mod, m in layers.items():
             m.lora_a[t].zero_()
             m.lora_b[t].zero_()
+            if m.shared_tasks is not None:  # hybrid: the imported LoRA is the whole task
+                m.shared_tasks[t] = 0
             if mod in plan:
                 a, b, s = plan[mod]
                 r = a.shape[0]

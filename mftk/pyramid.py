@@ -243,5 +243,7 @@ def _grow_layer(m: nn.Module, new_r: int, r: int, alpha: float, init_a, scale) -
             [m.lora_scaling, m.lora_scaling.new_tensor([scale(alpha, r, m.use_rslora)])]
         )
         m.lora_rank = torch.cat([m.lora_rank, m.lora_rank.new_tensor([r])])
+        if m.shared_tasks is not None:  # hybrid: the new task uses the shared adapter too
+            m.shared_tasks = torch.cat([m.shared_tasks, m.shared_tasks.new_ones(1)])
     m.num_tasks, m.rank = t + 1, new_r
     m._mftk_rank_hooks = None  # the hooks were on the old Parameters

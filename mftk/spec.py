@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 ROUTERS = (None, "softmax")
+MODES = ("per_task", "hybrid")
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = {
     "float32": torch.float32,
@@ -121,6 +122,9 @@ class AdapterSpec:
     on the adapters' input, in [0, 1). router: None (hard routing by task ids) or "softmax"
     (a learned router over the T adapters), with top_k (None: all T) and temperature.
     quantize: a QuantSpec for a 4-bit base, or None.
+    mode: "per_task" (one adapter per task) or "hybrid" (also one shared adapter on every routed
+    token, rank shared_rank (default: the largest task rank) and shared_alpha (default: its rank);
+    see mftk.multi_adapter_linear's shared_* arguments).
     """
 
     rank: RankSpec = 8
@@ -131,6 +135,9 @@ class AdapterSpec:
     top_k: int | None = None
     temperature: float = 1.0
     quantize: QuantSpec | None = field(default=None)
+    mode: str = "per_task"
+    shared_rank: int | None = None
+    shared_alpha: float | None = None
 
     def __post_init__(self) -> None:
         r = self.rank
@@ -164,6 +171,17 @@ class AdapterSpec:
             raise TypeError(f"use_rslora: expected a bool, got {self.use_rslora!r}")
         if self.quantize is not None and not isinstance(self.quantize, QuantSpec):
             raise TypeError(f"quantize: expected a QuantSpec or None, got {self.quantize!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        sr, sa = self.shared_rank, self.shared_alpha
+        if self.mode == "per_task" and (sr is not None or sa is not None):
+            raise ValueError("shared_rank / shared_alpha: only meaningful with mode='hybrid'")
+        if sr is not None and (not _is_int(sr) or sr < 1):
+            raise ValueError(f"shared_rank: expected a positive int, got {sr!r}")
+        if sa is not None and (isinstance(sa, bool) or not isinstance(sa, (int, float)) or sa <= 0):
+            raise ValueError(f"shared_alpha: expected a positive number, got {sa!r}")
+        if self.mode == "hybrid" and sr is None:
+            object.__setattr__(self, "shared_rank", max(ranks))
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "dropout", float(d))
         if a is not None:
@@ -207,4 +225,6 @@ class AdapterSpec:
             "temperature": self.temperature,
             "dropout": self.dropout,
             "use_rslora": self.use_rslora,
+            "shared_rank": self.shared_rank if self.mode == "hybrid" else 0,
+            "shared_alpha": self.shared_alpha,
         }
