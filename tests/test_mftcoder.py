@@ -18,6 +18,7 @@ from mftk.cli import main
 from mftk.train.config import ConfigError, config_from_dict, load_config
 from mftk.train.data import DROP_OVERLONG, IGNORE, build_task_data
 from mftk.train.mftcoder import MFTCoderConfigError, convert, is_mftcoder_config
+from mftk.train.mftcoder_format import DEFAULT_MARKERS, inference_prompt
 from mftk.train.records import DataError
 from mftk.train.tiny_model import tiny_config, train_tokenizer
 
@@ -115,6 +116,9 @@ def test_prompt_answer_with_and_without_system_and_text(tmp_path, tok):
         expected(tok, [("def add(a, b):\n    return a + b\n", True), (None, True)]),
     ]
     assert sorted((s.input_ids, s.labels) for s in got[::2]) == sorted(want)
+    # MFTCoder's inference prompt is the training text up to the answer
+    prompt = inference_prompt("Write add", DEFAULT_MARKERS, "You are a coder")
+    assert prompt + "return a + b\n</s>" in [tok.decode(s.input_ids) for s in got]
 
 
 @pytest.mark.parametrize(

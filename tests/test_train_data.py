@@ -97,6 +97,18 @@ def test_chat_rounds_only_bot_turns_carry_loss(tmp_path, tok):
     assert decode_loss_part(tok, one) == "Return a.</s>"
 
 
+def test_chat_rounds_gpt_role_is_bot(tmp_path, tok):
+    recs = [{"chat_rounds": [{"role": "human", "content": "a"}, {"role": "gpt", "content": "ok"}]}]
+    write_jsonl(tmp_path / "c.jsonl", recs * 2)
+    cfg = make_cfg(tmp_path, [{"name": "doc", "data": "c.jsonl"}], eval_fraction=0.5)
+    trains, evals, _ = load_examples(cfg, "<s>", "</s>")
+    assert trains[0][0].segments == [
+        ("<s>human\na\n", False),
+        ("<s>bot\n", False),
+        ("ok</s>", True),
+    ]
+
+
 def test_csv_template_and_columns(tmp_path, tok):
     (tmp_path / "b.csv").write_text(
         'code,verdict\n"def f(a):\n    return a",ok\nx,bug: off by one\ny,ok\n'
