@@ -13,15 +13,8 @@ import torch
 import yaml
 
 import mftk
-from mftk.apps.evaluate import (
-    Evaluator,
-    evaluate_run,
-    format_table,
-    load_problems,
-    pass_at_k,
-    router_hits,
-    truncate_completion,
-)
+from mftk.apps.eval_metrics import load_problems, pass_at_k, router_hits, truncate_completion
+from mftk.apps.evaluate import Evaluator, evaluate_run, format_table
 from mftk.apps.sandbox import run_program
 from mftk.train.config import ConfigError, config_from_dict, single_task
 from mftk.train.loop import Trainer

@@ -197,8 +197,8 @@ def _hf_dir(path):
 
 
 def test_resume_with_an_extra_task_keeps_old_state(tmp_path):
+    from mftk.train.checkpointing import run_key
     from mftk.train.grow import _without, checkpoint_tasks, new_tasks
-    from mftk.train.loop import run_key
 
     hf = _hf_dir(tmp_path / "hf")
     raw = raw_config(tmp_path / "out", "unused", steps=8)

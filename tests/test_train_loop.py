@@ -142,7 +142,7 @@ class Recorder:
 
 
 def test_stages_switch_task_mix(cache_dir, tmp_path, monkeypatch):
-    import mftk.train.loop as loop
+    import mftk.train.report as loop
 
     rec = Recorder()
     monkeypatch.setattr(loop, "_tensorboard", lambda out: rec)  # tensorboard is optional
@@ -247,7 +247,8 @@ def test_flash_attention_config_falls_back_to_sdpa(cache_dir, tmp_path):
     """`attn_implementation: flash_attention_2` where flash-attn cannot run (the CPU): the
     one-process trainer loads SDPA with a logged note (as fsdp2 does), trains the same losses
     as an sdpa config, and keeps the configured value (its run_key) for resuming."""
-    from mftk.train.loop import flash_attention_available, run_key
+    from mftk.train.checkpointing import run_key
+    from mftk.train.run import flash_attention_available
 
     assert not flash_attention_available(torch.device("cpu"))
     over = {"stages": [{"steps": 3}]}

@@ -22,7 +22,6 @@ through its one adapter, a router softly (no ids; what it would do on unlabelled
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -32,158 +31,74 @@ import time
 from typing import Any
 
 import torch
-from torch import Tensor
 
+from mftk.apps.eval_metrics import load_problems, pass_at_k, router_hits, truncate_completion
 from mftk.apps.sandbox import run_program
 from mftk.checkpoint import CONFIG_NAME, load_adapters
 from mftk.core import adapter_layers
 from mftk.patch import adapter_parameters
-from mftk.routing import use_tasks
-from mftk.train.config import ConfigError, load_config
+from mftk.train.config import Config, ConfigError, load_config
 from mftk.train.data import IGNORE, DataError, special_strings
-from mftk.train.loop import Trainer
 from mftk.train.losses import task_token_means, token_losses
-
-# generation stops at the next top-level statement (HumanEval's stop sequences)
-STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\nassert ")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k).
-
-    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k / i), which avoids huge binomials."""
-    for name, v in (("n", n), ("c", c), ("k", k)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    if n < 1 or not 0 <= c <= n:
-        raise ValueError(f"need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
-    if not 1 <= k <= n:
-        raise ValueError(f"k: must be in [1, n={n}], got {k}")
-    if n - c < k:
-        return 1.0
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-def router_hits(
-    router_logits: list[Tensor], task_ids: Tensor, num_tasks: int, mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Per task: how often a layer's argmax route is the token's task.
-
-    router_logits: per layer (N, T) (or (..., T) over the same N tokens); task_ids: (N,) or
-    (B, S), -1 = unlabelled (skipped); mask: same shape as task_ids, True = count this token.
-    returns (correct (T,), total (T,)) float64, summed over layers: accuracy = correct / total.
-    """
-    ids = task_ids.reshape(-1)
-    keep = ids >= 0
-    if mask is not None:
-        keep = keep & mask.reshape(-1).to(torch.bool)
-    ids = ids[keep]
-    correct = torch.zeros(num_tasks, dtype=torch.float64)
-    total = torch.zeros(num_tasks, dtype=torch.float64)
-    for z in router_logits:
-        if z.shape[-1] != num_tasks:
-            raise ValueError(f"router_logits: expected {num_tasks} routes, got {z.shape[-1]}")
-        top = z.reshape(-1, num_tasks)[keep].argmax(-1)
-        total += torch.bincount(ids, minlength=num_tasks).double().cpu()
-        correct += torch.bincount(ids[top == ids], minlength=num_tasks).double().cpu()
-    return correct, total
-
-
-def load_problems(path: str) -> list[dict[str, Any]]:
-    """Execution-checked problems: one JSON object per line with str fields task_id, prompt,
-    tests (asserts run after prompt + completion)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            for key in ("task_id", "prompt", "tests"):
-                if not isinstance(rec.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: needs a string '{key}'")
-            out.append(rec)
-    if not out:
-        raise ValueError(f"{path}: no problems")
-    return out
-
-
-def truncate_completion(text: str) -> str:
-    """The completion up to the first top-level statement after it (see STOP_SEQUENCES)."""
-    cut = len(text)
-    for s in STOP_SEQUENCES:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
+from mftk.train.parallel import Single
+from mftk.train.run import load_run
+from mftk.train.step import TaskMeter, forward_batch, route_task
 
 
 class Evaluator:
-    """A trained run, loaded for evaluation: the trainer's model, tokenizer and eval split, with
-    the adapters of `adapters_dir` loaded in."""
+    """A trained run, loaded for evaluation: the model with the adapters of `adapters_dir`, its
+    tokenizer and the trainer's eval split (mftk.train.run.load_run; no optimizer, no Trainer)."""
 
-    def __init__(self, cfg, adapters_dir: str, run_dir: str | None = None, log=None):
-
+    def __init__(self, cfg: Config, adapters_dir: str, run_dir: str | None = None, log=None):
         self.cfg = cfg
         self.adapters_dir = os.path.abspath(adapters_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         if run_dir is None:  # where the tiny base's cache is: the run that wrote the adapters
             parent = os.path.dirname(self.adapters_dir)
             run_dir = parent if os.path.isdir(os.path.join(parent, "cache")) else cfg.output.dir
-        self.trainer = Trainer(cfg, output_dir=run_dir, progress=False, log=self.log)
-        self.trainer.setup()
-        load_adapters(self.trainer.model, self.adapters_dir)
-        self.model = self.trainer.model
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run = load_run(cfg, run_dir, self.log, Single(cfg))
+        load_adapters(self.run.model, self.adapters_dir)
+        self.model = self.run.model
         self.model.eval()
         self.tasks = cfg.task_names
-        self.mode = "router" if self.trainer.router else cfg.adapter.mode
+        self.mode = "router" if self.run.router else cfg.adapter.mode
         self.adapter_params = sum(p.numel() for p in adapter_parameters(self.model))
 
     @torch.no_grad()
     def loss_metrics(self) -> dict[str, Any]:
         """Per-task held-out loss, perplexity, answer tokens; router accuracy for router runs."""
-
-        tr, n = self.trainer, len(self.tasks)
-        cls = getattr(tr, "cls", None)  # classify tasks: the trainer's heads score them
-        cls = cls if cls is not None and cls.active else None
+        run, n = self.run, len(self.tasks)
+        cls = run.cls if run.cls.active else None  # classify tasks: their heads score them
         if cls is not None:
             cls.eval_begin()
-        sums, counts = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        meter = TaskMeter(n, 0)
         hits = {"all": [torch.zeros(n, dtype=torch.float64) for _ in range(2)]}
         hits["answer"] = [torch.zeros(n, dtype=torch.float64) for _ in range(2)]
         per_layer: list[list[float]] = []  # [correct, total] over answer tokens, per router call
-        for batch in tr.eval_set:
-            batch = batch.to(tr.device)
-            ids = None if tr.router else tr.route_ids(batch.task_ids)
-            with (
-                use_tasks(self.model, ids, collect_router_logits=tr.router) as state,
-                cls.capture() if cls is not None else contextlib.nullcontext() as cap,
-            ):
-                logits = self.model(**batch.model_inputs(tr.varlen)).logits
-                rl = state.pop_router_logits() if tr.router else None
+        for batch in run.eval_set:
+            batch = batch.to(run.device)
+            with forward_batch(run, batch) as fw:
+                rl = fw.router_logits
             if cls is not None:
-                cls.eval_batch(cap.hidden, batch)
-            means, cnt = task_token_means(
-                token_losses(logits, batch.targets), batch.targets, batch.task_ids, n
-            )
-            sums += (means.double() * cnt.double()).cpu()
-            counts += cnt.double().cpu()
+                cls.eval_batch(fw.hidden, batch)
+            tl = token_losses(fw.logits, batch.targets)
+            meter.add(*task_token_means(tl, batch.targets, batch.task_ids, n))
             if rl is not None:
-                for key, mask in (("all", None), ("answer", batch.targets != IGNORE)):
+                answer = batch.targets != IGNORE
+                for key, mask in (("all", None), ("answer", answer)):
                     c, t = router_hits(rl, batch.task_ids, n, mask)
                     hits[key][0] += c
                     hits[key][1] += t
                 if not per_layer:
                     per_layer = [[0.0, 0.0] for _ in rl]
                 for acc, z in zip(per_layer, rl):
-                    c, t = router_hits([z], batch.task_ids, n, batch.targets != IGNORE)
+                    c, t = router_hits([z], batch.task_ids, n, answer)
                     acc[0] += float(c.sum())
                     acc[1] += float(t.sum())
+        tot = meter.total()
+        sums, counts = tot[:n], tot[n:]
         out: dict[str, Any] = {"tasks": {}}
         for i, t in enumerate(self.tasks):
             loss = float(sums[i] / counts[i]) if counts[i] else math.nan
@@ -196,7 +111,7 @@ class Evaluator:
         # the average is over generation tasks: a classifier's CE is not on the same scale
         losses = [v["loss"] for v in out["tasks"].values() if v.get("type") != "classify"]
         out["average_loss"] = sum(losses) / len(losses)
-        if tr.router:
+        if run.router:
             for key, (c, t) in hits.items():
                 out[f"router_accuracy_{key}"] = float(c.sum() / t.sum())
                 for i, name in enumerate(self.tasks):
@@ -210,31 +125,24 @@ class Evaluator:
             }
         return out
 
-    def _route(self, task: str):
-        """The use_tasks ids for generating as `task`: 0-d (fits any batch and the KV cache)."""
-        if self.trainer.router:
-            return None
-        return torch.tensor(0 if self.trainer.shared else self.tasks.index(task))
-
     @torch.no_grad()
     def generate(
         self, task: str, prompt: str, n: int, sample: bool, max_new_tokens: int, **sampling
     ) -> list[str]:
         """n completions of `prompt` as `task` (greedy when not sample), truncated."""
-
-        tok, tr = self.trainer.tokenizer, self.trainer
+        tok, run = self.run.tokenizer, self.run
         bos, _ = special_strings(tok)
         ids = tok(bos + prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = ids.to(tr.device)
+        ids = ids.to(run.device)
         kw = dict(do_sample=True, **sampling) if sample else dict(do_sample=False)
-        with use_tasks(self.model, self._route(task)):
+        with route_task(run, task):
             out = self.model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=n,
                 eos_token_id=tok.eos_token_id,
-                pad_token_id=tr.pad_id,
+                pad_token_id=run.pad_id,
                 **kw,
             )
         texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
@@ -254,7 +162,6 @@ class Evaluator:
         seed: int = 0,
     ) -> dict[str, Any]:
         """pass@1 (greedy) and pass@k (sampling, n = samples) of `task` on `problems`."""
-
         torch.manual_seed(seed)
         rows, statuses = [], {}
         for p in problems:
@@ -317,7 +224,7 @@ def evaluate_run(
         "mode": ev.mode,
         "adapter_parameters": ev.adapter_params,
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus, "
-        f"torch {torch.__version__}, device {ev.trainer.device}",
+        f"torch {torch.__version__}, device {ev.run.device}",
     }
     t1 = time.perf_counter()
     result.update(ev.loss_metrics())
@@ -402,7 +309,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_adapters(path: str | None, cfg) -> str:
     """The adapter folder for --adapters (a folder with mftk_config.json, or a run dir)."""
-
     path = path or os.path.join(cfg.output.dir, "adapters")
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         return path
@@ -412,7 +318,6 @@ def resolve_adapters(path: str | None, cfg) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-
     try:
         ks = tuple(int(k) for k in args.k.split(",") if k.strip())
         if any(k < 1 for k in ks) or args.samples < 0:

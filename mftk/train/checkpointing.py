@@ -3,14 +3,18 @@
 Layout of `<output>/checkpoints/step-000050/`:
     adapters/              mftk.save_adapters: every task's adapter in mftk's multi-task format
     peft/<task>/           mftk.export_peft: adapter_config.json + adapter_model.safetensors
-    trainer_state.pt       step, optimizer, scheduler, sampler (data position), CoBa, RNG states,
-                           metric history
+    trainer_state.pt       step, optimizer, scheduler, sampler (data position), the loss mode's
+                           state (CoBa's), RNG states, metric history
+(fsdp2 checkpoints keep the optimizer sharded and the RNG per rank: see mftk.train.dcp.)
 A checkpoint is written into `step-000050.tmp-<pid>` and renamed when complete, so any folder
 named `step-<digits>` is whole; resume takes the highest.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 import random
 import re
@@ -21,6 +25,7 @@ import torch
 
 from mftk.checkpoint import load_adapters, save_adapters
 from mftk.peft_io import export_peft
+from mftk.train.config import Config
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -44,6 +49,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rank_rng(path: str, rank: int, seed: int) -> None:
+    """Rank `rank`'s RNG state from a per-rank checkpoint folder (rng-rank<r>.pt, fsdp2); a rank
+    the checkpoint did not have takes rank 0's with torch re-seeded from seed: its own dropout
+    stream rather than a copy of rank 0's."""
+    own = os.path.join(path, f"rng-rank{rank}.pt")
+    if os.path.isfile(own):
+        set_rng_state(torch.load(own, weights_only=False))
+    else:
+        set_rng_state(torch.load(os.path.join(path, "rng-rank0.pt"), weights_only=False))
+        torch.manual_seed(seed)
 
 
 def save_checkpoint(
@@ -82,3 +99,18 @@ def load_checkpoint(path: str, model: torch.nn.Module) -> dict[str, Any]:
     """Load the adapters into model (in place) and return the trainer state."""
     load_adapters(model, os.path.join(path, "adapters"))
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+
+
+def run_key(cfg: Config, world: int = 1) -> str:
+    """A fingerprint of everything that shapes the loss curve (not output, logging, threads), for
+    a run on `world` processes: that of the one-process run with the same global batch
+    (train.batch_size × world), so a checkpoint resumes on any number of ranks."""
+    if world != 1:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.batch_size *= world
+    d = cfg.to_dict()
+    for k in ("output", "base_dir", "distributed"):
+        d.pop(k)
+    for k in ("log_every", "threads", "device"):
+        d["train"].pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mftk.heads import add_head, capture_hidden, head_parameters, last_token_index
-from mftk.train.config import Config
+from mftk.train.config import Config, ConfigError
 from mftk.train.data import IGNORE
-from mftk.train.losses import combine, task_token_means, token_losses
 
 HEAD_LR_SCALE = 10.0
 
@@ -92,17 +91,16 @@ class ClassifyTasks:
                 out[i] = (head(hidden[rows[sel], cols[sel]]), labels[sel])
         return out
 
-    def loss(self, logits, hidden, batch, weights, mode, gamma):
-        """(loss, per-task means (T,), counts (T,)): token means for generate tasks, CE means and
-        sample counts for classify tasks, combined by loss mode."""
-        means, counts = task_token_means(
-            token_losses(logits, batch.targets), batch.targets, batch.task_ids, len(weights)
-        )
+    def task_means(
+        self, means: Tensor, counts: Tensor, hidden: Tensor, batch
+    ) -> tuple[Tensor, Tensor]:
+        """(means, counts) (T,) of a batch with each classify task's entry replaced: the head's
+        cross-entropy mean over the task's samples in the batch, and their number."""
         means, counts = means.clone(), counts.clone()
         for i, (z, y) in self._logits(hidden, batch).items():
             means[i] = F.cross_entropy(z, y).to(means.dtype)
             counts[i] = float(len(y))
-        return combine(mode, means, counts, weights, gamma), means, counts
+        return means, counts
 
     def eval_begin(self) -> None:
         self._ce = {i: 0.0 for i in self.index}
@@ -158,8 +156,6 @@ def patch_kwargs(cfg: Config) -> dict[str, Any]:
 
 def as_config_error(err: ValueError) -> ValueError:
     """patch_model's `layers: ...` errors as ConfigErrors naming adapter.layers."""
-    from mftk.train.config import ConfigError
-
     msg = str(err)
     if msg.startswith("layers"):
         return ConfigError("adapter." + msg)

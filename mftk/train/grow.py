@@ -23,11 +23,13 @@ import copy
 import math
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mftk.checkpoint import load_adapters
+from mftk.train.checkpointing import run_key
 from mftk.train.config import Config, ConfigError
 
 
@@ -50,9 +52,10 @@ def _without(cfg: Config, n_old: int) -> Config:
     return c
 
 
-def new_tasks(cfg: Config, st: dict[str, Any], run_key) -> list[str]:
+def new_tasks(cfg: Config, st: dict[str, Any], key: Callable[[Config], str]) -> list[str]:
     """The tasks this config adds to the checkpoint's ([] if the same); ConfigError when the
-    config is not the checkpoint's run plus appended tasks, or growing is not supported."""
+    config is not the checkpoint's run plus appended tasks, or growing is not supported.
+    key: the run fingerprint (mftk.train.checkpointing.run_key)."""
     old = checkpoint_tasks(st)
     names = cfg.task_names
     if names == old:
@@ -62,7 +65,7 @@ def new_tasks(cfg: Config, st: dict[str, Any], run_key) -> list[str]:
             f"--resume: the checkpoint's tasks {old} must be the config's first tasks (new tasks "
             f"go at the end); the config lists {names}"
         )
-    if st.get("run_key") != run_key(_without(cfg, len(old))):
+    if st.get("run_key") != key(_without(cfg, len(old))):
         raise ConfigError(
             "--resume: apart from the new tasks "
             f"{names[len(old) :]}, the config differs from the run that wrote the checkpoint"
@@ -108,16 +111,17 @@ def _pad(v: Any, shape: torch.Size) -> Any:
     return out
 
 
-def grow_state(trainer, st: dict[str, Any], added: list[str], run_key) -> dict[str, Any]:
+def grow_state(trainer, st: dict[str, Any], added: list[str]) -> dict[str, Any]:
     """The trainer state `st` of the old tasks, extended to trainer.tasks."""
+    run = trainer.run
     st = dict(st)
     n_old = len(trainer.tasks) - len(added)
     n_groups = len(st["optimizer"]["param_groups"])
-    st["optimizer"] = opt = grow_optimizer_state(trainer.opt, st["optimizer"])
+    st["optimizer"] = opt = grow_optimizer_state(run.opt, st["optimizer"])
     g0 = opt["param_groups"][0]
     for g in opt["param_groups"][n_groups:]:  # a new group (a first head) at the current lr
         g["lr"] = g["initial_lr"] * g0["lr"] / g0["initial_lr"]
-    sch, fresh = dict(st["scheduler"]), trainer.sched.state_dict()
+    sch, fresh = dict(st["scheduler"]), run.sched.state_dict()
     for key in ("base_lrs", "_last_lr"):
         if key in sch and len(sch[key]) < len(fresh[key]):
             extra = [g["lr"] for g in opt["param_groups"][n_groups:]]
@@ -126,7 +130,7 @@ def grow_state(trainer, st: dict[str, Any], added: list[str], run_key) -> dict[s
     sam = dict(st["sampler"])
     sam["orders"] = [list(o) for o in sam["orders"]]
     for i in range(n_old, len(trainer.tasks)):
-        order = list(range(len(trainer.data[i].train)))
+        order = list(range(len(run.data[i].train)))
         random.Random(trainer.cfg.train.seed + 7919 * i).shuffle(order)
         sam["orders"].append(order)
     sam["cursors"] = list(sam["cursors"]) + [0] * len(added)
@@ -145,16 +149,15 @@ def grow_state(trainer, st: dict[str, Any], added: list[str], run_key) -> dict[s
     return st
 
 
-def load_grown_checkpoint(trainer, path: str, run_key) -> dict[str, Any] | None:
+def load_grown_checkpoint(trainer, path: str) -> dict[str, Any] | None:
     """If the checkpoint in `path` has fewer tasks than the trainer: load its adapters into the
     old slots and return the grown trainer state; None when the task lists are equal."""
-
     st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     added = new_tasks(trainer.cfg, st, run_key)
     if not added:
         return None
-    load_adapters(trainer.model, os.path.join(path, "adapters"), grow=True)
+    load_adapters(trainer.run.model, os.path.join(path, "adapters"), grow=True)
     trainer.log(
         f"--resume: adding tasks {added} to the {len(trainer.tasks) - len(added)} of {path}"
     )
-    return grow_state(trainer, st, added, run_key)
+    return grow_state(trainer, st, added)

@@ -11,14 +11,24 @@ tasks present in the batch (m_t > 0).
   p_t is the task's geometric-mean token probability, so a task the model already predicts well
   (p_t → 1) is down-weighted; γ = 0 is `balanced`. The factor is not detached (as in focal loss).
 - coba: `balanced` with w_t = loss_weight_t · coba_t (see mftk.train.coba).
+
+Each mode is a TaskLoss in LOSSES, which `loss.mode` names: calling it combines the per-task
+means into the loss; `weights` turns the static task weights into a step's; `update` takes each
+evaluation's per-task losses; `state_dict` / `load_state_dict` carry its state through
+checkpoints (CoBa's slope history lives in its object). A new mode is a TaskLoss subclass, its
+LOSSES entry and its name in mftk.train.checks.LOSS_MODES.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mftk.train.coba import CoBa
+from mftk.train.config import LossConfig
 from mftk.train.data import IGNORE
 
 
@@ -31,37 +41,122 @@ def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
     return flat.view(targets.shape)
 
 
-def task_token_means(tok_loss: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int):
-    """returns (L: (T,) task token means, 0 where absent; m: (T,) answer-token counts, fp32)."""
+def task_sums(
+    tok_loss: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int
+) -> tuple[Tensor, Tensor]:
+    """Per-task sums of one batch's answer-token losses, and their counts.
+
+    tok_loss, targets, task_ids: (B, S) (ℓ from token_losses; task id -1: no task).
+    returns (Σ_{t(n)=t} ℓ_n: (T,) tok_loss.dtype, m_t: (T,) fp32)."""
     mask = (targets != IGNORE) & (task_ids >= 0)
     t = task_ids.clamp(min=0).reshape(-1)
     w = mask.reshape(-1).float()
     sums = torch.zeros(num_tasks, dtype=tok_loss.dtype, device=tok_loss.device)
     sums = sums.index_add(0, t, tok_loss.reshape(-1) * w)
     counts = torch.zeros(num_tasks, dtype=torch.float32, device=tok_loss.device).index_add(0, t, w)
-    means = sums / counts.clamp(min=1)
-    return means, counts
+    return sums, counts
+
+
+def task_token_means(tok_loss: Tensor, targets: Tensor, task_ids: Tensor, num_tasks: int):
+    """returns (L: (T,) task token means, 0 where absent; m: (T,) answer-token counts, fp32)."""
+    sums, counts = task_sums(tok_loss, targets, task_ids, num_tasks)
+    return sums / counts.clamp(min=1), counts
+
+
+class TaskLoss:
+    """A loss mode: the scalar loss from per-task token means, the task weights of each step, and
+    whatever state the mode keeps between evaluations (none here)."""
+
+    def __init__(self, cfg: LossConfig, num_tasks: int) -> None:
+        self.gamma = cfg.focal_gamma
+
+    def __call__(self, means: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
+        """means, counts, weights: (T,) (L_t, m_t, w_t). returns the loss, a scalar (0 when no
+        task is present)."""
+        present = counts > 0
+        if not bool(present.any()):
+            return means.sum() * 0.0
+        w = torch.where(present, weights.to(means), torch.zeros_like(means))  # w_t on P
+        return self.combine(means, counts, w)
+
+    def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
+        """The mode's formula; w: (T,) the weights of the present tasks, 0 elsewhere."""
+        raise NotImplementedError(f"{type(self).__name__}: a loss mode defines combine")
+
+    def weights(self, static: list[float]) -> Tensor:
+        """A step's task weights (T,) fp32 from the static ones (loss_weight, or a stage's)."""
+        return torch.tensor(static, dtype=torch.float32)
+
+    def update(self, val_losses: list[float], step: int) -> None:
+        """Take an evaluation's per-task losses (at training step `step`); stateless modes keep
+        nothing."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore state_dict(); stateless modes have none."""
+
+
+class TokenLoss(TaskLoss):
+    def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
+        return (means * counts).sum() / counts.sum()
+
+
+class BalancedLoss(TaskLoss):
+    def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
+        return (w * means).sum() / w.sum()
+
+
+class FocalLoss(TaskLoss):
+    def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
+        p = torch.exp(-means)
+        return (w * (1 - p).pow(self.gamma) * means).sum() / w.sum()
+
+
+class CobaLoss(BalancedLoss):
+    """`balanced` with the static weights times CoBa's, which move at every evaluation."""
+
+    def __init__(self, cfg: LossConfig, num_tasks: int) -> None:
+        super().__init__(cfg, num_tasks)
+        c = cfg.coba
+        self.coba = CoBa(num_tasks, c.history_length, c.warmup_steps, c.tau)
+
+    def weights(self, static: list[float]) -> Tensor:
+        return super().weights([a * b for a, b in zip(static, self.coba.weights())])
+
+    def update(self, val_losses: list[float], step: int) -> None:
+        self.coba.update(val_losses, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.coba.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.coba.load_state_dict(state)
+
+
+LOSSES: dict[str, type[TaskLoss]] = {
+    "token": TokenLoss,
+    "balanced": BalancedLoss,
+    "focal": FocalLoss,
+    "coba": CobaLoss,
+}
+
+
+def build_loss(cfg: LossConfig, num_tasks: int) -> TaskLoss:
+    """The TaskLoss that cfg.mode names."""
+    if cfg.mode not in LOSSES:
+        raise ValueError(f"mode: expected {'|'.join(LOSSES)}, got {cfg.mode!r}")
+    return LOSSES[cfg.mode](cfg, num_tasks)
 
 
 def combine(
     mode: str, means: Tensor, counts: Tensor, weights: Tensor, gamma: float = 2.0
 ) -> Tensor:
-    """The scalar loss from per-task token means (see the module docstring for each mode).
+    """The scalar loss of `mode` from per-task token means (see the module docstring).
 
-    means, counts, weights: (T,). mode: token | balanced | focal | coba (coba = balanced; the
-    caller passes CoBa's weights)."""
-    present = counts > 0
-    if not bool(present.any()):
-        return means.sum() * 0.0
-    if mode == "token":
-        return (means * counts).sum() / counts.sum()
-    w = torch.where(present, weights.to(means), torch.zeros_like(means))
-    if mode in ("balanced", "coba"):
-        return (w * means).sum() / w.sum()
-    if mode == "focal":
-        p = torch.exp(-means)
-        return (w * (1 - p).pow(gamma) * means).sum() / w.sum()
-    raise ValueError(f"mode: expected token|balanced|focal|coba, got {mode!r}")
+    means, counts, weights: (T,); coba combines as balanced (the caller passes CoBa's weights)."""
+    return build_loss(LossConfig(mode=mode, focal_gamma=gamma), len(means))(means, counts, weights)
 
 
 def mft_loss(

@@ -12,12 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
 
-from mftk.train.config import TINY_KEYS, ConfigError, ModelConfig
+from mftk.train.checks import TINY_KEYS
+from mftk.train.config import ConfigError, ModelConfig
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TINY_DEFAULTS: dict[str, Any] = {
@@ -38,9 +49,6 @@ def _hash(obj: Any) -> str:
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE PreTrainedTokenizerFast trained on texts (bos <s>, eos </s>, pad <pad>)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -61,8 +69,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def tiny_config(overrides: dict[str, Any] | None, vocab_size: int, max_positions: int, tokenizer):
-    from transformers import LlamaConfig
-
     params = dict(TINY_DEFAULTS)
     for key, value in (overrides or {}).items():
         if key not in TINY_KEYS:
@@ -145,14 +151,6 @@ def load_model_and_tokenizer(
 ):
     """(model, tokenizer, info). texts: all task text (tokenizer training); pretrain_docs: the
     training split's records as text segments (base pretraining, see pretrain_base)."""
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between our log lines
     dtype = DTYPES[mcfg.dtype]
     if mcfg.path is not None:
@@ -219,6 +217,4 @@ def _atomic_save(save, path: str) -> None:
     try:
         os.replace(tmp, path)
     except OSError:  # another process won the race: keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,292 @@
+"""The config's semantic checks, one function per section, and ConfigError.
+
+validate(cfg) runs them in order on a built mftk.train.config.Config (values already of their
+annotated types); each problem is a ConfigError naming its dotted key, with a difflib suggestion
+where one fits. The checks also resolve relative paths against cfg.base_dir and fill what the
+config leaves to them (TaskConfig.files, stage names, train.steps).
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from typing import Any
+
+from mftk.quant import QUANT_TYPES, bitsandbytes_available
+from mftk.train.mftcoder_format import DEFAULT_MARKERS
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the dotted key it concerns."""
+
+
+FORMATS = ("auto", "prompt_completion", "chat_rounds", "csv")
+LOSS_MODES = ("token", "balanced", "focal", "coba")  # mftk.train.losses.LOSSES
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+# model.tiny: LlamaConfig fields the built-in tiny model lets a config set
+TINY_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "tie_word_embeddings",
+    "rope_theta",
+)
+NOISE_KINDS = ("random_tokens", "swap_answer")
+TASK_TYPES = ("generate", "classify")
+
+
+def suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; expected one of {sorted(allowed)}"
+
+
+def check(cond: bool, where: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def choice(value: Any, allowed: tuple, where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{where}: {value!r} is not one of {list(allowed)}{suggest(str(value), list(allowed))}"
+        )
+
+
+def resolve_path(path: str, base: str) -> str:
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
+
+
+def validate(cfg: Any) -> None:
+    """Check a built Config section by section (cfg: mftk.train.config.Config)."""
+    for section in (_tasks, _model, _adapter, _data, _train, _loss, _stages, _output, _distributed):
+        section(cfg)
+
+
+def _tasks(cfg: Any) -> None:
+    """tasks: names, weights, formats, types, ranks, data globs (matches: TaskConfig.files),
+    eval."""
+    check(len(cfg.tasks) > 0, "tasks", "needs at least one task")
+    seen = set()
+    for i, t in enumerate(cfg.tasks):
+        w = f"tasks[{i}]"
+        check(
+            t.name.strip() != "" and t.name.replace("_", "").replace("-", "").isalnum(),
+            f"{w}.name",
+            f"{t.name!r} must be a non-empty identifier (letters, digits, _ or -)",
+        )
+        check(t.name not in seen, f"{w}.name", f"duplicate task name {t.name!r}")
+        seen.add(t.name)
+        check(t.loss_weight > 0, f"{w}.loss_weight", f"must be > 0, got {t.loss_weight}")
+        choice(t.format, FORMATS, f"{w}.format")
+        choice(t.type, TASK_TYPES, f"{w}.type")
+        if t.type == "classify":
+            check(
+                t.labels is not None and len(t.labels) >= 2,
+                f"{w}.labels",
+                "a classify task needs labels: [...] (at least 2 class names)",
+            )
+            check(len(set(t.labels)) == len(t.labels), f"{w}.labels", "duplicate labels")
+        else:
+            check(t.labels is None, f"{w}.labels", "only for type: classify")
+        check(t.rank is None or t.rank >= 1, f"{w}.rank", f"must be >= 1, got {t.rank}")
+        check(len(t.data) > 0, f"{w}.data", "needs at least one file or glob")
+        files: list[str] = []
+        for j, pattern in enumerate(t.data):
+            matched = sorted(glob.glob(resolve_path(pattern, cfg.base_dir), recursive=True))
+            matched = [m for m in matched if os.path.isfile(m)]
+            check(
+                len(matched) > 0,
+                f"{w}.data[{j}]",
+                f"no file matches {pattern!r} (resolved to {resolve_path(pattern, cfg.base_dir)})",
+            )
+            files.extend(matched)
+        t.files = files
+        choice(t.eval, ("loss", "exec"), f"{w}.eval")
+        if t.eval == "exec":
+            check(t.exec_problems is not None, f"{w}.exec_problems", "required with eval: exec")
+        if t.exec_problems is not None:
+            t.exec_problems = resolve_path(t.exec_problems, cfg.base_dir)
+            check(os.path.isfile(t.exec_problems), f"{w}.exec_problems", "no such file")
+
+
+def _model(cfg: Any) -> None:
+    """model: path xor tiny, dtypes, attention, pretraining, quantization (QLoRA)."""
+    m = cfg.model
+    check(
+        (m.path is None) != (m.tiny is None),
+        "model",
+        "give exactly one of model.path (a local HF model dir) or model.tiny (built-in config)",
+    )
+    if m.path is not None:
+        m.path = resolve_path(m.path, cfg.base_dir)
+        check(
+            os.path.isfile(os.path.join(m.path, "config.json")),
+            "model.path",
+            f"{m.path} is not a Hugging Face model dir (no config.json)",
+        )
+    for key in m.tiny or {}:
+        hint = suggest(key, list(TINY_KEYS))
+        check(key in TINY_KEYS, f"model.tiny.{key}", f"unknown key{hint}")
+    choice(m.dtype, DTYPES, "model.dtype")
+    choice(
+        m.attn_implementation, ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation"
+    )
+    check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
+    check(m.pretrain.steps >= 0, "model.pretrain.steps", "must be >= 0")
+    check(m.pretrain.lr > 0, "model.pretrain.lr", "must be > 0")
+    if m.quantize is not None:
+        choice(m.quantize, QUANT_TYPES, "model.quantize")
+        choice(m.compute_dtype, DTYPES, "model.compute_dtype")
+        check(isinstance(m.double_quant, bool), "model.double_quant", "must be true or false")
+        check(
+            cfg.distributed.strategy == "none",
+            "model.quantize",
+            "4-bit bases are not supported with distributed.strategy: fsdp2 (sharding "
+            "bitsandbytes' packed weights with fully_shard is unverified in mftk); train QLoRA in "
+            "one process (a 4-bit 33B fits one 80 GB GPU: see mftk plan --quantize nf4)",
+        )
+        check(
+            bitsandbytes_available(),
+            "model.quantize",
+            "needs bitsandbytes: pip install bitsandbytes (or the mftk 'qlora' extra)",
+        )
+    else:
+        check(
+            not m.quantize_all_linear, "model.quantize_all_linear", "needs model.quantize: nf4|fp4"
+        )
+    if m.cache_dir is not None:
+        m.cache_dir = resolve_path(m.cache_dir, cfg.base_dir)
+
+
+def _adapter(cfg: Any) -> None:
+    """adapter: rank, alpha, dropout, router, mode; what per-task settings it allows."""
+    a = cfg.adapter
+    check(a.rank >= 1, "adapter.rank", f"must be >= 1, got {a.rank}")
+    check(a.alpha > 0, "adapter.alpha", f"must be > 0, got {a.alpha}")
+    check(0 <= a.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {a.dropout}")
+    if a.router is not None:
+        choice(a.router, ("softmax",), "adapter.router")
+    choice(a.mode, ("per_task", "shared"), "adapter.mode")
+    check(
+        a.mode == "shared" or not a.match_params, "adapter.match_params", "only with mode: shared"
+    )
+    check(a.mode != "shared" or a.router is None, "adapter.router", "a router needs mode: per_task")
+    for i, t in enumerate(cfg.tasks):
+        if t.type == "classify":
+            check(a.mode == "per_task", f"tasks[{i}].type", "classify needs adapter.mode per_task")
+            check(
+                cfg.distributed.strategy == "none",
+                f"tasks[{i}].type",
+                "classify tasks train in one process (distributed.strategy: none) for now",
+            )
+        if t.rank is not None:
+            check(a.mode == "per_task", f"tasks[{i}].rank", "per-task ranks need mode: per_task")
+    if a.top_k is not None:
+        check(a.router is not None, "adapter.top_k", "only applies with adapter.router")
+        check(1 <= a.top_k <= len(cfg.tasks), "adapter.top_k", f"must be in [1, {len(cfg.tasks)}]")
+
+
+def _data(cfg: Any) -> None:
+    """data: sequence length, eval split, noise, template (mftk | mftcoder)."""
+    d = cfg.data
+    check(d.seq_len >= 8, "data.seq_len", f"must be >= 8, got {d.seq_len}")
+    check(
+        0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}"
+    )
+    check(d.eval_max_samples >= 1, "data.eval_max_samples", "must be >= 1")
+    choice(d.noise_kind, NOISE_KINDS, "data.noise_kind")
+    choice(d.template, ("mftk", "mftcoder"), "data.template")
+    if d.overlong is not None:
+        choice(d.overlong, ("drop", "truncate"), "data.overlong")
+    if d.role_markers is not None:
+        need = sorted(DEFAULT_MARKERS)
+        check(d.template == "mftcoder", "data.role_markers", "only with data.template: mftcoder")
+        check(sorted(d.role_markers) == need, "data.role_markers", f"needs the keys {need}")
+    check(0 < d.noise_token_rate <= 1, "data.noise_token_rate", "must be in (0, 1]")
+
+
+def _train(cfg: Any) -> None:
+    """train: lr, schedule, device, threads, step counts, clipping."""
+    tr = cfg.train
+    check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
+    choice(tr.schedule, SCHEDULES, "train.schedule")
+    check(
+        tr.device in ("auto", "cpu", "cuda") or tr.device.startswith("cuda:"),
+        "train.device",
+        f"{tr.device!r} is not auto, cpu, cuda or cuda:N",
+    )
+    check(tr.threads is None or tr.threads >= 1, "train.threads", "must be >= 1 or null")
+    for key in ("batch_size", "grad_accum", "log_every", "eval_every"):
+        check(getattr(tr, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    check(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    check(tr.clip is None or tr.clip > 0, "train.clip", "must be > 0 or null")
+
+
+def _loss(cfg: Any) -> None:
+    """loss: mode, focal gamma, CoBa, router loss weights."""
+    lo = cfg.loss
+    choice(lo.mode, LOSS_MODES, "loss.mode")
+    check(lo.focal_gamma >= 0, "loss.focal_gamma", f"must be >= 0, got {lo.focal_gamma}")
+    check(lo.coba.history_length >= 2, "loss.coba.history_length", "must be >= 2")
+    check(lo.coba.warmup_steps >= 0, "loss.coba.warmup_steps", "must be >= 0")
+    check(lo.router_balance >= 0, "loss.router_balance", "must be >= 0")
+    check(lo.router_supervision >= 0, "loss.router_supervision", "must be >= 0")
+
+
+def _stages(cfg: Any) -> None:
+    """stages: steps, noise, mixes and loss weights over known tasks; train.steps is their total."""
+    tr = cfg.train
+    check(bool(cfg.stages), "train.steps", "required when no stages are given")
+    names = cfg.task_names
+    for i, s in enumerate(cfg.stages):
+        w = f"stages[{i}]"
+        s.name = s.name or f"stage{i + 1}"
+        check(s.steps >= 1, f"{w}.steps", f"must be >= 1, got {s.steps}")
+        check(0 <= s.noise < 1, f"{w}.noise", f"must be in [0, 1), got {s.noise}")
+        if s.noise_kind is not None:
+            choice(s.noise_kind, NOISE_KINDS, f"{w}.noise_kind")
+        for key in ("mix", "loss_weights"):
+            table = getattr(s, key)
+            if table is None:
+                continue
+            for k, v in table.items():
+                check(k in names, f"{w}.{key}.{k}", f"unknown task{suggest(k, names)}")
+                check(v >= 0, f"{w}.{key}.{k}", f"must be >= 0, got {v}")
+            if key == "mix":
+                check(sum(table.values()) > 0, f"{w}.mix", "weights must not all be zero")
+    if tr.steps is not None:
+        check(
+            tr.steps == cfg.total_steps,
+            "train.steps",
+            f"{tr.steps} != the stages' total {cfg.total_steps}; drop train.steps or fix it",
+        )
+    tr.steps = cfg.total_steps
+
+
+def _output(cfg: Any) -> None:
+    """output: dir (resolved), save_every, keep_last."""
+    o = cfg.output
+    o.dir = resolve_path(o.dir, cfg.base_dir)
+    check(o.save_every is None or o.save_every >= 1, "output.save_every", "must be >= 1 or null")
+    check(o.keep_last >= 1, "output.keep_last", "must be >= 1")
+
+
+def _distributed(cfg: Any) -> None:
+    """distributed: strategy, backend, activation checkpointing, mixed precision."""
+    di = cfg.distributed
+    choice(di.strategy, ("none", "fsdp2"), "distributed.strategy")
+    choice(di.backend, ("auto", "gloo", "nccl"), "distributed.backend")
+    check(
+        not di.activation_checkpointing or di.strategy == "fsdp2",
+        "distributed.activation_checkpointing",
+        "only applies with distributed.strategy: fsdp2",
+    )
+    mp = di.mixed_precision
+    if mp.param_dtype is not None:
+        choice(mp.param_dtype, DTYPES, "distributed.mixed_precision.param_dtype")
+    choice(mp.reduce_dtype, DTYPES, "distributed.mixed_precision.reduce_dtype")

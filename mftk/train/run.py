@@ -1,0 +1,230 @@
+"""A run's parts, built once from the config.
+
+    run = build_run(cfg, out, log, Single(cfg))   # model, data, optimizer: what training needs
+    run = load_run(cfg, out, log, Single(cfg))    # model, tokenizer, eval batches: evaluation
+
+The strategy (mftk.train.parallel.Single, or mftk.train.distributed.FSDP2) says where the model
+loads and computes, in which order processes load it, how it is sharded, and how the training
+sampler is split; the optimizer is built once, over the parameters the strategy left.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from mftk.patch import adapter_parameters, patch_model
+from mftk.quant import base_linear_bytes, quantize_model
+from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
+from mftk.train.config import Config, ConfigError
+from mftk.train.data import TaskData, build_task_data, describe, load_examples, special_strings
+from mftk.train.packing import Batch, MultiTaskSampler, eval_batches
+from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer
+
+SHARED_ADAPTER = "shared"  # the one adapter's name in adapter.mode: shared
+
+Log = Callable[[str], None]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at step s: linear warm-up, then cosine/linear decay to 10%."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (s - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - 0.9 * frac
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+def resolve_device(device: str) -> torch.device:
+    """train.device as a torch.device (auto: cuda when available, else cpu)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def flash_attention_available(device: torch.device) -> bool:
+    """flash-attn 2 can run: a CUDA device and the flash_attn package importable."""
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention(configured: str, device: torch.device, log: Log) -> str:
+    """The attention implementation to load the model with: the configured one, or sdpa (with a
+    logged note) for flash_attention_2 where flash-attn cannot run on device."""
+    if configured == "flash_attention_2" and not flash_attention_available(device):
+        # packed samples stay apart through the 4D block mask instead of varlen boundaries
+        log("flash-attn is not usable here (needs CUDA and flash_attn): using sdpa")
+        return "sdpa"
+    return configured
+
+
+@dataclass
+class Run:
+    """What an evaluation works on: the patched model (fresh adapters), tokenizer, task data and
+    the fixed eval batches, with where and how batches are laid out."""
+
+    cfg: Config
+    model: nn.Module
+    tokenizer: Any
+    model_info: dict[str, Any]
+    data: list[TaskData]
+    eval_set: list[Batch]
+    cls: ClassifyTasks
+    device: torch.device  # where batches go
+    dtype: torch.dtype  # the model's dtype (the block mask's)
+    pad_id: int
+    varlen: bool  # flash-attention: packed boundaries from position ids, no 4D mask
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.cfg.task_names
+
+    @property
+    def router(self) -> bool:
+        return self.cfg.adapter.router is not None
+
+    @property
+    def shared(self) -> bool:
+        """adapter.mode shared (the MFTCoder baseline): every task's tokens go through one adapter;
+        losses and metrics stay per task (batch.task_ids), only the routing changes."""
+        return self.cfg.adapter.mode == "shared"
+
+    @property
+    def adapter_tasks(self) -> list[str]:
+        return [SHARED_ADAPTER] if self.shared else self.tasks
+
+
+@dataclass
+class TrainRun(Run):
+    """A Run plus what training adds: the trainable parameters, AdamW, its lr schedule and the
+    training sampler."""
+
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    sampler: Any  # MultiTaskSampler, or the strategy's view of it (distributed.RankShard)
+
+
+def load_run(cfg: Config, out: str, log: Log, par: Any) -> Run:
+    """The model (quantized if configured, moved to par.load_device, patched from train.seed),
+    tokenizer, task data and eval batches. out: the run's folder (the tiny base's cache is
+    out/cache unless model.cache_dir); par: the strategy."""
+    if cfg.model.path is not None:
+        bos, eos = special_strings(AutoTokenizer.from_pretrained(cfg.model.path))
+    else:
+        bos, eos = "<s>", "</s>"
+    examples = load_examples(cfg, bos, eos)
+    texts = [ex.text() for part in examples[:2] for exs in part for ex in exs]
+    pre_docs = [[seg for seg, _ in ex.segments] for exs in examples[0] for ex in exs]
+    cache = cfg.model.cache_dir or os.path.join(out, "cache")
+    attn_cfg = cfg.model.attn_implementation
+    attn = attention(attn_cfg, par.device, log)
+    cfg.model.attn_implementation = attn
+    try:
+        with par.loading():
+            model, tokenizer, model_info = load_model_and_tokenizer(
+                cfg.model, texts, pre_docs, cfg.data.seq_len, cfg.train.seed, cache, log
+            )
+    finally:  # restored: the run's fingerprint (run_key) is the configured one
+        cfg.model.attn_implementation = attn_cfg
+    data = build_task_data(cfg, tokenizer, examples)
+    log(f"data: {describe(data)}")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.quantize is not None:  # QLoRA: 4-bit bases, on the CPU, layer by layer
+        _quantize(model, cfg, log)
+    model.to(par.load_device)
+    _patch(model, cfg)
+    cls = ClassifyTasks(cfg, model, bos, train_labels(data))
+    all_eval = [s for d in data for s in d.eval]
+    d = cfg.data
+    evals = eval_batches(all_eval, cfg.train.batch_size, d.seq_len, d.packing, pad_id, dtype)
+    varlen = attn == "flash_attention_2"
+    return Run(
+        cfg, model, tokenizer, model_info, data, evals, cls, par.device, dtype, pad_id, varlen
+    )
+
+
+def build_run(cfg: Config, out: str, log: Log, par: Any) -> TrainRun:
+    """load_run, then the strategy's preparation of the model (fsdp2: fp32 masters, sharding),
+    then AdamW over the adapters (and classify heads, at their own lr), the lr schedule and the
+    sampler over the training splits."""
+    run = load_run(cfg, out, log, par)
+    par.prepare(run.model, log)
+    params = list(adapter_parameters(run.model)) + run.cls.params()
+    tr = cfg.train
+    opt = torch.optim.AdamW(
+        run.cls.param_groups(params, tr.lr), lr=tr.lr, weight_decay=tr.weight_decay
+    )
+    lr_at = lr_lambda(tr.schedule, tr.warmup_steps, tr.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    d = cfg.data
+    sampler = MultiTaskSampler(
+        [t.train for t in run.data], tr.seed, len(run.tokenizer), d.noise_kind, d.noise_token_rate
+    )
+    parts = {f.name: getattr(run, f.name) for f in fields(run)}
+    return TrainRun(**parts, params=params, opt=opt, sched=sched, sampler=par.shard(sampler))
+
+
+def _patch(model: nn.Module, cfg: Config) -> None:
+    """patch_model with the config's adapters, initialised from train.seed."""
+    a = cfg.adapter
+    torch.manual_seed(cfg.train.seed)
+    n = len(cfg.tasks)
+    rank, alpha = a.rank, a.alpha
+    if a.mode == "shared" and a.match_params:  # T rank-r adapters' parameters; same alpha / rank
+        rank, alpha = a.rank * n, a.alpha * n
+    pk = patch_kwargs(cfg)  # per-task ranks, layer range
+    try:
+        patch_model(
+            model,
+            tasks=[SHARED_ADAPTER] if a.mode == "shared" else cfg.task_names,
+            rank=pk.pop("rank", rank),
+            alpha=alpha,
+            target_modules=a.target_modules,
+            router=a.router,
+            top_k=a.top_k,
+            dropout=a.dropout,
+            **pk,
+        )
+    except ValueError as err:
+        raise as_config_error(err) from None
+
+
+def _quantize(model: nn.Module, cfg: Config, log: Log) -> None:
+    m = cfg.model
+    before = base_linear_bytes(model)
+    try:
+        names = quantize_model(
+            model, m.quantize, m.double_quant, m.compute_dtype, cfg.adapter.target_modules,
+            m.quantize_all_linear,
+        )  # fmt: skip
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.quantize: {err}") from None
+    after = base_linear_bytes(model)
+    log(
+        f"quantized {len(names)} linears to {m.quantize} (double_quant={m.double_quant}, "
+        f"compute {m.compute_dtype}): base linear weights {before / 2**20:.2f} -> "
+        f"{after / 2**20:.2f} MiB"
+    )
