@@ -146,10 +146,6 @@ class RankShard:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
 
-    @property
-    def drawn(self) -> list[int]:
-        return self.sampler.drawn
-
 
 def _all_reduce(t: Tensor) -> Tensor:
     """Sum over ranks, in float64 on the process group's device."""
@@ -298,7 +294,7 @@ class FSDP2:
         """Back-propagate this rank's share of the global micro-batch's loss / grad_accum.
         returns (the global loss, 0-d fp64; global L_t, m_t (T,); global tokens; router
         accuracy, 0-d)."""
-        c = run.cfg.loss
+        rb, rs = run.cfg.loss.router_balance, run.cfg.loss.router_supervision
         tl = token_losses(fw.logits, batch.targets)
         share, value, means, counts, ntok = global_task_loss(
             tl, batch.targets, batch.task_ids, weights, loss, loss.gamma, batch.num_tokens
@@ -306,10 +302,8 @@ class FSDP2:
         acc = 0.0
         if fw.router_logits is not None:
             rl = global_router_losses(fw.router_logits, batch.task_ids)
-            share = share + c.router_balance * rl["balance"]
-            share = share + c.router_supervision * rl["supervision"]
-            value += c.router_balance * rl["balance_value"]
-            value += c.router_supervision * rl["supervision_value"]
+            share = share + rb * rl["balance"] + rs * rl["supervision"]
+            value += rb * rl["balance_value"] + rs * rl["supervision_value"]
             acc = rl["accuracy"]
         # FSDP averages gradients over ranks and the shares sum, hence × world
         (share * (self.world / run.cfg.train.grad_accum)).backward()
