@@ -1,1 +1,6 @@
-"""mftk trainer: `mftk train CONFIG.yaml` (see mftk.train.loop and mftk.train.config)."""
+"""mftk trainer: `mftk train CONFIG.yaml`.
+
+config (checks) -> run.build_run (model, data, optimizer, once) -> step (forward_batch,
+train_step, evaluate) under a strategy (parallel.Single, or distributed.FSDP2 with sharding and
+dcp) -> loop.Trainer (stages, checkpoints, report). Losses: losses.LOSSES, picked by loss.mode.
+"""
