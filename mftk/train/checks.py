@@ -171,21 +171,45 @@ def _adapter(cfg: Any) -> None:
     check(0 <= a.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {a.dropout}")
     if a.router is not None:
         choice(a.router, ("softmax",), "adapter.router")
-    choice(a.mode, ("per_task", "shared"), "adapter.mode")
+    choice(a.mode, ("per_task", "shared", "hybrid"), "adapter.mode")
     check(
-        a.mode == "shared" or not a.match_params, "adapter.match_params", "only with mode: shared"
+        a.mode != "per_task" or not a.match_params,
+        "adapter.match_params",
+        "only with mode: shared or hybrid",
     )
-    check(a.mode != "shared" or a.router is None, "adapter.router", "a router needs mode: per_task")
+    check(
+        a.mode != "shared" or a.router is None,
+        "adapter.router",
+        "a router needs mode: per_task or hybrid",
+    )
+    for key in ("shared_rank", "shared_alpha"):
+        v = getattr(a, key)
+        check(v is None or a.mode == "hybrid", f"adapter.{key}", "only with mode: hybrid")
+        check(v is None or not a.match_params, f"adapter.{key}", "match_params sets it")
+        check(v is None or v > 0, f"adapter.{key}", f"must be > 0, got {v}")
+    check(
+        not (a.mode == "hybrid" and a.match_params and a.rank < 2),
+        "adapter.rank",
+        "hybrid with match_params splits it in two: must be >= 2",
+    )
     for i, t in enumerate(cfg.tasks):
         if t.type == "classify":
-            check(a.mode == "per_task", f"tasks[{i}].type", "classify needs adapter.mode per_task")
+            check(
+                a.mode != "shared",
+                f"tasks[{i}].type",
+                "classify needs adapter.mode per_task or hybrid",
+            )
             check(
                 cfg.distributed.strategy == "none",
                 f"tasks[{i}].type",
                 "classify tasks train in one process (distributed.strategy: none) for now",
             )
         if t.rank is not None:
-            check(a.mode == "per_task", f"tasks[{i}].rank", "per-task ranks need mode: per_task")
+            check(
+                a.mode != "shared",
+                f"tasks[{i}].rank",
+                "per-task ranks need mode: per_task or hybrid",
+            )
     if a.top_k is not None:
         check(a.router is not None, "adapter.top_k", "only applies with adapter.router")
         check(1 <= a.top_k <= len(cfg.tasks), "adapter.top_k", f"must be in [1, {len(cfg.tasks)}]")

@@ -22,8 +22,10 @@ nothing. Relative paths are resolved against the config file's folder.
              a time after loading; needs bitsandbytes), double_quant, compute_dtype (the 4-bit
              matmul's dtype), quantize_all_linear (also the non-target linears, never lm_head)
     adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout,
-             mode (per_task|shared: one LoRA for all tasks, MFTCoder's way), match_params
-             (shared: rank T*rank and alpha T*alpha, the per-task setup's adapter parameters),
+             mode (per_task | shared: one LoRA for all tasks, MFTCoder's way | hybrid: one shared
+             LoRA on every token plus each task's own), shared_rank, shared_alpha (hybrid),
+             match_params (the per-task setup's adapter parameters; shared: rank T*rank, alpha
+             T*alpha; hybrid: task rank r/2 and shared rank T*r/2, alpha/rank kept),
              layers: decoder layers that get adapters ("18:", [0, 3], null = all)
     data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
              noise_token_rate, template (mftk|mftcoder: MFTCoder's formats and rendering),
@@ -105,9 +107,12 @@ class AdapterConfig:
     router: str | None = None
     top_k: int | None = None
     dropout: float = 0.0
-    mode: str = "per_task"  # shared: one adapter for every task (the MFTCoder baseline)
-    match_params: bool = False  # shared: rank and alpha times the number of tasks
+    mode: str = "per_task"  # shared: one adapter for every task (the MFTCoder baseline);
+    # hybrid: one shared adapter on every token plus each task's own
+    match_params: bool = False  # shared / hybrid: the per-task setup's adapter parameters
     layers: str | int | list[int] | None = None  # decoder layers with adapters (None: all)
+    shared_rank: int | None = None  # hybrid: the shared adapter's rank (null: rank)
+    shared_alpha: float | None = None  # hybrid: its alpha (null: the tasks' alpha / rank ratio)
 
 
 @dataclass

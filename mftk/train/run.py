@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from mftk.patch import adapter_parameters, patch_model
 from mftk.quant import base_linear_bytes, quantize_model
+from mftk.spec import AdapterSpec, QuantSpec
 from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
 from mftk.train.config import Config, ConfigError
 from mftk.train.data import TaskData, build_task_data, describe, load_examples, special_strings
@@ -187,26 +188,52 @@ def build_run(cfg: Config, out: str, log: Log, par: Any) -> TrainRun:
     return TrainRun(**parts, params=params, opt=opt, sched=sched, sampler=par.shard(sampler))
 
 
+def adapter_spec(cfg: Config) -> AdapterSpec:
+    """The config's adapter section as one AdapterSpec (what patch_model builds every layer from).
+
+    shared + match_params: rank T*r, alpha T*alpha (T rank-r adapters' parameters, same scale).
+    hybrid + match_params: task rank r_t = r // 2 and shared rank T*r - T*r_t, so the adapter
+    parameters equal per_task's at rank r while each token sees rank r_t + R_s (about (T+1)*r/2):
+    one shared LoRA holds what the tasks share, the small per-task ones what they don't. alpha
+    keeps the ratio alpha / rank in both parts.
+    """
+    a, n = cfg.adapter, len(cfg.tasks)
+    rank, alpha, hybrid = a.rank, a.alpha, {}
+    if a.mode == "shared" and a.match_params:
+        rank, alpha = a.rank * n, a.alpha * n
+    elif a.mode == "hybrid":
+        ratio = a.alpha / a.rank
+        if a.match_params:
+            rank = a.rank // 2
+            alpha, shared = ratio * rank, n * (a.rank - rank)
+        else:
+            shared = a.shared_rank or a.rank
+        shared_alpha = a.shared_alpha if a.shared_alpha is not None else ratio * shared
+        hybrid = dict(mode="hybrid", shared_rank=shared, shared_alpha=shared_alpha)
+    per_task = patch_kwargs(cfg).get("rank")  # {task: rank} when a task sets its own
+    return AdapterSpec(
+        rank=per_task or rank, alpha=alpha, router=a.router, top_k=a.top_k, dropout=a.dropout,
+        **hybrid,
+    )  # fmt: skip
+
+
+def quant_spec(cfg: Config) -> QuantSpec:
+    """model.quantize and its settings as a QuantSpec."""
+    m = cfg.model
+    return QuantSpec(m.quantize, m.double_quant, m.compute_dtype, m.quantize_all_linear)
+
+
 def _patch(model: nn.Module, cfg: Config) -> None:
     """patch_model with the config's adapters, initialised from train.seed."""
     a = cfg.adapter
     torch.manual_seed(cfg.train.seed)
-    n = len(cfg.tasks)
-    rank, alpha = a.rank, a.alpha
-    if a.mode == "shared" and a.match_params:  # T rank-r adapters' parameters; same alpha / rank
-        rank, alpha = a.rank * n, a.alpha * n
-    pk = patch_kwargs(cfg)  # per-task ranks, layer range
     try:
         patch_model(
             model,
             tasks=[SHARED_ADAPTER] if a.mode == "shared" else cfg.task_names,
-            rank=pk.pop("rank", rank),
-            alpha=alpha,
             target_modules=a.target_modules,
-            router=a.router,
-            top_k=a.top_k,
-            dropout=a.dropout,
-            **pk,
+            layers=a.layers,
+            spec=adapter_spec(cfg),
         )
     except ValueError as err:
         raise as_config_error(err) from None
@@ -216,10 +243,7 @@ def _quantize(model: nn.Module, cfg: Config, log: Log) -> None:
     m = cfg.model
     before = base_linear_bytes(model)
     try:
-        names = quantize_model(
-            model, m.quantize, m.double_quant, m.compute_dtype, cfg.adapter.target_modules,
-            m.quantize_all_linear,
-        )  # fmt: skip
+        names = quantize_model(model, quant_spec(cfg), target_modules=cfg.adapter.target_modules)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.quantize: {err}") from None
     after = base_linear_bytes(model)
