@@ -1,0 +1,201 @@
+"""Reproduce examples/stdlib/RESULTS.md: one shared LoRA vs per-task adapters vs a router vs
+hybrid (shared + per-task) on the stdlib benchmark, over 3 seeds, scored on held-out modules.
+
+    python examples/stdlib/run_comparison.py                    # every mode, seeds 0,1,2
+    python examples/stdlib/run_comparison.py --modes shared,per_task --seeds 0
+    python examples/stdlib/run_comparison.py --tables-only      # RESULTS.md from comparison.json
+
+Every mode is config.yaml with one switch changed (MODES); all runs share one tokenizer and, per
+seed, one pretrained tiny base (model.cache_dir runs/cache). A mode whose config the trainer
+refuses is skipped with a note. Runs go to runs/<mode>-s<seed>/ (ignored by git), the numbers
+to comparison.json after every run, the tables to RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data")
+sys.path.insert(0, HERE)
+import make_data  # noqa: E402
+import stdlib_report  # noqa: E402
+
+# each mode: config.yaml's adapter section updated with these keys
+MODES = {
+    "shared": {"mode": "shared", "match_params": True},  # one LoRA, rank T x 8 (MFTCoder's way)
+    "per_task": {},  # one rank-8 LoRA per task, hard routing by task id
+    "router": {"router": "softmax"},  # the same adapters, mixed per token by softmax routers
+    "hybrid": {"mode": "hybrid", "match_params": True},  # shared T x 4 + rank 4 per task
+}
+
+
+def ensure_data() -> dict:
+    """data/ as make_data writes it: rebuilt when missing or made by another Python."""
+    path = os.path.join(DATA, "manifest.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            manifest = json.load(f)
+        if manifest["python"] == sys.version.split()[0] and manifest["max_files"] is None:
+            return manifest
+    return make_data.build(DATA)
+
+
+def load(mode: str, seed: int):
+    """The mode's validated Config (mftk's ConfigError if the trainer refuses it)."""
+    from mftk.train.config import config_from_dict
+
+    with open(os.path.join(HERE, "config.yaml")) as f:
+        raw = yaml.safe_load(f)
+    raw["adapter"].update(copy.deepcopy(MODES[mode]))
+    raw["train"]["seed"] = seed
+    raw["model"]["cache_dir"] = "./runs/cache"
+    raw["output"]["dir"] = f"./runs/{mode}-s{seed}"
+    return config_from_dict(raw, HERE)
+
+
+def heldout_batches(run, cfg) -> tuple[list, dict[str, int]]:
+    """Eval batches over data/eval/ (the held-out modules), read, tokenized and packed exactly
+    as the trainer's own eval split; returns (batches, samples per task)."""
+    from mftk.train.data import overlong_mode, special_strings, tokenize
+    from mftk.train.packing import eval_batches
+    from mftk.train.records import read_examples
+
+    bos, eos = special_strings(run.tokenizer)
+    samples, counts = [], {}
+    for i, task in enumerate(cfg.tasks):
+        held = dataclasses.replace(task, files=[os.path.join(DATA, "eval", f"{task.name}.jsonl")])
+        exs, _ = read_examples(held, i, bos, eos, False, cfg.data)
+        toks, _ = tokenize(exs, run.tokenizer, cfg.data.seq_len, overlong_mode(cfg.data))
+        samples += toks
+        counts[task.name] = len(toks)
+    d = cfg.data
+    batches = eval_batches(
+        samples, cfg.train.batch_size, d.seq_len, d.packing, run.pad_id, run.dtype
+    )
+    return batches, counts
+
+
+def run_one(mode: str, seed: int, base: bool = False) -> dict:
+    """Train one mode at one seed, then score it on the held-out modules with mftk's Evaluator
+    (per-task loss; router runs routed softly, without task ids, as `mftk eval` does). base:
+    also score the model with every adapter zeroed (the pretrained base: the floor to beat)."""
+    import torch
+
+    from mftk.apps.evaluate import Evaluator
+    from mftk.patch import adapter_parameters
+    from mftk.train.loop import Trainer
+
+    cfg = load(mode, seed)
+    quiet = lambda msg: None  # noqa: E731
+    t0 = time.perf_counter()
+    metrics = Trainer(cfg, progress=False, log=quiet).train()
+    wall = time.perf_counter() - t0
+    ev = Evaluator(cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet)
+    ev.run.eval_set, counts = heldout_batches(ev.run, cfg)
+    res = {"mode": ev.mode, "adapter_parameters": ev.adapter_params, **ev.loss_metrics()}
+    for name, n in counts.items():
+        res["tasks"][name]["samples"] = n
+    res["train_seconds"] = metrics["train_seconds"]
+    res["wall_seconds"] = wall
+    res["pretrain"] = metrics["model"].get("pretrain", {})
+    res["in_training_eval"] = metrics["eval_after"]  # the trainer's split of the TRAIN modules
+    if base:
+        with torch.no_grad():
+            for p in adapter_parameters(ev.model):
+                p.zero_()
+        res["base"] = ev.loss_metrics()
+    with open(os.path.join(cfg.output.dir, "heldout.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(
+        f"{mode} seed {seed}: held-out avg {res['average_loss']:.4f} | "
+        + " ".join(f"{k} {v['loss']:.4f}" for k, v in res["tasks"].items())
+        + f" | {res['adapter_parameters']} adapter params | train {wall:.0f}s",
+        flush=True,
+    )
+    return res
+
+
+def machine() -> str:
+    import torch
+
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores (shared with other "
+        f"jobs; load average {load1:.1f} at the end), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, one thread per run"
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=os.path.join(HERE, "comparison.json"))
+    p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--tables-only", action="store_true", help="RESULTS.md from --out, no runs")
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    for m in modes:
+        if m not in MODES:
+            p.error(f"--modes: unknown {m!r}; known: {', '.join(MODES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    state: dict = {"results": {}, "skipped": {}, "base": {}}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            state = json.load(f)
+    if not args.tables_only:
+        from mftk.train.config import ConfigError
+
+        t0 = time.perf_counter()
+        manifest = ensure_data()
+        based: set[int] = set()
+        for mode in modes:
+            try:
+                load(mode, seeds[0])
+            except ConfigError as err:
+                note = f"the trainer refuses its config: {err}"
+                print(f"skipping mode {mode}: {note}", flush=True)
+                state["skipped"][mode] = note
+                state["results"].pop(mode, None)
+                continue
+            state["skipped"].pop(mode, None)
+            for seed in seeds:
+                res = run_one(mode, seed, base=seed not in based)
+                if "base" in res:  # once per seed and sweep: the base is the same for all modes
+                    state.setdefault("base", {})[str(seed)] = res.pop("base")
+                    based.add(seed)
+                state["results"].setdefault(mode, {})[str(seed)] = res
+                with open(args.out, "w") as f:  # after every run: a partial sweep is kept
+                    json.dump(state, f, indent=1)
+        state.update(
+            manifest={k: v for k, v in manifest.items() if k != "modules"},
+            modules={k: len(v) for k, v in manifest["modules"].items()},
+            machine=machine(),
+            date=datetime.date.today().isoformat(),
+            sweep_seconds=time.perf_counter() - t0,
+            sweep=f"--modes {args.modes} --seeds {args.seeds}",
+        )
+        with open(args.out, "w") as f:
+            json.dump(state, f, indent=1)
+    with open(os.path.join(HERE, "config.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    text = stdlib_report.results_md(state, cfg, list(MODES))
+    with open(args.results, "w") as f:
+        f.write(text)
+    print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""RESULTS.md for the stdlib benchmark, from run_comparison.py's comparison.json: per-task
+held-out loss per mode and seed, the paired difference against `shared` per seed, and, named
+one by one, every task and seed where a mode loses to shared."""
+
+from __future__ import annotations
+
+import statistics
+
+WHAT = {
+    "complete": "raw code: the function cut inside its body → the rest",
+    "doc2code": "header + docstring → body",
+    "inject_bug": "**the same prompt as doc2code** → the body with one injected bug",
+    "code2doc": "`Function:` + the code, docstring removed, name masked + `Answer:` → summary",
+    "name": "**the same prompt as code2doc** → the function's name",
+    "verdict": "`Is there a bug?` + a function (half with a bug) + `Answer:` → ` ok` / ` bug`",
+}
+SWITCH = {
+    "shared": "`adapter.mode: shared`, `match_params: true`: one LoRA of rank T × r",
+    "per_task": "`adapter.mode: per_task`: one rank-r LoRA per task, hard routing by task id",
+    "router": "`adapter.router: softmax`: the per-task adapters mixed per token by softmax "
+    "routers (task-label supervised); scored without task ids",
+    "hybrid": "`adapter.mode: hybrid`, `match_params: true`: a shared LoRA of rank T × r/2 on "
+    "every token + a rank-r/2 LoRA per task",
+}
+
+
+def _ms(vals: list[float], digits: int = 4) -> str:
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _pct(new: float, base: float) -> str:
+    return f"{100 * (new / base - 1):+.1f}%"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(head: list[str], rows: list[list]) -> list[str]:
+    return [_row(head), "|" + "---|" * len(head), *(_row(r) for r in rows)]
+
+
+def setup(state: dict, cfg: dict, tasks: list[str], modes: list[str]) -> list[str]:
+    man, res = state["manifest"], state["results"]
+    any_run = next(iter(next(iter(res.values())).values()))
+    m, t, d, a = cfg["model"], cfg["train"], cfg["data"], cfg["adapter"]
+    rows = [
+        [f"`{k}`", WHAT.get(k, ""), man["samples"][k]["train"], any_run["tasks"][k]["samples"]]
+        for k in tasks
+    ]
+    out = [
+        "## Setup",
+        "",
+        f"- **Data**: every function of Python {man['python']}'s standard library "
+        f"(`{man['stdlib']}`, tests and GUI code left out) that fits the size limits, parsed "
+        f"with `ast` by `make_data.py`: {man['functions']['train']} functions from "
+        f"{state['modules']['train']} modules for training, {man['functions']['eval']} from "
+        f"{state['modules']['eval']} held-out modules (a module is held out when the sha256 of "
+        f"its name mod 100 < {man['eval_percent_of_modules']}; a function whose text occurs in "
+        "two modules is dropped, so no function is in both splits).",
+        "- **Tasks** (prompt/completion jsonl; two conflicting pairs, each one prompt with two "
+        "answers that only the task id tells apart):",
+        "",
+        *_table(["task", "prompt → answer", "train samples", "held-out samples"], rows),
+        "",
+        f"  Injected bugs (train): {_kinds(man['bug_kinds']['inject_bug'])} in `inject_bug`; "
+        f"{_kinds(man['bug_kinds']['verdict'])} in `verdict`.",
+        f"- **Model**: the built-in tiny Llama (hidden {m['tiny']['hidden_size']}, MLP "
+        f"{m['tiny']['intermediate_size']}, {m['tiny']['num_hidden_layers']} layers, BPE "
+        f"vocabulary {m['vocab_size']}), "
+        f"pretrained for {m['pretrain']['steps']} steps (batch {m['pretrain']['batch_size']} × "
+        f"{d['seq_len']} tokens, lr {m['pretrain']['lr']}) on the training split's task text: "
+        "mftk's `model.pretrain` trains on the tasks' data and nothing else, so the base sees "
+        "plain Python through `complete`, whose records are verbatim source. One tokenizer for "
+        "all runs; one base per seed (its pretraining is seeded), shared by every mode "
+        "(`model.cache_dir: runs/cache`).",
+        f"- **Fine-tuning**: {t['steps']} steps, batch {t['batch_size']} × {d['seq_len']} "
+        f"tokens packed, lr {t['lr']} {t['schedule']}, `loss.mode: "
+        f"{cfg['loss']['mode']}`, adapters on every linear layer (`{a['target_modules']}`), "
+        f"r = {a['rank']}, "
+        f"alpha = {a['alpha']}. Seeds {', '.join(sorted(next(iter(res.values()))))}.",
+        "- **Modes**, each `config.yaml` with one switch changed:",
+        "",
+        *_table(
+            ["mode", "switch", "adapter params"],
+            [
+                [f"`{k}`", SWITCH[k], next(iter(res[k].values()))["adapter_parameters"]]
+                for k in modes
+                if k in res
+            ],
+        ),  # fmt: skip
+        "",
+        "- **Metric**: mean next-token cross-entropy over the answer tokens of `data/eval/` (the "
+        "held-out modules), computed by mftk's `Evaluator` (the code `mftk eval` runs) on batches "
+        "read, tokenized and packed like the trainer's own eval split. The average is the "
+        "unweighted mean over tasks. Lower is better.",
+    ]
+    return out
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def loss_tables(state: dict, tasks: list[str], modes: list[str]) -> list[str]:
+    res = state["results"]
+    base = res.get("shared")
+    rows = []
+    floor = [r for s, r in sorted(state.get("base", {}).items()) if s in next(iter(res.values()))]
+    if floor:  # every adapter zeroed: what fine-tuning starts from
+        cells = [_ms([r["tasks"][t]["loss"] for r in floor]) for t in tasks]
+        rows.append(["base (adapters zeroed)", 0, *cells, _ms([r["average_loss"] for r in floor]),
+                     "-"])  # fmt: skip
+    for mode in modes:
+        runs = list(res[mode].values())
+        avg = [r["average_loss"] for r in runs]
+        rel = "-"
+        if base and mode != "shared":
+            rel = _pct(statistics.mean(avg), statistics.mean(r["average_loss"]
+                                                             for r in base.values()))  # fmt: skip
+        cells = [_ms([r["tasks"][t]["loss"] for r in runs]) for t in tasks]
+        rows.append([mode, runs[0]["adapter_parameters"], *cells, _ms(avg), rel])
+    per_seed = [
+        [mode, s, *(f"{r['tasks'][t]['loss']:.4f}" for t in tasks), f"{r['average_loss']:.4f}"]
+        for mode in modes
+        for s, r in res[mode].items()
+    ]
+    return [
+        "## Held-out loss (mean ± std over seeds)",
+        "",
+        *_table(["mode", "adapter params", *tasks, "average", "avg vs shared"], rows),
+        "",
+        "Per seed:",
+        "",
+        *_table(["mode", "seed", *tasks, "average"], per_seed),
+    ]
+
+
+def paired(res: dict, tasks: list[str], modes: list[str]) -> list[str]:
+    """Per seed, each mode's loss change against shared at the same seed, and who loses where."""
+    if "shared" not in res:
+        return ["## Paired differences", "", "No `shared` runs to pair against."]
+    base, rows, lines = res["shared"], [], []
+    for mode in (m for m in modes if m != "shared"):
+        seeds = [s for s in res[mode] if s in base]
+        deltas: dict[str, list[float]] = {t: [] for t in [*tasks, "average"]}
+        worse = []
+        for s in seeds:
+            r, b = res[mode][s], base[s]
+            cells = []
+            for t in [*tasks, "average"]:
+                new = r["average_loss"] if t == "average" else r["tasks"][t]["loss"]
+                old = b["average_loss"] if t == "average" else b["tasks"][t]["loss"]
+                deltas[t].append(100 * (new / old - 1))
+                cells.append(_pct(new, old))
+                if new > old:
+                    worse.append(f"{t} seed {s} ({_pct(new, old)})")
+            rows.append([mode, s, *cells])
+        rows.append([f"**{mode}**", "mean", *(f"{statistics.mean(v):+.1f}%" for v in
+                                              deltas.values())])  # fmt: skip
+        wins = sum(d < 0 for t in tasks for d in deltas[t])
+        avg_wins = sum(d < 0 for d in deltas["average"])
+        lines.append(
+            f"- `{mode}` has a lower loss than `shared` in {wins} of {len(tasks) * len(seeds)} "
+            f"task × seed pairs and a lower average in {avg_wins} of {len(seeds)} seeds. "
+            + ("It loses on: " + "; ".join(worse) + "." if worse else "It never loses.")
+        )
+    return [
+        "## Paired by seed: change in held-out loss against `shared`",
+        "",
+        "Negative = lower loss than `shared` at the same seed (same base, same data).",
+        "",
+        *_table(["mode", "seed", *tasks, "average"], rows),
+        "",
+        "### Wins and losses against `shared`, every task and seed",
+        "",
+        *lines,
+    ]
+
+
+def runtime(state: dict, modes: list[str]) -> list[str]:
+    res = state["results"]
+    pre = {}
+    for runs in res.values():
+        for s, r in runs.items():
+            if r["pretrain"] and not r["pretrain"].get("cached"):
+                pre[s] = r["pretrain"]["seconds"]
+    rows = [[m, _ms([r["train_seconds"] for r in res[m].values()], 1),
+             _ms([r["wall_seconds"] for r in res[m].values()], 1)]
+            for m in modes if m in res]  # fmt: skip
+    return [
+        "## Runtime",
+        "",
+        f"The whole sweep (`run_comparison.py {state.get('sweep', '')}`, data generation, "
+        f"{len(pre)} base pretrainings and every held-out eval included) took "
+        f"{state.get('sweep_seconds', 0) / 60:.1f} minutes. Pretraining: "
+        + ", ".join(f"seed {s} {v:.0f} s" for s, v in sorted(pre.items()))
+        + ". Per run (training steps only, and the run's wall time including loading and its "
+        "first pretraining when it did it):",
+        "",
+        *_table(["mode", "train s", "wall s"], rows),
+        "",
+        "Timings come from a shared machine under other jobs' load: do not rank modes by them.",
+    ]
+
+
+def results_md(state: dict, cfg: dict, mode_order: list[str]) -> str:
+    res = state["results"]
+    modes = [m for m in mode_order if m in res]
+    tasks = [t["name"] for t in cfg["tasks"]]
+    out = [
+        "# The stdlib benchmark: shared LoRA vs per-task adapters vs router vs hybrid",
+        "",
+        f"Generated by `python examples/stdlib/run_comparison.py` on {state.get('date', '?')}. "
+        f"Machine: {state.get('machine', '?')}.",
+        "",
+    ]
+    for mode, note in state.get("skipped", {}).items():
+        out += [f"**Mode `{mode}` was not run**: {note}", ""]
+    if not res:
+        return "\n".join(out + ["No results yet."]) + "\n"
+    for part in (
+        setup(state, cfg, tasks, modes),
+        loss_tables(state, tasks, modes),
+        paired(res, tasks, modes),
+        runtime(state, modes),
+    ):
+        out += [*part, ""]
+    return "\n".join(out)
