@@ -161,3 +161,31 @@ def build(provider: str, routing: str, direction: str, inp: Inputs, shape: Shape
         return y
 
     return step_bwd
+
+
+def expected(provider: str, routing: str, direction: str, inp: Inputs) -> Tensor:
+    """What a provider's step must compute, in float64 from mftk.ops.reference: the frozen base
+    for `base`; hard or soft routing otherwise; PEFT's training step runs adapter t0 on every
+    token (PEFT trains one adapter per batch), so its reference routes every token to task 0."""
+    d = {k: v.detach().double() for k, v in vars(inp).items() if v.dtype.is_floating_point}
+    args = (d["x"], d["weight"], d["lora_a"], d["lora_b"], d["bias"], 1.0)
+    if provider == "base":
+        return torch.nn.functional.linear(d["x"], d["weight"], d["bias"])
+    if routing == "soft":
+        return multi_adapter_linear_ref(*args, None, d["router_weight"])[0]
+    ids = inp.task_ids
+    if provider == "peft" and direction != "fwd":
+        ids = torch.zeros_like(ids)
+    return multi_adapter_linear_ref(*args, ids)[0]
+
+
+def check_provider(provider: str, routing: str, direction: str, inp: Inputs, shape: Shape) -> None:
+    """Run the provider's step once and raise AssertionError unless its output is `expected`
+    (fp32 tolerance): a baseline that computes something else would make its timing meaningless."""
+    y = build(provider, routing, direction, inp, shape)()
+    want = expected(provider, routing, direction, inp)
+    err = float((y.detach().double() - want).abs().max())
+    tol = 1e-4 * max(1.0, float(want.abs().max()))
+    assert err <= tol, f"{provider} {routing} {direction}: max err {err:.3g} vs the reference"
+    for t in (inp.x, inp.lora_a, inp.lora_b, inp.router_weight):
+        t.grad = None

@@ -9,7 +9,7 @@ import platform
 
 import pytest
 import torch
-from providers import PROVIDERS, SHAPES, build, make_inputs
+from providers import PROVIDERS, SHAPES, build, check_provider, make_inputs
 
 CASES = [
     (routing, direction, shape, provider)
@@ -27,6 +27,7 @@ CASES = [
 )
 def test_multi_adapter_linear(benchmark, routing, direction, shape, provider):
     inp = make_inputs(shape)
+    check_provider(provider, routing, direction, inp, shape)  # it computes the same layer
     step = build(provider, routing, direction, inp, shape)
     benchmark.group = f"{routing} {direction} {shape.name}"
     benchmark.extra_info.update(

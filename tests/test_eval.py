@@ -167,6 +167,15 @@ def test_eval_reproduces_the_trainers_eval_and_runs_exec(per_task_run):
     assert ex["problems"] == 3 and sum(ex["statuses"].values()) == 3 * (1 + 2)
     for k in ("pass@1_greedy", "pass@1", "pass@2"):
         assert 0.0 <= ex[k] <= 1.0
+    # the summary follows from the per-problem outcomes of the real generations
+    rows = ex["per_problem"]
+    assert ex["pass@1_greedy"] == sum(r["greedy_passed"] for r in rows) / len(rows)
+    for k in (1, 2):
+        want = sum(pass_at_k(2, r["samples_passed"], k) for r in rows) / len(rows)
+        assert ex[f"pass@{k}"] == pytest.approx(want, abs=1e-12)
+    assert ex["statuses"].get("passed", 0) == sum(
+        r["greedy_passed"] + r["samples_passed"] for r in rows
+    )
     assert "exec" not in res["tasks"]["bugs"]
     json.dumps(res)  # JSON-ready
     table = format_table(res)

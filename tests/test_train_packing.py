@@ -1,6 +1,7 @@
 """Packing: sample boundaries, per-token task ids, block-diagonal attention, packed == unpacked
 loss through a real mftk-patched Llama; the resumable multi-task sampler and its stage mixes."""
 
+import importlib.util
 import random
 
 import pytest
@@ -216,3 +217,41 @@ def test_noise_swap_answer():
         ans = tuple(lab for lab in smp.labels if lab != IGNORE)
         assert any(a[: len(ans)] == ans for a in answers)
         assert [x for x, lab in zip(smp.input_ids, smp.labels) if lab != IGNORE] == list(ans)
+
+
+def test_varlen_inputs_mark_every_sample_boundary():
+    """The varlen inputs (flash-attention: no mask) carry the boundaries in the position ids
+    alone: they restart at 0 at every packed sample, and match the mask path's ids."""
+    rng = random.Random(2)
+    samples = [rand_sample(rng, t, n, p) for t, n, p in [(0, 5, 2), (1, 7, 3), (2, 4, 1)]]
+    rows, _ = pack_rows(samples, seq_len=24, max_rows=1)
+    batch = rows_to_batch(rows, 0, torch.float64)
+    inp, masked = batch.model_inputs(True), batch.model_inputs(False)
+    assert set(inp) == {"input_ids", "position_ids"}
+    assert torch.equal(inp["position_ids"], masked["position_ids"])
+    starts = [0, 5, 12]
+    pos = inp["position_ids"][0].tolist()
+    assert [i for i, v in enumerate(pos[:16]) if v == 0] == starts
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn")
+def test_packed_equals_unpacked_loss_varlen_flash():
+    """The varlen path (flash-attn 2, position ids and no mask) on a GPU, in bf16."""
+    rng = random.Random(1)
+    samples = [
+        rand_sample(rng, t, n, p)
+        for t, n, p in [(0, 7, 3), (2, 5, 1), (1, 9, 4), (0, 4, 2), (2, 11, 5), (1, 3, 1)]
+    ]
+    model = tiny_patched("flash_attention_2", torch.bfloat16).cuda()
+    rows, _ = pack_rows(samples, seq_len=24, max_rows=4)
+    packed = rows_to_batch(rows, 0, torch.bfloat16).to("cuda")
+    lp, _ = per_token_loss(model, packed, varlen=True)
+    for r, row in enumerate(rows):
+        off = 0
+        for smp in row:
+            alone = rows_to_batch([[smp]], 0, torch.bfloat16).to("cuda")
+            lu, _ = per_token_loss(model, alone, varlen=True)
+            err = (lp[r, off : off + len(smp)] - lu[0]).abs().max().item()
+            assert err < 5e-2, f"row {r}: packed vs alone max err {err}"
+            off += len(smp)
