@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from mftk.quant import QUANT_TYPES, bitsandbytes_available
+from mftk.spec import AdapterSpec
 from mftk.train.mftcoder_format import DEFAULT_MARKERS
 
 
@@ -166,11 +167,17 @@ def _model(cfg: Any) -> None:
 def _adapter(cfg: Any) -> None:
     """adapter: rank, alpha, dropout, router, mode; what per-task settings it allows."""
     a = cfg.adapter
-    check(a.rank >= 1, "adapter.rank", f"must be >= 1, got {a.rank}")
-    check(a.alpha > 0, "adapter.alpha", f"must be > 0, got {a.alpha}")
-    check(0 <= a.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {a.dropout}")
+    check(
+        a.top_k is None or a.router is not None, "adapter.top_k", "only applies with adapter.router"
+    )
     if a.router is not None:
-        choice(a.router, ("softmax",), "adapter.router")
+        choice(a.router, ("softmax",), "adapter.router")  # with a did-you-mean
+    try:  # the values themselves: AdapterSpec is their one validator
+        AdapterSpec(
+            rank=a.rank, alpha=a.alpha, dropout=a.dropout, router=a.router, top_k=a.top_k
+        ).check_tasks(len(cfg.tasks))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"adapter.{e}") from None
     choice(a.mode, ("per_task", "shared", "hybrid"), "adapter.mode")
     check(
         a.mode != "per_task" or not a.match_params,
@@ -210,9 +217,6 @@ def _adapter(cfg: Any) -> None:
                 f"tasks[{i}].rank",
                 "per-task ranks need mode: per_task or hybrid",
             )
-    if a.top_k is not None:
-        check(a.router is not None, "adapter.top_k", "only applies with adapter.router")
-        check(1 <= a.top_k <= len(cfg.tasks), "adapter.top_k", f"must be in [1, {len(cfg.tasks)}]")
 
 
 def _data(cfg: Any) -> None:
