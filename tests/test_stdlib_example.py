@@ -147,6 +147,9 @@ def test_masked_name_does_not_leak(built):
         ("def f(a, n):\n    return a[n - 1] if n > 0 else None\n", "off-by-one", None),
         ("def f(a, b):\n    return a - b\n", "swapped operands", "    return b - a"),
         ("def f(a, b):\n    return a < b\n", "wrong comparison", "    return a <= b"),
+        ("def f(a, b):\n    return (a) <= b\n", "wrong comparison", "    return (a) < b"),
+        ("def f(a, b):\n    return a >= b\n", "wrong comparison", "    return a > b"),
+        ("def f(a, b):\n    return a not in b\n", "wrong comparison", "    return a in b"),
         ("def f(a):\n    return a is not None\n", "wrong comparison", "    return a is None"),
         ("def f(a):\n    if not (a):\n        return 1\n", "dropped negation", "    if (a):"),
         ("def f(a, b):\n    return a and b\n", "wrong boolean operator", "    return a or b"),
@@ -168,3 +171,25 @@ def test_bug_kinds(src, kind, want):
     assert not bugs.bug_edits(ast.parse("def f(n=1):\n    return '%s' % n\n").body[0],
                               ("def f(n=1):", "    return '%s' % n"), 1)  # fmt: skip
     assert bugs.inject(lines, [], random.Random(0)) is None
+
+
+def test_collect_skips_tests_and_drops_copies(tmp_path):
+    """A function copied into two modules is dropped from both (it would sit in both splits);
+    test folders and tab-indented code are skipped; a docstring-only def is no sample."""
+    body = "def shared(a, b):\n    x = a - b\n    return x\n"
+    (tmp_path / "one.py").write_text(body + "def own(a):\n    y = a + 1\n    return y\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text(body)
+    (tmp_path / "pkg" / "two.py").write_text(
+        'class K:\n    def m(self):\n        """Doc of m."""\n        z = 1\n        return z\n'
+        'def only_doc():\n    """Nothing else."""\n'
+        "def tabbed(a):\n\tb = a\n\treturn b\n"
+    )
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t.py").write_text("def t(a):\n    b = a\n    return b\n")
+    assert [m for m, _ in code.module_files(str(tmp_path))] == ["one", "pkg", "pkg.two"]
+    fns = {(f.module, f.name): f for f in code.collect(str(tmp_path))}
+    assert sorted(fns) == [("one", "own"), ("pkg.two", "K.m")]
+    m = fns[("pkg.two", "K.m")]
+    assert m.lines[0] == "def m(self):" and m.doc == "Doc of m."
+    assert m.code == "def m(self):\n    z = 1\n    return z\n"
