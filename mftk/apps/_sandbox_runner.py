@@ -105,7 +105,7 @@ def _make_policy(root):
                _setlimit=_SETLIMIT, _attached=_ATTACHED, _at_fdcwd=_AT_FDCWD, _type=type,
                _str=str, _bytes=bytes, _int=int, _len=len, _reversed=reversed, _stat=os.stat,
                _lstat=os.lstat, _readlink=os.readlink, _getcwd=os.getcwd, _islnk=stat.S_ISLNK,
-               _isdir=stat.S_ISDIR, _write=os.write, _exit=os._exit,
+               _isdir=stat.S_ISDIR, _write=os.write, _exit=os._exit, _oserror=OSError,
                _blocked=EXIT_BLOCKED):  # fmt: skip
         if _type(event) is not _str:  # a str subclass's __eq__ would be the program's code
             event = "an event that is not a str"
@@ -170,7 +170,7 @@ def _make_policy(root):
                     continue
                 try:
                     link = _islnk(_lstat(real + "/" + name).st_mode)
-                except OSError:
+                except _oserror:
                     link = False  # not there (yet): the rest is read as written
                 if not link:
                     real = real + "/" + name
@@ -200,7 +200,7 @@ def _make_policy(root):
                 if kind == "d" and not bad and not inside:
                     try:
                         bad = _isdir(_stat(real).st_mode)
-                    except OSError:
+                    except _oserror:
                         pass
             if bad:
                 break
@@ -284,8 +284,12 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _thread.start_new_thread(_work, (token, code, tests, tests_src, line, has_tests))
     del token
-    os.read(os.pipe()[0], 1)  # waits in C for good: the worker ends the process
-    os._exit(EXIT_EXCEPTION)
+    # Waits in C for good (a pipe could be written to, or closed, by the program): the worker
+    # ends the process.
+    forever = _thread.allocate_lock()
+    forever.acquire()
+    while True:
+        forever.acquire()
 
 
 if __name__ == "__main__":
