@@ -6,12 +6,13 @@
 Three processes. This module starts the supervisor (_sandbox_supervisor.py) with a clean
 environment. The supervisor draws a random token and starts the runner (_sandbox_runner.py) with
 the token, the program and its tests on a pipe; the tests never touch the disk. The runner runs
-the program, then the tests in the same namespace, under an audit hook that alone holds the token
-and writes it to a private pipe only when the statement appended to the tests runs, in the tests'
-own frame, called from the runner's frame. "passed" means the supervisor read the token and the
-runner exited 0: nothing printed, no exit code, no SystemExit or os._exit of the program's, and no
-rebinding of a name it can see produces it. "memory" means the runner died of a MemoryError,
-whatever stderr says.
+the program, then the tests in the same namespace, in a worker thread, under two audit hooks: a
+policy hook (below), and a verdict hook that alone holds the token and writes it to a private pipe
+only when the statement appended to the tests runs, in the tests' own frame, called from the
+runner's frame (_sandbox_runner.py says why the program cannot reach the token). "passed" means
+the supervisor read the token and the runner exited 0: nothing printed, no exit code, no
+SystemExit or os._exit of the program's, and no rebinding of a name it can see produces it.
+"memory" means the runner died of a MemoryError, whatever stderr says.
 
 Isolation (`detect_isolation()` says which; found once per process by running a trivial program):
 - "namespaces" (`unshare`: new user, network, PID and mount namespaces): no network (a loopback
@@ -42,6 +43,8 @@ What it does NOT protect against:
   empty). Run as root (as on the machine this was written on) that is every file, and the kernel
   does not enforce RLIMIT_NPROC for uid 0; the PID namespace still bounds the process tree's life.
 - In "none" mode the total size written to the run's directory (FSIZE bounds each file only).
+Programs that need the main thread fail: the program runs in a worker thread (so that no signal
+handler of its can run inside a hook), where signal.signal raises ValueError.
 """
 
 from __future__ import annotations
