@@ -324,6 +324,44 @@ def test_an_escaped_child_dies_with_the_run(mode, then):
             os.kill(int(pid), signal.SIGKILL)
 
 
+SWEEP = """\
+import subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import _sandbox_supervisor as s
+s._prctl(s.PR_SET_CHILD_SUBREAPER, 1)
+# a child that starts a sleep in a session of its own and exits: the orphan comes back to us
+grandchild = "import subprocess as p, sys; p.Popen(['sleep', sys.argv[1]], start_new_session=True)"
+subprocess.run([sys.executable, '-c', grandchild, sys.argv[2]], check=True)
+if sys.argv[3] == 'scan':  # a kernel without /proc/<pid>/task/<tid>/children
+    def no_children(path, *args, _open=open):
+        if path.endswith('/children'):
+            raise FileNotFoundError(path)
+        return _open(path, *args)
+    s.open = no_children
+for _ in range(100):
+    if s._children():
+        break
+    time.sleep(0.02)
+assert s._children(), 'the orphan was not adopted'
+s._sweep(False)
+assert not s._children()
+"""
+
+
+@pytest.mark.parametrize("listing", ["children", "scan"])
+def test_the_fallback_sweep_kills_orphans_that_left_the_session(listing):
+    # Without a PID namespace the supervisor is a child subreaper: what the run leaves comes back
+    # to it, and _sweep kills it, found through /proc/<pid>/task/<tid>/children or every ppid.
+    secs = f"30.{secrets.randbelow(10**6):06d}"
+    apps = os.path.dirname(os.path.abspath(sandbox.__file__))
+    try:
+        subprocess.run([sys.executable, "-c", SWEEP, apps, secs, listing], check=True, timeout=30)
+        assert not _sleepers(secs), "the orphan outlived the sweep"
+    finally:
+        for pid in _sleepers(secs):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_output_is_capped_while_it_streams(mode):
     code = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(64):\n    sys.stdout.write(chunk)\n"
