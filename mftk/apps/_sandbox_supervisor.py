@@ -110,7 +110,7 @@ def _private_view(size_mb: int) -> str:
         attr, ctypes.c_size_t(len(attr)),
     )  # fmt: skip
     _check(rc, "mount_setattr(/, read-only, recursive)")
-    opts = f"size={size_mb}m,nr_inodes=4096,mode=1777".encode()
+    opts = f"size={max(1, size_mb)}m,nr_inodes=4096,mode=1777".encode()  # 0 is no limit
     for where in PRIVATE_DIRS:
         if os.path.isdir(where) and not os.path.islink(where):
             flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC)
