@@ -299,17 +299,18 @@ def _simulated_ranks(monkeypatch, fn, shards):
     return [fn(s) for s in shards]
 
 
-@pytest.mark.parametrize("mode", ["token", "balanced", "focal", "coba"])
+@pytest.mark.parametrize("mode", ["token", "sample", "balanced", "task_sample", "focal", "coba"])
 def test_rank_shares_sum_to_global_gradient(monkeypatch, mode):
     b, s, v, t = 5, 7, 11, 3
     logits = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, v, (b, s))
     targets[torch.rand(b, s) < 0.3] = IGNORE
-    task_ids = torch.randint(-1, t, (b, s))
-    task_ids[:, :2] = 2  # task 2 only in ranks' first columns; task 1 absent from rows 0-1
+    seq = torch.arange(s).expand(b, s) // 3  # packed samples of up to 3 tokens, one task each
+    task_ids = torch.randint(-1, t, (b, s)).gather(1, seq * 3)
+    task_ids[:, :3] = 2  # task 2 only in ranks' first samples; task 1 absent from rows 0-1
     task_ids[:2][task_ids[:2] == 1] = 0
     weights = torch.tensor([0.5, 1.0, 2.0])
-    want, _, _ = mft_loss(logits, targets, task_ids, weights, mode, 1.5)
+    want, _, _ = mft_loss(logits, targets, task_ids, weights, mode, 1.5, seq_ids=seq)
     (g_want,) = torch.autograd.grad(want, logits)
     rows = [slice(0, 2), slice(2, 5)]  # uneven ranks
 
@@ -318,7 +319,7 @@ def test_rank_shares_sum_to_global_gradient(monkeypatch, mode):
             logits[r].reshape(-1, v), targets[r].reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(targets[r].shape)
         n = int((task_ids[r] >= 0).sum())
-        return D.global_task_loss(tl, targets[r], task_ids[r], weights, mode, 1.5, n)
+        return D.global_task_loss(tl, targets[r], task_ids[r], weights, mode, 1.5, n, seq[r])
 
     outs = _simulated_ranks(monkeypatch, share, rows)
     (g_got,) = torch.autograd.grad(sum(o[0] for o in outs), logits)

@@ -26,18 +26,27 @@ def test_every_config_loss_mode_has_a_loss_object():
 
 def test_coba_state_lives_in_its_loss_object():
     cfg = LossConfig(mode="coba")
-    cfg.coba.warmup_steps, cfg.coba.history_length = 0, 3
+    cfg.coba.warmup_steps, cfg.coba.history_length = 3, 3
     loss = build_loss(cfg, 2)
     assert isinstance(loss, CobaLoss)
-    assert loss.weights([2.0, 1.0]).tolist() == [1.0, 0.5]  # uniform CoBa weights at first
-    for k, v in enumerate([[3.0, 3.0], [2.0, 2.9], [1.5, 2.8], [1.2, 2.75]]):
-        loss.update(v, k)
+    loss.update([3.0, 3.0], 0)  # the first evaluation: CoBa's L(0)
+    for step, v in enumerate([[2.0, 2.9], [1.5, 2.8], [1.2, 2.75]]):
+        loss.begin_step(step)
+        assert loss.weights([2.0, 1.0]).tolist() == [2.0, 1.0]  # warm-up: the static weights
+        assert loss.eval_batches(step, 4) == ([] if step == 0 else [step % 4])
+        loss.observe(v)
+    loss.begin_step(3)
     moved = loss.weights([2.0, 1.0])
-    assert moved.tolist() != [1.0, 0.5]
+    assert moved.tolist() != [2.0, 1.0] and abs(moved.sum().item() - 1) < 1e-6  # CoBa's own
     fresh = build_loss(cfg, 2)
     fresh.load_state_dict(loss.state_dict())
     assert torch.equal(fresh.weights([2.0, 1.0]), moved)
+    for x in (loss, fresh):
+        x.observe([1.0, 2.7])
+        x.begin_step(4)
+    assert torch.equal(fresh.weights([2.0, 1.0]), loss.weights([2.0, 1.0]))
     assert build_loss(LossConfig(mode="balanced"), 2).state_dict() == {}
+    assert build_loss(LossConfig(mode="balanced"), 2).eval_batches(5, 4) == []
 
 
 def test_task_meter_sums_batches_in_float64_in_order():

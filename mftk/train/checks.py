@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 
 FORMATS = ("auto", "prompt_completion", "chat_rounds", "csv")
-LOSS_MODES = ("token", "balanced", "focal", "coba")  # mftk.train.losses.LOSSES
+# mftk.train.losses.LOSSES
+LOSS_MODES = ("token", "sample", "balanced", "task_sample", "focal", "coba")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 # model.tiny: LlamaConfig fields the built-in tiny model lets a config set
@@ -262,6 +263,10 @@ def _loss(cfg: Any) -> None:
     check(lo.focal_gamma >= 0, "loss.focal_gamma", f"must be >= 0, got {lo.focal_gamma}")
     check(lo.coba.history_length >= 2, "loss.coba.history_length", "must be >= 2")
     check(lo.coba.warmup_steps >= 0, "loss.coba.warmup_steps", "must be >= 0")
+    check(lo.coba.tau > 0, "loss.coba.tau", f"must be > 0, got {lo.coba.tau}")
+    for key in ("update_interval", "eval_batches"):
+        v = getattr(lo.coba, key)
+        check(v >= 1, f"loss.coba.{key}", f"must be >= 1, got {v}")
     check(lo.router_balance >= 0, "loss.router_balance", "must be >= 0")
     check(lo.router_supervision >= 0, "loss.router_supervision", "must be >= 0")
 

@@ -1,19 +1,39 @@
-"""CoBa: convergence-balanced task weights from the slopes of per-task validation losses.
+"""CoBa task weights (Gong et al., "CoBa: Convergence Balancer for Multitask Finetuning of Large
+Language Models", EMNLP 2024) as MFTCoder's mftcoder_accelerate computes them, from the slopes of
+per-task validation losses.
 
-At each update (every evaluation), with N tasks and the validation losses L_i(k) of update k:
-1. normalise by the first value: l_i(k) = L_i(k) / L_i(0);
-2. α_i(k) = the least-squares slope of l_i over the last `history_length` updates (≥ 2 points);
-   α_max(k) = the same for m(k) = max_i l_i(k);
-3. with T the number of slopes kept (≤ history_length) and sums over that window,
-   RCS = softmax_i( N · α_i(k) / Σ_j |α_j(k)| )            relative convergence: a task converging
-                                                            slower than the others weighs more;
-   ACS = softmax_i( −T · α_i(k) / Σ_k' |α_i(k')| )          absolute convergence: a task whose loss
-                                                            turned upward (diverging) weighs less;
-   DF  = min(1, T · softmax_k'( τ · (−T · α_max(k') / Σ_k'' |α_max(k'')|) )[last])
-         divergence factor: ≈ 1 while the worst loss still falls, → 0 when it rises;
-4. w = softmax( N · (DF · RCS + (1 − DF) · ACS) ), floored at 1/(10N) and renormalised.
-Until `warmup_steps` training steps have passed (or fewer than 2 slopes exist) w is uniform.
-The trainer multiplies w by the static loss weights and uses the `balanced` loss.
+Inputs. L_i(0), task i's loss on the whole eval split before training (`begin`: the trainer's
+first evaluation). After the training step that follows c completed steps, when c % I == 0 and
+c ≥ 1 (I = update_interval), the trainer evaluates S = eval_batches eval batches, cycling through
+the split (batch (S·c/I + s) mod n, s < S), and `observe` appends l_i = L_i / L_i(0); a task
+absent from those batches (its loss nan or 0) adds no point.
+
+Weights. Before the training step that follows c completed steps, when c % I == 0 and c ≥ W
+(W = warmup_steps), with N tasks and H = history_length (`begin_step`):
+1. α_i = the least-squares slope of task i's last H points (its absent points left out, the
+   rest taken at unit spacing; fewer than 2: 0) and α_max that of m = max_i l_i. The slope
+   lists α_i(k), α_max(k), k = 1..K, start at the first update at or after W and grow by one
+   at each update;
+2. RCS = softmax_i( N α_i(K) / Σ_j |α_j(K)| )          relative convergence: a task converging
+                                                       slower than the others weighs more;
+   ACS = softmax_i( −J α_i(K) / Σ_{k>K−J} |α_i(k)| ),  J = min(K, H): the last H slopes;
+                                                       absolute convergence: a task whose loss
+                                                       turned upward weighs less;
+   DF  = K · softmax_k( τ · (−K α_max(k) / Σ_k' |α_max(k')|) )[K]   over every slope since W,
+                                                       not capped: ≈ 1 while the worst loss
+                                                       falls, → 0 when it rises;
+3. w = softmax_i( N (DF · RCS_i + (1 − DF) · ACS_i) ); if some w_i < w_min = 1/(10N):
+   w ← w (1 − N w_min) + w_min.
+A zero denominator (all slopes 0) puts 0 in place of its quotient (MFTCoder: nan). Until the
+first update at or after W, `current` is None and the trainer keeps the static weights; from
+then on w replaces them (mftk.train.losses.CobaLoss).
+
+Where mftk differs from MFTCoder's code: ACS keeps the last H slopes (MFTCoder slices its slope
+list from index c/I − H counted from step 0 while the list starts at W, which keeps H − W/I + 1
+slopes once c/I > H); the history window is the last H points for any I (MFTCoder mixes steps
+and updates there when I > 1); the S batches' losses are pooled per token (MFTCoder averages the
+batches' task means, an absent task counting 0); and the first update comes at the first
+multiple of I at or after W (MFTCoder's slope lists only start at c == W exactly).
 """
 
 from __future__ import annotations
@@ -33,6 +53,16 @@ def slope(values: list[float]) -> float:
     return num / den
 
 
+def present(v: float) -> bool:
+    """A recorded loss: finite and non-zero (MFTCoder marks an absent task with 0)."""
+    return math.isfinite(v) and v != 0.0
+
+
+def window_slope(values: list[float]) -> float:
+    """slope() over the present values, in order (absent ones dropped, as MFTCoder does)."""
+    return slope([v for v in values if present(v)])
+
+
 def softmax(xs: list[float]) -> list[float]:
     m = max(xs)
     e = [math.exp(x - m) for x in xs]
@@ -45,56 +75,88 @@ def _safe_div(a: float, b: float) -> float:
 
 
 class CoBa:
-    """Stateful CoBa weights; update() after each validation, weights() before each step."""
+    """CoBa's state: begin() with the first full evaluation, begin_step() before each training
+    step, eval_batches() / observe() after it; `current` holds the weights (None: static)."""
 
     def __init__(
-        self, num_tasks: int, history_length: int = 5, warmup_steps: int = 100, tau: float = 5.0
+        self,
+        num_tasks: int,
+        history_length: int = 200,
+        warmup_steps: int = 100,
+        tau: float = 5.0,
+        update_interval: int = 1,
+        eval_batches: int = 1,
     ):
         self.n = num_tasks
         self.history_length = history_length
         self.warmup_steps = warmup_steps
         self.tau = tau
+        self.update_interval = update_interval
+        self.num_eval_batches = eval_batches
         self.initial: list[float] | None = None
-        self.history: list[list[float]] = []  # normalised losses per update: [update][task]
-        self.slopes: list[list[float]] = []  # α per update: [update][task]
+        self.history: list[list[float]] = []  # the last H normalised losses: [point][task]
+        self.slopes: list[list[float]] = []  # α since the warm-up: [update][task]
         self.max_slopes: list[float] = []
-        self.current = [1.0 / num_tasks] * num_tasks
-        self.last = {"rcs": None, "acs": None, "df": None}
+        self.current: list[float] | None = None
+        self.last: dict = {"rcs": None, "acs": None, "df": None}
 
-    def update(self, val_losses: list[float], step: int) -> list[float]:
-        if len(val_losses) != self.n:
-            raise ValueError(f"val_losses: expected {self.n} values, got {len(val_losses)}")
+    def begin(self, val_losses: list[float]) -> None:
+        """The normaliser L(0): the first full evaluation's per-task losses (later ones pass)."""
+        self._check(val_losses)
         if self.initial is None:
-            self.initial = [max(v, 1e-12) for v in val_losses]
-        self.history.append([v / i for v, i in zip(val_losses, self.initial)])
-        window = self.history[-self.history_length :]
-        if len(window) >= 2:
-            self.slopes.append([slope([h[i] for h in window]) for i in range(self.n)])
-            self.max_slopes.append(slope([max(h) for h in window]))
-        self.current = (
-            self.compute() if step >= self.warmup_steps and self.slopes else [1.0 / self.n] * self.n
-        )
-        return self.current
+            self.initial = list(val_losses)
+
+    def eval_batches(self, step: int, num_batches: int) -> list[int]:
+        """After the training step that followed `step` completed steps: the eval batches to
+        observe (none unless step % I == 0 and step >= 1)."""
+        if step < 1 or step % self.update_interval or num_batches < 1:
+            return []
+        first = self.num_eval_batches * (step // self.update_interval)
+        return [(first + s) % num_batches for s in range(self.num_eval_batches)]
+
+    def observe(self, val_losses: list[float]) -> None:
+        """Append the normalised per-task losses of the sampled eval batches (nan: absent)."""
+        self._check(val_losses)
+        if self.initial is None:
+            raise ValueError("observe: begin() with the first evaluation's losses comes first")
+        point = [
+            v / i if present(v) and present(i) else math.nan
+            for v, i in zip(val_losses, self.initial)
+        ]
+        self.history = (self.history + [point])[-self.history_length :]
+
+    def begin_step(self, step: int) -> None:
+        """Before the training step that follows `step` completed steps: an update when
+        step % I == 0 and step >= W."""
+        if step % self.update_interval == 0 and step >= self.warmup_steps:
+            self.current = self.compute()
 
     def compute(self) -> list[float]:
+        """Steps 1-3 of the module docstring on the history so far; returns w."""
         n = self.n
+        window = self.history[-self.history_length :]
+        a = [window_slope([h[i] for h in window]) for i in range(n)]
+        worst = [max((v for v in h if present(v)), default=math.nan) for h in window]
+        if self.current is None:  # the first update after the warm-up: the lists restart
+            self.slopes, self.max_slopes = [], []
+        self.slopes.append(a)
+        self.max_slopes.append(window_slope(worst))
         sl = self.slopes[-self.history_length :]
-        ms = self.max_slopes[-self.history_length :]
-        t = len(sl)
-        a = sl[-1]
+        k, j, ms = len(self.slopes), len(sl), self.max_slopes
         rcs = softmax([n * _safe_div(ai, sum(abs(x) for x in a)) for ai in a])
-        acs = softmax([-t * _safe_div(a[i], sum(abs(s[i]) for s in sl)) for i in range(n)])
+        acs = softmax([-j * _safe_div(a[i], sum(abs(s[i]) for s in sl)) for i in range(n)])
         norm = sum(abs(x) for x in ms)
-        df = min(1.0, t * softmax([self.tau * (-t * _safe_div(x, norm)) for x in ms])[-1])
+        df = k * softmax([self.tau * (-k * _safe_div(x, norm)) for x in ms])[-1]
         w = softmax([n * (df * r + (1 - df) * c) for r, c in zip(rcs, acs)])
-        floor = 1.0 / (10 * n)
-        w = [max(x, floor) for x in w]
-        s = sum(w)
+        w_min = 1.0 / (10 * n)
+        if min(w) < w_min:
+            w = [x * (1 - n * w_min) + w_min for x in w]
         self.last = {"rcs": rcs, "acs": acs, "df": df}
-        return [x / s for x in w]
+        return w
 
-    def weights(self) -> list[float]:
-        return list(self.current)
+    def _check(self, val_losses: list[float]) -> None:
+        if len(val_losses) != self.n:
+            raise ValueError(f"val_losses: expected {self.n} values, got {len(val_losses)}")
 
     def state_dict(self) -> dict:
         return {
@@ -106,8 +168,8 @@ class CoBa:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.initial = state["initial"]
+        self.initial = None if state["initial"] is None else list(state["initial"])
         self.history = [list(h) for h in state["history"]]
         self.slopes = [list(s) for s in state["slopes"]]
         self.max_slopes = list(state["max_slopes"])
-        self.current = list(state["current"])
+        self.current = None if state["current"] is None else list(state["current"])

@@ -147,10 +147,12 @@ class TrainConfig:
 
 
 @dataclass
-class CobaConfig:
-    history_length: int = 5
+class CobaConfig:  # MFTCoder's coba_* keys and defaults (mftk.train.coba)
+    history_length: int = 200
     warmup_steps: int = 100
     tau: float = 5.0
+    update_interval: int = 1  # steps between updates
+    eval_batches: int = 1  # eval batches sampled at each update
 
 
 @dataclass

@@ -61,6 +61,7 @@ from mftk.train.losses import (
     TaskLoss,
     build_loss,
     labelled_rows,
+    sample_task_sums,
     task_sums,
     token_losses,
     top1_counts,
@@ -167,32 +168,44 @@ def global_task_loss(
     loss: TaskLoss | str,
     gamma: float,
     num_tokens: int,
+    seq_ids: Tensor | None = None,
 ) -> tuple[Tensor, float, Tensor, Tensor, int]:
     """This rank's share of the loss over the global micro-batch (all ranks' tokens).
 
     tok_loss, targets, task_ids: (B, S) on this rank; weights: (T,); loss: the loss mode (a
-    TaskLoss, or a LOSSES name with gamma its focal_gamma).
+    TaskLoss, or a LOSSES name with gamma its focal_gamma); seq_ids: (B, S) each token's sample
+    (per_sample modes; None: one sample per row).
     The global loss ℒ = loss(L, m, w) depends on the local tokens only through the task sums
-    S_t = Σ_r S_t^r, and L_t = S_t / m_t. The returned surrogate Σ_t (∂ℒ/∂L_t) · S_t^r / m_t
-    (∂ℒ/∂L_t taken at the global L) has, summed over ranks, exactly ℒ's gradient.
-    returns (surrogate (scalar, differentiable), ℒ's value, global task means (T,) fp64,
+    S_t = Σ_r S_t^r, and L_t = S_t / m_t (per_sample modes: S_t sums the samples' token means and
+    m_t counts samples). The returned surrogate Σ_t (∂ℒ/∂L_t) · S_t^r / m_t (∂ℒ/∂L_t taken at
+    the global L) has, summed over ranks, exactly ℒ's gradient.
+    returns (surrogate (scalar, differentiable), ℒ's value, global task token means (T,) fp64,
     global answer-token counts (T,) fp64, global num_tokens).
     """
     t_count = len(weights)
     if isinstance(loss, str):
         loss = build_loss(LossConfig(mode=loss, focal_gamma=gamma), t_count)
     sums, counts = task_sums(tok_loss, targets, task_ids, t_count)
+    l_sums, l_counts = sums, counts
+    parts = [sums.detach().double(), counts.double()]
+    if loss.per_sample:
+        seq = torch.zeros_like(task_ids) if seq_ids is None else seq_ids
+        l_sums, l_counts = sample_task_sums(tok_loss, targets, task_ids, seq, t_count)
+        parts += [l_sums.detach().double(), l_counts.double()]
     n_tok = torch.tensor([num_tokens], dtype=torch.float64, device=sums.device)
-    glob = _all_reduce(torch.cat([sums.detach().double(), counts.double(), n_tok]))
+    glob = _all_reduce(torch.cat([*parts, n_tok]))
     g_sums, g_counts, g_tokens = glob[:t_count], glob[t_count : 2 * t_count], int(glob[-1])
-    g_means = (g_sums / g_counts.clamp(min=1)).to(torch.float32).requires_grad_()
+    g_l_sums, g_l_counts = g_sums, g_counts
+    if loss.per_sample:
+        g_l_sums, g_l_counts = glob[2 * t_count : 3 * t_count], glob[3 * t_count : 4 * t_count]
+    g_means = (g_l_sums / g_l_counts.clamp(min=1)).to(torch.float32).requires_grad_()
     with torch.enable_grad():
-        value = loss(g_means, g_counts.to(torch.float32), weights)
+        value = loss(g_means, g_l_counts.to(torch.float32), weights)
         (d_means,) = torch.autograd.grad(value, g_means, allow_unused=True)
     if d_means is None:
         d_means = torch.zeros_like(g_means)
-    scale = (d_means.double() / g_counts.clamp(min=1)).to(sums)
-    surrogate = (scale.to(sums.device) * sums).sum()
+    scale = (d_means.double() / g_l_counts.clamp(min=1)).to(l_sums)
+    surrogate = (scale.to(l_sums.device) * l_sums).sum()
     return surrogate, float(value.detach()), g_sums / g_counts.clamp(min=1), g_counts, g_tokens
 
 
@@ -296,8 +309,9 @@ class FSDP2:
         accuracy, 0-d)."""
         rb, rs = run.cfg.loss.router_balance, run.cfg.loss.router_supervision
         tl = token_losses(fw.logits, batch.targets)
+        b = batch
         share, value, means, counts, ntok = global_task_loss(
-            tl, batch.targets, batch.task_ids, weights, loss, loss.gamma, batch.num_tokens
+            tl, b.targets, b.task_ids, weights, loss, loss.gamma, b.num_tokens, b.seq_ids
         )
         acc = 0.0
         if fw.router_logits is not None:

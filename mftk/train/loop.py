@@ -29,7 +29,7 @@ from mftk.train.losses import build_loss
 from mftk.train.parallel import RANK_SEED_STRIDE, Single
 from mftk.train.report import Progress, fmt, new_history, record_eval, record_step, write_outputs
 from mftk.train.run import build_run
-from mftk.train.step import evaluate, train_step
+from mftk.train.step import evaluate, sampled_task_losses, train_step
 
 
 class Trainer:
@@ -135,6 +135,14 @@ class Trainer:
         record_eval(self.history, self.step, ev)
         self.loss.update([ev[t] for t in self.tasks], self.step)
 
+    def observe_eval_batches(self, step: int) -> None:
+        """After the training step that followed `step` completed steps: the eval batches the
+        loss mode asks for (CoBa's samples), and their per-task losses back to it."""
+        picks = self.loss.eval_batches(step, len(self.run.eval_set))
+        if picks:
+            batches = [self.run.eval_set[k] for k in picks]
+            self.loss.observe(sampled_task_losses(self.run, self.par, batches))
+
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -212,10 +220,12 @@ class Trainer:
             if i != stage:
                 stage = i
                 self.enter_stage(i)
+            self.loss.begin_step(self.step)
             t0 = time.perf_counter()
             res = self.train_step(i)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
+            self.observe_eval_batches(self.step - 1)
             self.tokens_seen += res["tokens"]
             record_step(self.history, self.step, i, res)
             tps = self.tokens_seen / max(self.train_seconds, 1e-9)

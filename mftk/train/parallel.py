@@ -70,8 +70,8 @@ class Single:
     ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
         """Back-propagate the batch's loss / grad_accum (task loss, plus the router losses).
         returns (the loss, 0-d fp64; L_t, m_t (T,); tokens; router accuracy, 0-d)."""
-        means, counts = task_means(run, fw, batch)
-        total = loss(means, counts, weights)
+        (means, counts), mode = task_means(run, fw, batch, loss)
+        total = loss(*mode, weights)
         acc = total.new_zeros(())
         if fw.router_logits is not None:
             rl = router_losses(fw.router_logits, batch.task_ids)

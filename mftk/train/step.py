@@ -11,6 +11,7 @@ evaluation; the strategy's reducer sums an evaluation's over processes.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -89,14 +90,24 @@ class TaskMeter:
         return out
 
 
-def task_means(run: Run, fw: Forward, batch: Batch) -> tuple[Tensor, Tensor]:
-    """One batch's (L_t, m_t), (T,) each: answer-token means and counts; for classify tasks the
-    head's cross-entropy mean over their samples and the sample count (mftk.train.classify)."""
+def task_means(
+    run: Run, fw: Forward, batch: Batch, loss: TaskLoss | None = None
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """One batch's per-task (means, counts), (T,) each, twice: the answer-token (L_t, m_t) the
+    meters record, and what `loss` combines (the same pair, or (M_t, k_t) for a per_sample mode:
+    TaskLoss.stats). Classify tasks: the head's cross-entropy mean over their samples and the
+    sample count in both (mftk.train.classify)."""
     tl = token_losses(fw.logits, batch.targets)
-    means, counts = task_token_means(tl, batch.targets, batch.task_ids, len(run.tasks))
+    n = len(run.tasks)
+    means, counts = task_token_means(tl, batch.targets, batch.task_ids, n)
     if run.cls.active:
         means, counts = run.cls.task_means(means, counts, fw.hidden, batch)
-    return means, counts
+    if loss is None or not loss.per_sample:
+        return (means, counts), (means, counts)
+    mode = loss.stats(tl, batch.targets, batch.task_ids, batch.seq_ids, n)
+    if run.cls.active:
+        mode = run.cls.task_means(*mode, fw.hidden, batch)
+    return (means, counts), mode
 
 
 def next_batch(run: TrainRun) -> Batch:
@@ -175,3 +186,21 @@ def evaluate(run: Run, par: Any) -> dict[str, float]:
     if run.router and ntok > 0:
         out["router_accuracy"] = float(acc / ntok)
     return out
+
+
+@torch.no_grad()
+def sampled_task_losses(run: Run, par: Any, batches: list[Batch]) -> list[float]:
+    """Per-task mean loss over a few eval batches (CoBa's samples), as evaluate computes it
+    (answer tokens; classify tasks: the head's CE over their samples); nan for a task absent
+    from them. Each process counts the batches par.eval_batches gives it; par.reduce sums."""
+    run.model.eval()
+    n = len(run.tasks)
+    meter = TaskMeter(n, 0)
+    for batch, mine in par.eval_batches(batches):
+        batch = batch.to(run.device)
+        with forward_batch(run, batch) as fw:
+            if mine:
+                meter.add(*task_means(run, fw, batch)[0])
+    run.model.train()
+    tot = par.reduce(meter.total())
+    return [float(tot[i] / tot[n + i]) if tot[n + i] > 0 else math.nan for i in range(n)]
