@@ -124,6 +124,26 @@ def test_missing_data_file_names_pattern(base):
         (lambda r: r.update(stages=[{"steps": 4}]), "train.steps: 10 != the stages' total 4"),
         (lambda r: r.update(stages=[{"name": "x"}]), "stages[0].steps: required key is missing"),
         (lambda r: r["train"].pop("steps"), "train.steps: required when no stages are given"),
+        (lambda r: r["train"].update(epochs=2), "train.epochs: give train.steps or train.epochs"),
+        (lambda r: r["train"].update(epochs=0, steps=None), "train.epochs: must be > 0"),
+        (
+            lambda r: r.update(train={"epochs": 1}, stages=[{"steps": 4}]),
+            "train.epochs: not with stages",
+        ),
+        (lambda r: r["train"].update(min_lr=0.5), "train.min_lr: must be in [0, train.lr]"),
+        (lambda r: r["train"].update(warmup_steps=2.5), "train.warmup_steps: a step count or"),
+        (lambda r: r["train"].update(warmup_steps=-0.1), "train.warmup_steps: must be >= 0"),
+        (lambda r: r["train"].update(early_stopping_patience=0), "train.early_stopping_patience"),
+        (lambda r: r.update(output={"keep_best": -1}), "output.keep_best: must be >= 0"),
+        (lambda r: r.update(loss={"mode": "case2"}), "loss.mode: 'case2' is not one of"),
+        (
+            lambda r: r.update(loss={"mode": "coba", "coba": {"update_interval": 0}}),
+            "loss.coba.update_interval: must be >= 1",
+        ),
+        (
+            lambda r: r.update(loss={"mode": "coba", "coba": {"eval_batches": 0}}),
+            "loss.coba.eval_batches: must be >= 1",
+        ),
         (lambda r: r.update(train=[1]), "train: expected a mapping"),
     ],
 )
@@ -181,3 +201,16 @@ def test_shared_mode_combinations(base):
     r["distributed"] = {"strategy": "fsdp2"}
     cfg = config_from_dict(r, d)
     assert cfg.adapter.layers == "1:" and cfg.distributed.strategy == "fsdp2"
+
+
+def test_epochs_fractions_and_new_keys(base):
+    raw, d = base
+    raw["train"] = {"epochs": 1.5, "warmup_steps": 0.05, "min_lr": 1e-5, "lr": 1e-3}
+    raw["loss"] = {"mode": "task_sample"}
+    raw["output"] = {"tb_dir": "runs/tb", "keep_best": 2, "save_every_epoch": True}
+    cfg = config_from_dict(raw, d)
+    assert cfg.train.steps is None and [(s.name, s.steps) for s in cfg.stages] == [("train", 0)]
+    assert cfg.train.warmup_steps == 0.05 and cfg.train.min_lr == 1e-5
+    assert cfg.output.tb_dir == os.path.join(d, "runs", "tb") and cfg.output.keep_best == 2
+    raw["train"] = {"steps": 10, "warmup_steps": 3}
+    assert config_from_dict(raw, d).train.warmup_steps == 3  # a step count stays an int

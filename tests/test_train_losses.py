@@ -197,7 +197,9 @@ def sample_batch():
     seq = torch.tensor(
         [[0] * 4 + [1] * 5 + [2] * 2, [0] * 6 + [1] * 5, [0] * 3 + [1] * 4 + [-1] * 4]
     )
-    task = torch.tensor([[0] * 4 + [2] * 5 + [0] * 2, [1] * 6 + [1] * 5, [0] * 3 + [2] * 4 + [-1] * 4])
+    task = torch.tensor(
+        [[0] * 4 + [2] * 5 + [0] * 2, [1] * 6 + [1] * 5, [0] * 3 + [2] * 4 + [-1] * 4]
+    )
     targets = torch.randint(0, V, (B, S))
     targets[torch.rand(B, S) < 0.3] = IGNORE
     targets[0, 9:] = IGNORE  # row 0's third sample has no answer token: not counted

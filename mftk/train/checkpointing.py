@@ -114,3 +114,42 @@ def run_key(cfg: Config, world: int = 1) -> str:
     for k in ("log_every", "threads", "device"):
         d["train"].pop(k)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # checkpoint files are never rewritten in place: a link is a copy
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def keep_best(root: str, path: str, score: float, keep: int) -> list[str]:
+    """output.keep_best beside keep_last's rotation: checkpoint `path` (a step-<digits> folder
+    under root, of eval loss `score`) goes into root/best/ (hard links; copies across file
+    systems) when it is among the `keep` lowest scores there (a tie: the later step), and the
+    ones it pushes out are removed. root/best/scores.json holds {folder: eval loss}.
+    returns the kept folders, best first."""
+    best = os.path.join(root, "best")
+    os.makedirs(best, exist_ok=True)
+    table = os.path.join(best, "scores.json")
+    scores: dict[str, float] = {}
+    if os.path.isfile(table):
+        with open(table, encoding="utf-8") as f:
+            scores = json.load(f)
+    name = os.path.basename(path.rstrip(os.sep))
+    scores[name] = score
+    step = {n: int(m.group(1)) if (m := _STEP_DIR.match(n)) else -1 for n in scores}
+    ranked = sorted(scores, key=lambda n: (scores[n], -step[n]))
+    if name in ranked[:keep]:
+        dst = os.path.join(best, name)
+        shutil.rmtree(dst + ".tmp", ignore_errors=True)
+        shutil.copytree(path, dst + ".tmp", copy_function=_link_or_copy)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(dst + ".tmp", dst)
+    for n in ranked[keep:]:
+        shutil.rmtree(os.path.join(best, n), ignore_errors=True)
+        del scores[n]
+    with open(table + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(scores, f, indent=1)
+    os.replace(table + ".tmp", table)
+    return [os.path.join(best, n) for n in ranked[:keep]]

@@ -252,8 +252,17 @@ def _train(cfg: Any) -> None:
     check(tr.threads is None or tr.threads >= 1, "train.threads", "must be >= 1 or null")
     for key in ("batch_size", "grad_accum", "log_every", "eval_every"):
         check(getattr(tr, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
-    check(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    w = tr.warmup_steps
+    check(w >= 0, "train.warmup_steps", f"must be >= 0, got {w}")
+    check(w < 1 or w == int(w), "train.warmup_steps", f"a step count or a fraction < 1, got {w}")
     check(tr.clip is None or tr.clip > 0, "train.clip", "must be > 0 or null")
+    if tr.min_lr is not None:
+        check(0 <= tr.min_lr <= tr.lr, "train.min_lr", f"must be in [0, train.lr], got {tr.min_lr}")
+    if tr.epochs is not None:
+        check(tr.epochs > 0, "train.epochs", f"must be > 0, got {tr.epochs}")
+        check(tr.steps is None, "train.epochs", "give train.steps or train.epochs, not both")
+    p = tr.early_stopping_patience
+    check(p is None or p >= 1, "train.early_stopping_patience", f"must be >= 1 or null, got {p}")
 
 
 def _loss(cfg: Any) -> None:
@@ -274,12 +283,15 @@ def _loss(cfg: Any) -> None:
 def _stages(cfg: Any) -> None:
     """stages: steps, noise, mixes and loss weights over known tasks; train.steps is their total."""
     tr = cfg.train
-    check(bool(cfg.stages), "train.steps", "required when no stages are given")
+    check(bool(cfg.stages), "train.steps", "required when no stages are given (or train.epochs)")
+    if tr.epochs is not None:  # mftk.train.run.build_run sets the one stage's steps
+        one = len(cfg.stages) == 1 and cfg.stages[0].steps == 0
+        check(one, "train.epochs", "not with stages (each stage gives its steps)")
     names = cfg.task_names
     for i, s in enumerate(cfg.stages):
         w = f"stages[{i}]"
         s.name = s.name or f"stage{i + 1}"
-        check(s.steps >= 1, f"{w}.steps", f"must be >= 1, got {s.steps}")
+        check(s.steps >= 1 or tr.epochs is not None, f"{w}.steps", f"must be >= 1, got {s.steps}")
         check(0 <= s.noise < 1, f"{w}.noise", f"must be in [0, 1), got {s.noise}")
         if s.noise_kind is not None:
             choice(s.noise_kind, NOISE_KINDS, f"{w}.noise_kind")
@@ -298,15 +310,19 @@ def _stages(cfg: Any) -> None:
             "train.steps",
             f"{tr.steps} != the stages' total {cfg.total_steps}; drop train.steps or fix it",
         )
-    tr.steps = cfg.total_steps
+    if tr.epochs is None:
+        tr.steps = cfg.total_steps
 
 
 def _output(cfg: Any) -> None:
-    """output: dir (resolved), save_every, keep_last."""
+    """output: dir and tb_dir (resolved), save_every, keep_last, keep_best."""
     o = cfg.output
     o.dir = resolve_path(o.dir, cfg.base_dir)
+    if o.tb_dir is not None:
+        o.tb_dir = resolve_path(o.tb_dir, cfg.base_dir)
     check(o.save_every is None or o.save_every >= 1, "output.save_every", "must be >= 1 or null")
     check(o.keep_last >= 1, "output.keep_last", "must be >= 1")
+    check(o.keep_best >= 0, "output.keep_best", f"must be >= 0, got {o.keep_best}")
 
 
 def _distributed(cfg: Any) -> None:

@@ -30,13 +30,21 @@ nothing. Relative paths are resolved against the config file's folder.
     data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
              noise_token_rate, template (mftk|mftcoder: MFTCoder's formats and rendering),
              overlong (drop|truncate; null: drop under mftcoder), role_markers (mftcoder)
-    train:   steps, lr, schedule (cosine|linear|constant), warmup_steps, batch_size (rows of up
+    train:   steps, or epochs (passes over the training data, counted once it is packed: see
+             mftk.train.run.epoch_steps; not with stages), lr, schedule
+             (cosine|linear|constant), min_lr (where cosine/linear end; null: 10% of lr),
+             warmup_steps (a number < 1: that fraction of the steps), batch_size (rows of up
              to seq_len tokens per micro-batch; one sample per row without packing),
-             grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every
-    loss:    mode (token|balanced|focal|coba), focal_gamma, coba: {history_length,
-             warmup_steps, tau}, router_balance, router_supervision
+             grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every,
+             early_stopping_patience (stop after N evaluations in a row without a lower eval
+             loss, see mftk.train.tracking)
+    loss:    mode (token|sample|balanced|task_sample|focal|coba: see mftk.train.losses),
+             focal_gamma, coba: {history_length, warmup_steps, tau, update_interval,
+             eval_batches}, router_balance, router_supervision
     stages:  [{name, steps, mix: {task: w}, noise, noise_kind, loss_weights: {task: w}}]
-    output:  dir, save_every, keep_last
+    output:  dir, save_every, save_every_epoch, keep_last, keep_best (also keep the N
+             checkpoints of lowest eval loss, under checkpoints/best/), tb_dir (TensorBoard;
+             null: dir/tb)
     distributed: strategy (none|fsdp2), backend (auto|gloo|nccl), activation_checkpointing,
              mixed_precision: {param_dtype (null = model.dtype), reduce_dtype}
              (see mftk.train.distributed; launch with torchrun)
@@ -132,9 +140,12 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int | None = None
+    epochs: float | None = None  # instead of steps: passes over the training splits (run.py)
     lr: float = 1e-3
     schedule: str = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int | float = 0  # a number < 1: that fraction of the steps
+    min_lr: float | None = None  # where cosine / linear end (null: 10% of lr)
+    early_stopping_patience: int | None = None  # stop after N evaluations without a new best
     batch_size: int = 4  # sequences per micro-batch
     grad_accum: int = 1
     clip: float | None = 1.0
@@ -178,7 +189,10 @@ class StageConfig:
 class OutputConfig:
     dir: str = "./out"
     save_every: int | None = None
+    save_every_epoch: bool = False
     keep_last: int = 2
+    keep_best: int = 0  # also keep the N checkpoints of lowest eval loss, in checkpoints/best/
+    tb_dir: str | None = None  # TensorBoard logs (null: dir/tb)
 
 
 @dataclass
@@ -323,8 +337,10 @@ def config_from_dict(raw: Any, base_dir: str = ".") -> Config:
     """Build and validate a Config from parsed YAML; relative paths resolve against base_dir."""
     cfg = _build(Config, raw, "")
     cfg.base_dir = os.path.abspath(base_dir)
-    if not cfg.stages and cfg.train.steps is not None:  # one stage over the natural mix
-        cfg.stages = [StageConfig(steps=cfg.train.steps, name="train")]
+    tr = cfg.train
+    if not cfg.stages and (tr.steps is not None or tr.epochs is not None):
+        # one stage over the natural mix; under train.epochs its steps (0 here) come with the data
+        cfg.stages = [StageConfig(steps=tr.steps or 0, name="train")]
     validate(cfg)
     return cfg
 

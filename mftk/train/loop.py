@@ -30,6 +30,7 @@ from mftk.train.parallel import RANK_SEED_STRIDE, Single
 from mftk.train.report import Progress, fmt, new_history, record_eval, record_step, write_outputs
 from mftk.train.run import build_run
 from mftk.train.step import evaluate, sampled_task_losses, train_step
+from mftk.train.tracking import EvalTracker
 
 
 class Trainer:
@@ -49,16 +50,23 @@ class Trainer:
     ):
         self.cfg = cfg
         self.out = os.path.abspath(output_dir or cfg.output.dir)
-        self.max_steps = cfg.train.steps if max_steps is None else min(max_steps, cfg.train.steps)
+        self.max_steps_arg = max_steps  # --max-steps (None: the configured steps)
         self.resume = resume
         self._log = log
         self.par = self.strategy(cfg)
         self.rank, self.is_main = self.par.rank, self.par.rank == 0
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.tasks = cfg.task_names
-        self.stages = []
-        start = 0
-        for s in cfg.stages:
+        self.plan_steps()
+
+    def plan_steps(self) -> None:
+        """max_steps and the stages' step ranges from the config (under train.epochs the steps
+        are known once build_run has counted an epoch: 0 until setup)."""
+        total = self.cfg.train.steps or 0
+        m = self.max_steps_arg
+        self.max_steps = total if m is None else min(m, total)
+        self.stages, start = [], 0
+        for s in self.cfg.stages:
             self.stages.append({"name": s.name, "start": start, "end": start + s.steps})
             start += s.steps
 
@@ -85,6 +93,9 @@ class Trainer:
         os.makedirs(self.out, exist_ok=True)
         self.run = build_run(self.cfg, self.out, self.log, self.par)
         self.loss = build_loss(self.cfg.loss, len(self.tasks))
+        self.plan_steps()  # train.epochs: build_run has set the steps
+        weights = [t.loss_weight for t in self.cfg.tasks]
+        self.tracker = EvalTracker(weights, self.cfg.train.early_stopping_patience)
         self.history = new_history(self.tasks)
         self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.eval_before: dict[str, float] | None = None
@@ -134,6 +145,7 @@ class Trainer:
     def record_eval(self, ev: dict[str, float]) -> None:
         record_eval(self.history, self.step, ev)
         self.loss.update([ev[t] for t in self.tasks], self.step)
+        self.tracker.record(self.step, [ev[t] for t in self.tasks])
 
     def observe_eval_batches(self, step: int) -> None:
         """After the training step that followed `step` completed steps: the eval batches the
@@ -156,6 +168,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
             "eval_before": self.eval_before,
+            "eval_tracker": self.tracker.state_dict(),
             "run_key": run_key(self.cfg, self.par.world),
             "tasks": list(self.tasks),
         }
@@ -176,6 +189,7 @@ class Trainer:
         self.tokens_seen = st["tokens_seen"]
         self.train_seconds = st["train_seconds"]
         self.eval_before = st["eval_before"]
+        self.tracker.load_state_dict(st["eval_tracker"])
 
     def load_checkpoint(self, path: str) -> None:
         """Adapters, optimizer, progress and RNG from checkpoint folder path."""
@@ -187,8 +201,19 @@ class Trainer:
 
     def save(self) -> str:
         path = self.par.save(self)
+        if self.is_main:  # fsdp2: after the collective save
+            keep = self.cfg.output.keep_best
+            self.tracker.keep_best(os.path.join(self.out, "checkpoints"), path, self.step, keep)
         self.log(f"checkpoint -> {path}")
         return path
+
+    def checkpoint_due(self) -> bool:
+        """A checkpoint after this step: every output.save_every steps, at each epoch's end
+        (output.save_every_epoch), at the last step, and when early stopping ends the run."""
+        o, s = self.cfg.output, self.step
+        every = o.save_every and s % o.save_every == 0
+        epoch = o.save_every_epoch and s % self.run.steps_per_epoch == 0
+        return bool(every or epoch or s == self.max_steps or self.tracker.stop)
 
     # ------------------------------------------------------------------ main
 
@@ -215,7 +240,7 @@ class Trainer:
         progress = Progress(self)
         self.run.model.train()
         stage = -1
-        while self.step < self.max_steps:
+        while self.step < self.max_steps and not self.tracker.stop:
             i = self.stage_index(self.step)
             if i != stage:
                 stage = i
@@ -230,15 +255,21 @@ class Trainer:
             record_step(self.history, self.step, i, res)
             tps = self.tokens_seen / max(self.train_seconds, 1e-9)
             progress.step(self.step, cfg.stages[i].name, res, tps)
-            # evaluations (and CoBa updates) follow the configured schedule, not --max-steps, so
+            # evaluations follow the configured schedule, not --max-steps, so
             # that a stopped-and-resumed run matches an uninterrupted one exactly
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                 ev = self.evaluate()
                 self.record_eval(ev)
                 progress.eval(self.step, ev)
-            save_every = cfg.output.save_every
-            if (save_every and self.step % save_every == 0) or self.step == self.max_steps:
+            if self.checkpoint_due():
                 self.save()
+            if self.tracker.stop:
+                t = self.tracker
+                self.log(
+                    f"early stopping at step {self.step}: no lower eval loss in {t.patience} "
+                    f"evaluations (best {t.best:.4f} at step {t.best_step})"
+                )
+                break
         progress.close()
         out = self.finish(time.perf_counter() - t_start, resumed_from)
         self.par.close()

@@ -64,23 +64,25 @@ def fmt(d: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in d.items())
 
 
-def _tensorboard(out: str):
+def _tensorboard(logdir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard not installed
         return None
-    return SummaryWriter(os.path.join(out, "tb"))
+    return SummaryWriter(logdir)
 
 
 class Progress:
     """The progress bar, a log line every train.log_every steps (and the last) with the tokens/s
-    since the previous one, and TensorBoard scalars (the main process, when installed)."""
+    since the previous one, and TensorBoard scalars in output.tb_dir (default: the output dir's
+    tb/; the main process, when tensorboard is installed): losses, lr, task weights."""
 
     def __init__(self, trainer: Any) -> None:
         self.log = trainer.log
         self.log_every = trainer.cfg.train.log_every
         self.max_steps = trainer.max_steps
-        self.writer = _tensorboard(trainer.out) if trainer.is_main else None
+        logdir = trainer.cfg.output.tb_dir or os.path.join(trainer.out, "tb")
+        self.writer = _tensorboard(logdir) if trainer.is_main else None
         self.bar = tqdm(
             total=trainer.max_steps,
             initial=trainer.step,
@@ -103,6 +105,8 @@ class Progress:
             self.writer.add_scalar("train/lr", res["lr"], step)
             for t, v in losses.items():
                 self.writer.add_scalar(f"train/{t}", v, step)
+            for t, w in zip(res["per_task"], res["weights"]):  # CoBa's move
+                self.writer.add_scalar(f"weight/{t}", w, step)
         if step % self.log_every == 0 or step == self.max_steps:
             now = time.perf_counter()
             rate = self.window_tokens / max(now - self.window_t, 1e-9)
@@ -151,6 +155,7 @@ def write_outputs(trainer: Any, wall: float, resumed_from: str | None) -> dict[s
         "stages": trainer.stages,
         "loss_mode": trainer.cfg.loss.mode,
         "router_accuracy": h["router_accuracy"][-1] if h["router_accuracy"] else None,
+        "early_stopping": trainer.tracker.summary(),
         "classify": run.cls.last_metrics,
         "skipped": {d.name: dict(d.skipped) for d in run.data},
         "samples": {d.name: {"train": len(d.train), "eval": len(d.eval)} for d in run.data},

@@ -26,7 +26,7 @@ from mftk.spec import AdapterSpec, QuantSpec
 from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
 from mftk.train.config import Config, ConfigError
 from mftk.train.data import TaskData, build_task_data, describe, load_examples, special_strings
-from mftk.train.packing import Batch, MultiTaskSampler, eval_batches
+from mftk.train.packing import Batch, MultiTaskSampler, eval_batches, pack_rows
 from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer
 
 SHARED_ADAPTER = "shared"  # the one adapter's name in adapter.mode: shared
@@ -34,8 +34,10 @@ SHARED_ADAPTER = "shared"  # the one adapter's name in adapter.mode: shared
 Log = Callable[[str], None]
 
 
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at step s: linear warm-up, then cosine/linear decay to 10%."""
+def lr_lambda(schedule: str, warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
+    """Multiplier of the base lr at step s: linear warm-up, then cosine/linear decay to floor
+    (train.min_lr / train.lr; 10% without min_lr)."""
+    half = (1 - floor) / 2
 
     def f(s: int) -> float:
         if warmup and s < warmup:
@@ -44,10 +46,28 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
             return 1.0
         frac = min(1.0, (s - warmup) / max(1, total - warmup))
         if schedule == "linear":
-            return 1.0 - 0.9 * frac
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * frac))
+            return 1.0 - (1 - floor) * frac
+        return floor + half * (1 + math.cos(math.pi * frac))
 
     return f
+
+
+def warmup_steps(cfg: Config) -> int:
+    """train.warmup_steps in steps: a number < 1 is that fraction of train.steps (rounded down,
+    as MFTCoder's num_warmup_steps)."""
+    w, total = cfg.train.warmup_steps, cfg.train.steps
+    return int(w * total) if w < 1 else int(w)
+
+
+def epoch_steps(cfg: Config, data: list[TaskData], world: int) -> int:
+    """Optimizer steps in one epoch: the training splits packed into rows as the sampler packs
+    them (greedy, in order; one sample a row without data.packing), taken batch_size rows per
+    rank and grad_accum micro-batches a step, as MFTCoder counts its dataloader:
+    ceil(⌊rows / (batch_size × ranks)⌋ / grad_accum), at least 1."""
+    samples = [s for d in data for s in d.train]
+    rows, _ = pack_rows(samples, cfg.data.seq_len, len(samples) + 1, cfg.data.packing)
+    tr = cfg.train
+    return max(1, math.ceil(len(rows) // (tr.batch_size * world) / tr.grad_accum))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,6 +143,7 @@ class TrainRun(Run):
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     sampler: Any  # MultiTaskSampler, or the strategy's view of it (distributed.RankShard)
+    steps_per_epoch: int  # epoch_steps: train.epochs and output.save_every_epoch count in it
 
 
 def load_run(cfg: Config, out: str, log: Log, par: Any) -> Run:
@@ -170,22 +191,30 @@ def load_run(cfg: Config, out: str, log: Log, par: Any) -> Run:
 def build_run(cfg: Config, out: str, log: Log, par: Any) -> TrainRun:
     """load_run, then the strategy's preparation of the model (fsdp2: fp32 masters, sharding),
     then AdamW over the adapters (and classify heads, at their own lr), the lr schedule and the
-    sampler over the training splits."""
+    sampler over the training splits. train.epochs becomes train.steps here (epoch_steps)."""
     run = load_run(cfg, out, log, par)
     par.prepare(run.model, log)
     params = list(adapter_parameters(run.model)) + run.cls.params()
     tr = cfg.train
+    per_epoch = epoch_steps(cfg, run.data, par.world)
+    if tr.epochs is not None:  # the one stage's steps (checks._stages), now that data is in
+        tr.steps = cfg.stages[0].steps = max(1, math.ceil(tr.epochs * per_epoch))
+        log(f"train.epochs {tr.epochs}: {tr.steps} steps ({per_epoch} an epoch)")
     opt = torch.optim.AdamW(
         run.cls.param_groups(params, tr.lr), lr=tr.lr, weight_decay=tr.weight_decay
     )
-    lr_at = lr_lambda(tr.schedule, tr.warmup_steps, tr.steps)
+    floor = 0.1 if tr.min_lr is None else tr.min_lr / tr.lr
+    lr_at = lr_lambda(tr.schedule, warmup_steps(cfg), tr.steps, floor)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     d = cfg.data
     sampler = MultiTaskSampler(
         [t.train for t in run.data], tr.seed, len(run.tokenizer), d.noise_kind, d.noise_token_rate
     )
     parts = {f.name: getattr(run, f.name) for f in fields(run)}
-    return TrainRun(**parts, params=params, opt=opt, sched=sched, sampler=par.shard(sampler))
+    sampler = par.shard(sampler)
+    return TrainRun(
+        **parts, params=params, opt=opt, sched=sched, sampler=sampler, steps_per_epoch=per_epoch
+    )
 
 
 def adapter_spec(cfg: Config) -> AdapterSpec:
