@@ -38,6 +38,8 @@ MODES = {
     "router": {"router": "softmax"},  # the same adapters, mixed per token by softmax routers
     "hybrid": {"mode": "hybrid", "match_params": True},  # shared T x 4 + rank 4 per task
 }
+# the conflicting pairs: one prompt, two answers (make_data.py)
+PAIRS = [("doc2code", "inject_bug"), ("code2doc", "name")]
 
 
 def ensure_data() -> dict:
@@ -64,26 +66,41 @@ def load(mode: str, seed: int):
     return config_from_dict(raw, HERE)
 
 
-def heldout_batches(run, cfg) -> tuple[list, dict[str, int]]:
-    """Eval batches over data/eval/ (the held-out modules), read, tokenized and packed exactly
-    as the trainer's own eval split; returns (batches, samples per task)."""
+def heldout_samples(run, cfg) -> list:
+    """data/eval/ (the held-out modules) read and tokenized exactly as the trainer's own eval
+    split; one Sample per record, its task id the record's task."""
     from mftk.train.data import overlong_mode, special_strings, tokenize
-    from mftk.train.packing import eval_batches
     from mftk.train.records import read_examples
 
     bos, eos = special_strings(run.tokenizer)
-    samples, counts = [], {}
+    samples = []
     for i, task in enumerate(cfg.tasks):
         held = dataclasses.replace(task, files=[os.path.join(DATA, "eval", f"{task.name}.jsonl")])
         exs, _ = read_examples(held, i, bos, eos, False, cfg.data)
-        toks, _ = tokenize(exs, run.tokenizer, cfg.data.seq_len, overlong_mode(cfg.data))
-        samples += toks
-        counts[task.name] = len(toks)
+        samples += tokenize(exs, run.tokenizer, cfg.data.seq_len, overlong_mode(cfg.data))[0]
+    return samples
+
+
+def batches(run, cfg, samples: list) -> list:
+    """Packed eval batches, as the trainer packs its eval split."""
+    from mftk.train.packing import eval_batches
+
     d = cfg.data
-    batches = eval_batches(
-        samples, cfg.train.batch_size, d.seq_len, d.packing, run.pad_id, run.dtype
-    )
-    return batches, counts
+    return eval_batches(samples, cfg.train.batch_size, d.seq_len, d.packing, run.pad_id, run.dtype)
+
+
+def partner_losses(ev, cfg, samples: list) -> dict[str, float]:
+    """Each conflicting task's held-out answers scored through its PARTNER's adapter (the task
+    id swapped): {task: loss}. Above the task's own loss when the two adapters learned
+    different answers to the same prompts; equal under one shared adapter."""
+    names = cfg.task_names
+    swap = {}
+    for a, b in PAIRS:
+        swap[names.index(a)], swap[names.index(b)] = names.index(b), names.index(a)
+    moved = [dataclasses.replace(x, task=swap[x.task]) for x in samples if x.task in swap]
+    ev.run.eval_set = batches(ev.run, cfg, moved)
+    scored = ev.loss_metrics()["tasks"]  # keyed by the adapter's task: map back to the answers'
+    return {names[swap[i]]: scored[names[i]]["loss"] for i in swap}
 
 
 def run_one(mode: str, seed: int, base: bool = False) -> dict:
@@ -102,15 +119,20 @@ def run_one(mode: str, seed: int, base: bool = False) -> dict:
     metrics = Trainer(cfg, progress=False, log=quiet).train()
     wall = time.perf_counter() - t0
     ev = Evaluator(cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet)
-    ev.run.eval_set, counts = heldout_batches(ev.run, cfg)
+    samples = heldout_samples(ev.run, cfg)
+    own = batches(ev.run, cfg, samples)
+    ev.run.eval_set = own
     res = {"mode": ev.mode, "adapter_parameters": ev.adapter_params, **ev.loss_metrics()}
-    for name, n in counts.items():
-        res["tasks"][name]["samples"] = n
+    for i, name in enumerate(cfg.task_names):
+        res["tasks"][name]["samples"] = sum(x.task == i for x in samples)
+    if ev.mode != "router":  # a router takes no task ids
+        res["partner_adapter_loss"] = partner_losses(ev, cfg, samples)
     res["train_seconds"] = metrics["train_seconds"]
     res["wall_seconds"] = wall
     res["pretrain"] = metrics["model"].get("pretrain", {})
     res["in_training_eval"] = metrics["eval_after"]  # the trainer's split of the TRAIN modules
     if base:
+        ev.run.eval_set = own
         with torch.no_grad():
             for p in adapter_parameters(ev.model):
                 p.zero_()
@@ -190,7 +212,7 @@ def main() -> int:
             json.dump(state, f, indent=1)
     with open(os.path.join(HERE, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
-    text = stdlib_report.results_md(state, cfg, list(MODES))
+    text = stdlib_report.results_md(state, cfg, list(MODES), PAIRS)
     with open(args.results, "w") as f:
         f.write(text)
     print(f"wrote {args.results}")

@@ -180,6 +180,68 @@ def paired(res: dict, tasks: list[str], modes: list[str]) -> list[str]:
     ]
 
 
+def against_base(state: dict, tasks: list[str], modes: list[str]) -> list[str]:
+    """Mean over seeds of each mode's per-seed change against the base (adapters zeroed)."""
+    floor, res = state.get("base", {}), state["results"]
+    rows = []
+    for mode in modes:
+        seeds = [s for s in res[mode] if s in floor]
+        if not seeds:
+            continue
+        cells = []
+        for t in [*tasks, "average"]:
+            key = (lambda r: r["average_loss"]) if t == "average" else (
+                lambda r, t=t: r["tasks"][t]["loss"])  # fmt: skip
+            d = [100 * (key(res[mode][s]) / key(floor[s]) - 1) for s in seeds]
+            cells.append(f"{statistics.mean(d):+.1f}%")
+        rows.append([mode, *cells])
+    if not rows:
+        return []
+    return [
+        "## What fine-tuning adds: change against the base (adapters zeroed), mean over seeds",
+        "",
+        *_table(["mode", *tasks, "average"], rows),
+    ]
+
+
+def conflict_check(state: dict, pairs: list[tuple[str, str]], modes: list[str]) -> list[str]:
+    """Each conflicting task's answers through its own adapter and through its partner's."""
+    res = state["results"]
+    rows = []
+    for mode in modes:
+        runs = [r for r in res[mode].values() if "partner_adapter_loss" in r]
+        if not runs:
+            continue
+        for a, b in pairs:
+            for t, other in ((a, b), (b, a)):
+                own = [r["tasks"][t]["loss"] for r in runs]
+                cross = [r["partner_adapter_loss"][t] for r in runs]
+                gap = statistics.mean(100 * (c / o - 1) for c, o in zip(cross, own))
+                rows.append([mode, f"`{t}`", f"`{other}`", _ms(own), _ms(cross), f"{gap:+.1f}%"])
+    if not rows:
+        return []
+    return [
+        "## Are the conflicts real? Each pair's answers through the partner's adapter",
+        "",
+        "Each task of a conflicting pair has the same held-out prompts as its partner. Scoring a "
+        "task's answers through the partner's adapter (the task id swapped) measures how far "
+        "the two adapters have moved apart: under `shared` there is one adapter, so the two "
+        "numbers are equal by construction.",
+        "",
+        *_table(
+            [
+                "mode",
+                "answers of",
+                "through the adapter of",
+                "own adapter",
+                "partner's adapter",
+                "change",
+            ],
+            rows,
+        ),  # fmt: skip
+    ]
+
+
 def runtime(state: dict, modes: list[str]) -> list[str]:
     res = state["results"]
     pre = {}
@@ -206,7 +268,24 @@ def runtime(state: dict, modes: list[str]) -> list[str]:
     ]
 
 
-def results_md(state: dict, cfg: dict, mode_order: list[str]) -> str:
+NOTES = [
+    "## Reading these numbers",
+    "",
+    "- The base is pretrained on the training split's text: every task's prompts and answers, "
+    "without task ids. It has therefore seen both answers of each conflicting pair as one "
+    "mixture; what an adapter can add is which answer its task wants, and whatever transfers "
+    "to modules it never saw.",
+    "- `verdict` answers are one token (` ok` or ` bug`) then the end of text, so with balanced "
+    "labels ln 2 / 2 ≈ 0.347 per answer token is chance: a loss near it means the answer "
+    "format is learned but not the bugs.",
+    "- At equal total adapter parameters the rank each token sees differs: T × r under "
+    "`shared`, r under `per_task` and `router`, T × r/2 + r/2 under `hybrid`.",
+    "- Seeds change the base (its pretraining and the trainer's eval split are seeded), so "
+    "compare modes within a seed (the paired table) rather than across seeds.",
+]
+
+
+def results_md(state: dict, cfg: dict, mode_order: list[str], pairs=()) -> str:
     res = state["results"]
     modes = [m for m in mode_order if m in res]
     tasks = [t["name"] for t in cfg["tasks"]]
@@ -225,6 +304,9 @@ def results_md(state: dict, cfg: dict, mode_order: list[str]) -> str:
         setup(state, cfg, tasks, modes),
         loss_tables(state, tasks, modes),
         paired(res, tasks, modes),
+        against_base(state, tasks, modes),
+        conflict_check(state, list(pairs), modes),
+        NOTES,
         runtime(state, modes),
     ):
         out += [*part, ""]
