@@ -22,7 +22,9 @@ LLAMA_LAYER_LINEARS = 7  # q, k, v, o, gate, up, down
 # The dim FSDP2 shards each adapter tensor on: the trainer's shard_placement_fn puts them on a
 # feature dim, not on dim 0 = T (mftk.train.distributed.SHARD_DIMS; tests/test_plan.py pins the two
 # together; a copy here keeps the planner free of the trainer's imports).
-ADAPTER_SHARD_DIMS = {"lora_a": 2, "lora_b": 1, "router_weight": 1, "router_bias": 0}
+ADAPTER_SHARD_DIMS = {
+    "lora_a": 2, "lora_b": 1, "router_weight": 1, "router_bias": 0, "shared_a": 1, "shared_b": 0,
+}  # fmt: skip
 
 # The configs shipped in mftk/configs/ (package data), by name and alias.
 SHIPPED = {

@@ -33,9 +33,12 @@ from mftk.patch import adapter_parameters
 from mftk.train.config import Config, ConfigError
 from mftk.train.tiny_model import DTYPES
 
-ADAPTER_PARAMS = ("lora_a", "lora_b", "router_weight", "router_bias")
-# the feature dim each adapter tensor is sharded on (dim 0 is the task dim T)
-SHARD_DIMS = {"lora_a": 2, "lora_b": 1, "router_weight": 1, "router_bias": 0}
+ADAPTER_PARAMS = ("lora_a", "lora_b", "router_weight", "router_bias", "shared_a", "shared_b")
+# the feature dim each adapter tensor is sharded on (dim 0 is the task dim T; the hybrid shared
+# adapter (R_s, D_in) / (D_out, R_s) has no T: its feature dims too)
+SHARD_DIMS = {
+    "lora_a": 2, "lora_b": 1, "router_weight": 1, "router_bias": 0, "shared_a": 1, "shared_b": 0,
+}  # fmt: skip
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
