@@ -7,6 +7,7 @@ The expected token ids are built here from MFTCoder's template as its code write
 then the eos id; after a bot turn a separate "\\n" without loss), with a tokenizer trained here.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,14 @@ import yaml
 import mftk
 from mftk.apps.convert_config import to_yaml
 from mftk.cli import main
-from mftk.train.config import ConfigError, config_from_dict, load_config
+from mftk.train.config import (
+    ConfigError,
+    LossConfig,
+    OutputConfig,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+)
 from mftk.train.data import DROP_OVERLONG, IGNORE, build_task_data
 from mftk.train.mftcoder import MFTCoderConfigError, convert, is_mftcoder_config
 from mftk.train.mftcoder_format import DEFAULT_MARKERS, inference_prompt
@@ -237,6 +245,7 @@ LORA = {
     "per_device_train_batch_size": 2,
     "per_device_eval_batch_size": 2,
     "learning_rate": 5e-5,
+    "min_lr": 5e-6,
     "weight_decay": 0.1,
     "gradient_accumulation_steps": 1,
     "lr_scheduler_type": "cosine",
@@ -294,9 +303,10 @@ def test_lora_config_maps_every_key():
         "steps": 2000,
         "warmup_steps": 300,
         "schedule": "cosine",
+        "min_lr": 0.0,  # HF's cosine ends at 0; MFTCoder never reads min_lr
     }
     assert cfg["loss"] == {"mode": "balanced"}
-    assert cfg["output"] == {"dir": "out", "save_every": 100}
+    assert cfg["output"] == {"dir": "out", "save_every": 100, "tb_dir": "tb"}
     # every given key is either mapped (its name in a comment) or noted with the reason
     used = " ".join(c.comments.values())
     assert [k for k in LORA if k not in c.notes and k not in used] == []
@@ -310,23 +320,60 @@ def test_qlora_coba_and_defaults():
     cfg = convert(raw).config
     assert cfg["model"]["quantize"] == "nf4" and cfg["model"]["double_quant"]  # default qlora
     assert cfg["adapter"]["rank"] == 96 and cfg["data"]["seq_len"] == 4097
-    assert cfg["train"]["warmup_steps"] == 5  # num_warmup_steps 0.05 of 100 steps
+    assert cfg["train"]["warmup_steps"] == 0.05  # num_warmup_steps: 0.05 of the 100 steps
     assert cfg["train"]["weight_decay"] == 0.01 and cfg["data"]["packing"] is True
+    assert "early_stopping_patience" not in cfg["train"]
     assert cfg["loss"] == {
         "mode": "coba",
-        "coba": {"warmup_steps": 10, "history_length": 30, "tau": 5.0},
+        "coba": {
+            "warmup_steps": 10,
+            "history_length": 30,
+            "tau": 5.0,
+            "update_interval": 1,
+            "eval_batches": 1,
+        },
     }
+    del raw["early_stopping"]  # MFTCoder's default: early stopping after 5 stalled evaluations
+    assert convert(raw).config["train"]["early_stopping_patience"] == 5
+
+
+@pytest.mark.parametrize(
+    "over, path, value",
+    [
+        ({"max_train_steps": None, "num_train_epochs": 3}, "train.epochs", 3),
+        ({"lr_scheduler_type": "linear", "min_lr": 1e-6}, "train.min_lr", 0.0),
+        ({"early_stopping": True, "early_stopping_stall_num": 3},
+         "train.early_stopping_patience", 3),
+        ({"epoch_checkpointing": True}, "output.save_every_epoch", True),
+        ({"weighted_loss_mode": "case2"}, "loss.mode", "sample"),
+        ({"weighted_loss_mode": "case4"}, "loss.mode", "task_sample"),
+        ({"tb_dir": "runs/tb"}, "output.tb_dir", "runs/tb"),
+        ({"saving_limit": 3}, "output.keep_best", 1),
+        (
+            {"weighted_loss_mode": "coba", "coba_update_interval": 4, "coba_sample_valid_num": 2},
+            "loss.coba",
+            {"warmup_steps": 100, "history_length": 200, "tau": 5.0, "update_interval": 4,
+             "eval_batches": 2},
+        ),
+    ],
+)  # fmt: skip
+def test_keys_mftk_now_follows_are_mapped(over, path, value):
+    c = convert({**LORA, **over})
+    section, key = path.split(".")
+    assert c.config[section][key] == value
+    section_cls = {"train": TrainConfig, "loss": LossConfig, "output": OutputConfig}[section]
+    assert key in {f.name for f in dataclasses.fields(section_cls)}  # an mftk key
+    key = list(over)[-1]  # named in the setting's comment, or noted (min_lr: unused by MFTCoder)
+    assert key in c.comments.get(path, "") or key in c.notes, (path, c.comments)
 
 
 @pytest.mark.parametrize(
     "over, key, hint",
     [
-        ({"min_lr": 5e-6}, "min_lr", "not supported yet"),
-        ({"max_train_steps": None, "num_train_epochs": 4}, "num_train_epochs", "max_train_steps"),
-        ({"early_stopping": True}, "early_stopping", "not supported yet"),
-        ({"epoch_checkpointing": True}, "epoch_checkpointing", "checkpointing_steps"),
-        ({"weighted_loss_mode": "coba", "coba_update_interval": 1}, "coba_update_interval", "yet"),
-        ({"weighted_loss_mode": "case2"}, "weighted_loss_mode", "case1 (token)"),
+        ({"weighted_loss_mode": "case5"}, "weighted_loss_mode", "case2 (sample)"),
+        ({"early_stopping": "yes"}, "early_stopping", "expected true or false"),
+        ({"num_train_epochs": 1.5}, "num_train_epochs", "expected an integer"),
+        ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type", "use cosine, linear"),
         ({"padding_mode": "concat"}, "padding_mode", "use padding or pack"),
         ({"peft_type": None}, "peft_type", "use lora or qlora"),
         ({"distributed_type": "deepspeed"}, "distributed_type", "distributed.strategy: fsdp2"),
@@ -341,9 +388,9 @@ def test_qlora_coba_and_defaults():
 )
 def test_keys_mftk_cannot_follow_are_refused_by_name(over, key, hint):
     with pytest.raises(MFTCoderConfigError) as err:
-        convert({**LORA, **over, "min_lr": 1e-6})
+        convert({**LORA, **over, "tokenize_mode": "pt"})
     lines = str(err.value).splitlines()[1:]
-    assert any(x.startswith("  min_lr: not supported yet") for x in lines)  # all at once
+    assert any(x.startswith('  tokenize_mode: "pt": not supported yet') for x in lines)  # at once
     assert any(x.startswith(f"  {key}: ") and hint in x for x in lines), lines
 
 
@@ -374,7 +421,7 @@ def test_convert_config_cli_and_train_from_json(tmp_path, tok, capsys):
     assert main(["convert-config", str(tmp_path / "cfg.json"), str(out)]) == 0
     text = out.read_text()
     assert "seq_len: 4097" not in text and "seq_len: 129" in text
-    assert "# seq_length 128 + 1" in text and "#   tb_dir: mftk writes TensorBoard" in text
+    assert "# seq_length 128 + 1" in text and 'tb_dir: "../tb"' in text
     conv = convert(raw)
     assert yaml.safe_load(to_yaml(conv, "cfg.json")) == conv.config
     from_yaml, from_json = load_config(str(out)), load_config(str(tmp_path / "cfg.json"))
@@ -399,9 +446,9 @@ def test_convert_config_cli_and_train_from_json(tmp_path, tok, capsys):
         ],
     )
     assert list(qa) == want[0]
-    (tmp_path / "bad.json").write_text(json.dumps(dict(raw, min_lr=1e-6)))
+    (tmp_path / "bad.json").write_text(json.dumps(dict(raw, padding_mode="concat")))
     assert main(["train", str(tmp_path / "bad.json")]) == 2
-    assert "min_lr: not supported yet" in capsys.readouterr().err
+    assert "padding_mode: concat is not supported yet" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -90,6 +90,8 @@ def rebase(config: dict[str, Any], src_dir: str, dst_dir: str) -> None:
         task["data"] = move(task["data"])
     config["model"]["path"] = move(config["model"]["path"])
     config["output"]["dir"] = move(config["output"]["dir"])
+    if config["output"].get("tb_dir") is not None:
+        config["output"]["tb_dir"] = move(config["output"]["tb_dir"])
 
 
 def run(args: argparse.Namespace) -> int:

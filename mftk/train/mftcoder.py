@@ -2,12 +2,11 @@
 
 `convert(raw)` maps every key of MFTCoder's MftTrainArgs: a key that has a meaning here becomes an
 mftk setting (with a comment naming the key and what differs); a key that changes nothing here
-(TensorBoard dir, legacy keys) becomes a note that says why; a key whose behaviour mftk cannot
-reproduce (DeepSpeed, epochs, min_lr, early stopping, CoBa's update interval, case2/case4 losses,
-full-parameter training) is refused by name with what to use instead. All refusals are reported
-at once. A key left out takes MFTCoder's default where mftk can follow it (MFTCoder's own defaults:
-QLoRA, rank 96, alpha 32, seq_length 4096, ...); where it cannot (early_stopping, min_lr), a
-note says so.
+(min_lr, which MFTCoder's scheduler never reads; legacy keys) becomes a note that says why; a key
+whose behaviour mftk cannot reproduce (DeepSpeed, full-parameter training, concat padding,
+tokenized data) is refused by name with what to use instead. All refusals are reported at once.
+A key left out takes MFTCoder's default (QLoRA, rank 96, alpha 32, seq_length 4096, early
+stopping after 5 evaluations without a lower eval loss, ...).
 
 The converted config trains one LoRA shared by all tasks (adapter.mode: shared, MFTCoder's
 setup) on MFTCoder's data template (data.template: mftcoder, see mftk.train.mftcoder_format),
@@ -26,6 +25,7 @@ from typing import Any
 
 from mftk.train.mftcoder_format import DEFAULT_MARKERS
 from mftk.train.mftcoder_keys import (
+    BOOLS,
     DEFAULTS,
     DISTRIBUTED_HINT,
     FLOATS,
@@ -88,6 +88,8 @@ def _type_errors(raw: dict[str, Any]) -> dict[str, str]:
                 bad[key] = f"expected an integer, got {value!r}"
         elif key in FLOATS and (isinstance(value, bool) or not isinstance(value, (int, float))):
             bad[key] = f"expected a number, got {value!r}"
+        elif key in BOOLS and not isinstance(value, bool):
+            bad[key] = f"expected true or false, got {value!r}"
     return bad
 
 
@@ -119,19 +121,21 @@ def _tasks(c: Conversion, v: dict[str, Any]) -> None:
 
 
 def _steps(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
-    steps = v["max_train_steps"]
+    steps, warm = v["max_train_steps"], v["num_warmup_steps"]
     if steps is None:
-        c.refused["num_train_epochs"] = (
-            "not supported yet: mftk trains for a number of steps; set max_train_steps "
-            "(MFTCoder then derives the epochs from it)"
+        c.set(
+            "train.epochs",
+            v["num_train_epochs"],
+            "num_train_epochs: an epoch's steps counted from the packed training data as MFTCoder "
+            "counts its dataloader (mftk.train.run.epoch_steps); the sampler draws tasks in "
+            "proportion to their sizes, each task's samples in a shuffled cycle",
         )
-        return
-    c.set("train.steps", steps, "max_train_steps")
-    if "num_train_epochs" in given:
-        c.notes["num_train_epochs"] = "MFTCoder derives the epochs from max_train_steps when set"
-    warm = v["num_warmup_steps"]
-    if isinstance(warm, float) and warm < 1.0:
-        c.set("train.warmup_steps", int(steps * warm), f"num_warmup_steps {warm} of the steps")
+    else:
+        c.set("train.steps", steps, "max_train_steps")
+        if "num_train_epochs" in given:
+            c.notes["num_train_epochs"] = "MFTCoder derives the epochs from max_train_steps if set"
+    if isinstance(warm, float) and warm < 1.0:  # int(fraction × steps), as MFTCoder
+        c.set("train.warmup_steps", warm, f"num_warmup_steps {warm}: that fraction of the steps")
     else:
         c.set("train.warmup_steps", int(warm), "num_warmup_steps")
 
@@ -142,21 +146,18 @@ def _schedule(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
         c.set("train.schedule", "constant", "lr_scheduler_type constant")
         c.set("train.warmup_steps", 0, "HF's constant schedule ignores num_warmup_steps")
     elif kind in SCHEDULES:
-        floor = (
-            ", decaying to 10% of lr (HF's decays to 0)" if kind != "constant_with_warmup" else ""
-        )
-        c.set("train.schedule", SCHEDULES[kind], f"lr_scheduler_type {kind}{floor}")
+        c.set("train.schedule", SCHEDULES[kind], f"lr_scheduler_type {kind}")
+        if kind != "constant_with_warmup":
+            c.set("train.min_lr", 0.0, f"HF's {kind} schedule, as MFTCoder builds it, ends at 0")
     else:
         c.refused["lr_scheduler_type"] = (
             f"{kind!r} is not supported; use cosine, linear, constant or constant_with_warmup"
         )
     if "min_lr" in given:
-        c.refused["min_lr"] = (
-            "not supported yet: mftk's cosine and linear schedules decay to 10% of learning_rate, "
-            "without a floor; remove min_lr to accept that"
+        c.notes["min_lr"] = (
+            "unused by MFTCoder: its get_scheduler takes no floor, so its lr decays to 0 "
+            "(train.min_lr: 0 follows that; set it to another floor if you meant one)"
         )
-    else:
-        c.notes["min_lr"] = "MFTCoder's default floor 5e-6 is not supported yet; lr decays to 10%"
 
 
 def _loss(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
@@ -173,14 +174,17 @@ def _loss(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
                 c.notes[k] = "unused: weighted_loss_mode is not coba"
         return
     coba = {"warmup_steps": v["coba_warmup_steps"], "history_length": v["coba_history_length"]}
-    c.config["loss"]["coba"] = {**coba, "tau": float(v["coba_tau"])}
-    c.comments["loss.coba"] = "coba_warmup_steps, coba_history_length, coba_tau"
-    for k in ("coba_update_interval", "coba_sample_valid_num"):
-        if k in given:
-            c.refused[k] = (
-                "not supported yet: mftk updates the CoBa weights at every evaluation "
-                "(evaluation_steps) from the whole validation split; remove it to accept that"
-            )
+    c.config["loss"]["coba"] = {
+        **coba,
+        "tau": float(v["coba_tau"]),
+        "update_interval": v["coba_update_interval"],
+        "eval_batches": v["coba_sample_valid_num"],
+    }
+    c.comments["loss.coba"] = (
+        "coba_warmup_steps, coba_history_length, coba_tau, coba_update_interval, "
+        "coba_sample_valid_num (eval batches of train.batch_size rows: MFTCoder's hold "
+        "per_device_eval_batch_size)"
+    )
 
 
 def _data(c: Conversion, v: dict[str, Any]) -> None:
@@ -252,8 +256,38 @@ def _train(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
     c.set("output.save_every", v["checkpointing_steps"], "checkpointing_steps")
     if v["saving_limit"] is not None:
         c.set("output.keep_last", v["saving_limit"], "saving_limit")
+        c.set(
+            "output.keep_best",
+            1,
+            "saving_limit: MFTCoder's rotation spares the checkpoint of the lowest eval loss; "
+            "mftk keeps it in checkpoints/best/",
+        )
     elif "saving_limit" in given:
         c.notes["saving_limit"] = "null: MFTCoder keeps every checkpoint, mftk output.keep_last (2)"
+    if v["tb_dir"] is not None:
+        c.set("output.tb_dir", v["tb_dir"], "tb_dir (written when tensorboard is installed)")
+    if v["epoch_checkpointing"]:
+        c.set(
+            "output.save_every_epoch",
+            True,
+            "epoch_checkpointing: a checkpoint at each epoch's end (step-N folders; MFTCoder "
+            "names them epoch_N)",
+        )
+    elif "epoch_checkpointing" in given:
+        c.notes["epoch_checkpointing"] = "false: checkpoints every checkpointing_steps only"
+    if v["early_stopping"]:
+        c.set(
+            "train.early_stopping_patience",
+            v["early_stopping_stall_num"],
+            "early_stopping, early_stopping_stall_num: evaluations in a row without a lower eval "
+            "loss (mftk's: the loss_weight-weighted mean of the task eval losses; MFTCoder's: "
+            "the mean over eval batches of the weighted_loss_mode loss)",
+        )
+    else:
+        if "early_stopping" in given:
+            c.notes["early_stopping"] = "false: no early stopping"
+        if "early_stopping_stall_num" in given:
+            c.notes["early_stopping_stall_num"] = "unused: early_stopping is false"
 
 
 def _switches(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
@@ -268,10 +302,6 @@ def _switches(c: Conversion, v: dict[str, Any], given: dict[str, Any]) -> None:
             c.refused[key] = f"{json.dumps(v[key])}: {refusal}"
         elif key in given and key not in c.comments:
             c.notes[key] = note
-    if "early_stopping" not in given:
-        c.notes["early_stopping"] = "MFTCoder's default true is not supported yet: no early stop"
-    elif "early_stopping_stall_num" in given and not v["early_stopping"]:
-        c.notes["early_stopping_stall_num"] = "unused: early_stopping is false"
 
 
 def convert(raw: dict[str, Any]) -> Conversion:

@@ -31,20 +31,28 @@ REQUIRED = ("data_paths", "output_dir", "pretrained_model_path")
 INTS = (
     "lora_rank", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
     "seq_length", "log_interval", "checkpointing_steps", "evaluation_steps", "max_train_steps",
-    "saving_limit", "coba_warmup_steps", "coba_history_length",
+    "saving_limit", "coba_warmup_steps", "coba_history_length", "coba_update_interval",
+    "coba_sample_valid_num", "num_train_epochs", "early_stopping_stall_num",
 )  # fmt: skip
 FLOATS = ("lora_alpha", "lora_dropout", "learning_rate", "weight_decay", "coba_tau")
-FLOATS += ("num_warmup_steps",)
-LOSSES = {"case1": "token", "case3": "balanced", "coba": "coba"}
+FLOATS += ("num_warmup_steps", "min_lr")
+BOOLS = ("early_stopping", "epoch_checkpointing")
+LOSSES = {
+    "case1": "token", "case2": "sample", "case3": "balanced", "case4": "task_sample",
+    "coba": "coba",
+}  # fmt: skip
 LOSS_NOTES = {
     "case1": "the token mean over all answer tokens",
+    "case2": "the mean over samples of each sample's token mean (MFTCoder's sample is a row: "
+    "under padding_mode pack a packed row of one task, mftk's the packed sample)",
     "case3": "the task-weighted mean of the task token means of a batch",
-    "coba": "mftk's CoBa weights (mftk.train.coba)",
+    "case4": "the task-weighted mean of each task's mean over its samples of their token means "
+    "(samples as case2)",
+    "coba": "CoBa's weights as MFTCoder computes them (mftk.train.coba)",
 }
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant_with_warmup": "constant"}
 # keys that change nothing in mftk's run: the note says why
 NOTES = {
-    "tb_dir": "mftk writes TensorBoard logs (when tensorboard is installed) to output.dir/tb",
     "model_type": "mftk reads the architecture from the model's config.json",
     "low_cpu_mem_usage": "a loading detail; mftk loads with transformers' defaults",
     "data_weights": "MFTCoder overwrites it with 1 per task (unused there too)",
@@ -93,16 +101,6 @@ SWITCHES = {
         (None,),
         "null: a fresh run",
         "use `mftk train CONFIG --resume` (it resumes from output.dir's latest checkpoint)",
-    ),
-    "epoch_checkpointing": (
-        (False,),
-        "false: checkpoints every checkpointing_steps only, as mftk",
-        "not supported yet; use checkpointing_steps",
-    ),
-    "early_stopping": (
-        (False,),
-        "false: no early stopping, as mftk",
-        "not supported yet (nor early_stopping_stall_num); set early_stopping false",
     ),
     "distributed_type": ((None,), "one process", DISTRIBUTED_HINT),
 }
