@@ -6,7 +6,9 @@
 setup() builds the run's parts once (mftk.train.run.build_run) and the loss mode's object
 (mftk.train.losses.LOSSES). Each step draws packed micro-batches from the stage's task mix and
 runs mftk.train.step.train_step; evaluation (per-task answer-token loss on the held-out split)
-runs at step 0, every `train.eval_every` steps and at the end, and feeds the loss mode (CoBa).
+runs at step 0, every `train.eval_every` steps and at the end, and feeds the loss mode (CoBa's
+L(0)) and the eval tracker (early stopping, keep-best: mftk.train.tracking). Around each step the
+loss mode may update itself and ask for a few eval batches' losses (CoBa's updates).
 What differs across processes is the strategy's (mftk.train.parallel.Single here,
 mftk.train.distributed.FSDP2 for `distributed.strategy: fsdp2`).
 """
