@@ -197,7 +197,7 @@ def _hf_dir(path):
 
 
 def test_resume_with_an_extra_task_keeps_old_state(tmp_path):
-    from mftk.train.checkpointing import run_key
+    from mftk.train.checkpointing import load_trainer_state, run_key
     from mftk.train.grow import _without, checkpoint_tasks, new_tasks
 
     hf = _hf_dir(tmp_path / "hf")
@@ -210,7 +210,7 @@ def test_resume_with_an_extra_task_keeps_old_state(tmp_path):
     quiet = dict(progress=False, log=lambda s: None)
     Trainer(config_from_dict(copy.deepcopy(raw), EXAMPLE), max_steps=4, **quiet).train()
     ck = tmp_path / "out" / "checkpoints" / "step-000004"
-    old = torch.load(ck / "trainer_state.pt", weights_only=False)
+    old = load_trainer_state(str(ck))
     assert checkpoint_tasks(old) == ["completion"]
     grown = copy.deepcopy(raw)
     grown["tasks"].append(dict(CLASSIFY, rank=12))  # a larger rank: R grows from 8 to 12

@@ -110,7 +110,7 @@ def run_one(variant: str, seed: int, samples: int) -> dict:
     cfg = load(variant, seed)
     quiet = lambda msg: None  # noqa: E731
     t0 = time.perf_counter()
-    metrics = Trainer(cfg, progress=False, log=quiet).train()
+    metrics = Trainer(cfg, progress=False, log=quiet, overwrite=True).train()
     wall = time.perf_counter() - t0
     res = evaluate_run(
         cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet, samples=samples, ks=(1, 5)
@@ -143,7 +143,8 @@ def timing(variants: list[str], rounds: int, steps: int) -> dict[str, list[float
         for v in variants:
             cfg = load(v, 0)
             cfg.output.dir += "-timing"
-            m = Trainer(cfg, max_steps=steps, progress=False, log=lambda msg: None).train()
+            t = Trainer(cfg, max_steps=steps, progress=False, log=lambda m: None, overwrite=True)
+            m = t.train()
             out[v].append(m["train_seconds"] / m["steps"])
             print(f"timing round {r} {v}: {1000 * out[v][-1]:.1f} ms/step", file=sys.stderr)
     return out

@@ -4,7 +4,8 @@ A RUN is a run folder holding `eval.json` (written by `mftk eval`) or only `metr
 (written by `mftk train`: its final per-task eval loss), or the path of such a JSON file itself.
 Prints per-task held-out loss for every run, the average over tasks, each run's change of the
 average against the first run, router accuracy, pass@k where present, adapter parameters and
-training time; plots per-task loss (and pass@k) as grouped bars.
+training time; with --plot, plots per-task loss (and pass@k) as grouped bars (nothing is
+written without a path).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def plot_compare(runs: list[dict[str, Any]], names: list[str], path: str) -> Non
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders (eval.json / metrics.json) or files")
     parser.add_argument("--names", default=None, help="comma-separated column names")
-    parser.add_argument("--plot", default="compare.png", help="PNG to write (default compare.png)")
+    parser.add_argument("--plot", default=None, help="also write the comparison plot (PNG) here")
     parser.add_argument("--json", default=None, help="also write the loaded runs as one JSON")
 
 
@@ -161,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         names = [os.path.basename(os.path.normpath(p)) or p for p in args.runs]
     print(compare_table(runs, names))
-    plot_compare(runs, names, args.plot)
-    print(f"wrote {args.plot}", file=sys.stderr)
+    if args.plot:
+        plot_compare(runs, names, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(zip(names, runs)), f, indent=1)

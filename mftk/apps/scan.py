@@ -6,7 +6,8 @@ Python files are split into functions and methods with the standard library's `a
 does not parse, or has no function, falls back to windows); files of other extensions into
 fixed-size line windows with overlap. Every unit is rendered the way the trainer rendered the
 task's samples (the head's prompt_template, bos and seq_len stored in mftk_config.json),
-classified in batches, and listed in a JSON report and a table sorted by score.
+classified in batches, and listed in a table sorted by score (printed; also written as JSON
+with --output, and as text with --table: nothing is written without a path).
 score = 1 - P(negative label), the negative label being the head's first label unless
 --negative says otherwise (for labels [ok, bug]: P(bug)).
 `--fail-above S` exits 1 when any unit scores above S, so that the scan can gate CI.
@@ -258,7 +259,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--negative", help="the 'clean' label (default: the head's first label)")
-    p.add_argument("--output", default="mftk_scan.json", help="JSON report (default: %(default)s)")
+    p.add_argument("--output", default=None, help="also write the JSON report here")
     p.add_argument("--table", help="also write the table to this file")
     p.add_argument("--top", type=int, default=None, help="print only the top N rows")
     p.add_argument("--fail-above", type=float, default=None,
@@ -276,8 +277,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"mftk scan: error: {err}", file=sys.stderr)
         return 2
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
     rows = report["units"]
     table = format_table(rows)
     if args.table:
@@ -285,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
             f.write(table + "\n")
     shown = rows if args.top is None else rows[: args.top]
     print(format_table(shown))
-    print(f"\n{len(rows)} units in {report['files']} files; report -> {args.output}")
+    saved = f"; report -> {args.output}" if args.output else ""
+    print(f"\n{len(rows)} units in {report['files']} files{saved}")
     if args.fail_above is not None:
         over = [r for r in rows if r["score"] > args.fail_above]
         if over:

@@ -3,4 +3,6 @@
 config (checks) -> run.build_run (model, data, optimizer, once) -> step (forward_batch,
 train_step, evaluate) under a strategy (parallel.Single, or distributed.FSDP2 with sharding and
 dcp) -> loop.Trainer (stages, checkpoints, report). Losses: losses.LOSSES, picked by loss.mode.
+Checkpoints: checkpointing (manifest with sha256, fsync, rename; one run per output dir) over
+statefile (JSON + safetensors, no pickle); interrupt: SIGINT / SIGTERM stop at a step boundary.
 """

@@ -25,8 +25,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mftk.train.checkpointing import list_checkpoints, load_rank_rng, run_key
+from mftk.train.checkpointing import (
+    latest_valid,
+    load_rank_rng,
+    prepare_output,
+    remove_if_empty,
+    remove_stale_temps,
+    run_key,
+)
 from mftk.train.config import Config, ConfigError
+from mftk.train.interrupt import Interrupted, StopSignals
 from mftk.train.losses import build_loss
 from mftk.train.parallel import RANK_SEED_STRIDE, Single
 from mftk.train.report import Progress, fmt, new_history, record_eval, record_step, write_outputs
@@ -49,11 +57,12 @@ class Trainer:
         resume: bool = False,
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
+        overwrite: bool = False,
     ):
         self.cfg = cfg
         self.out = os.path.abspath(output_dir or cfg.output.dir)
         self.max_steps_arg = max_steps  # --max-steps (None: the configured steps)
-        self.resume = resume
+        self.resume, self.overwrite = resume, overwrite
         self._log = log
         self.par = self.strategy(cfg)
         self.rank, self.is_main = self.par.rank, self.par.rank == 0
@@ -89,11 +98,26 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     def setup(self) -> None:
-        """Build the run (model, data, optimizer), the loss mode and a fresh history."""
+        """Build the run (model, data, optimizer), the loss mode and a fresh history. First the
+        output dir: it must not hold another run (checkpointing.prepare_output: --resume,
+        --overwrite); the main process removes temp folders of killed runs; with --resume the
+        checkpoint to load is picked (resume_from: the newest valid one, or None). An output
+        dir this call created is removed again if setup fails before anything is written there."""
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
-        os.makedirs(self.out, exist_ok=True)
-        self.run = build_run(self.cfg, self.out, self.log, self.par)
+        prepare_output(self.out, self.resume, self.overwrite, self.is_main, self.log)
+        ckpts = os.path.join(self.out, "checkpoints")
+        if self.is_main:
+            remove_stale_temps(ckpts, self.log)
+        self.resume_from = latest_valid(ckpts, self.log) if self.resume else None
+        created = not os.path.exists(self.out)
+        try:
+            self.run = build_run(self.cfg, self.out, self.log, self.par)
+            os.makedirs(self.out, exist_ok=True)
+        except BaseException:
+            if created and self.is_main:
+                remove_if_empty(self.out)
+            raise
         self.loss = build_loss(self.cfg.loss, len(self.tasks))
         self.plan_steps()  # train.epochs: build_run has set the steps
         weights = [t.loss_weight for t in self.cfg.tasks]
@@ -207,7 +231,20 @@ class Trainer:
             keep = self.cfg.output.keep_best
             self.tracker.keep_best(os.path.join(self.out, "checkpoints"), path, self.step, keep)
         self.log(f"checkpoint -> {path}")
+        self.saved = (self.step, path)
         return path
+
+    def stop_on_signal(self, progress: Progress) -> None:
+        """Collective, at a step boundary: after a SIGINT / SIGTERM (mftk.train.interrupt), save a
+        checkpoint at this step (unless just saved), close, and raise Interrupted."""
+        signum = self.signals.requested(self.par.reduce)
+        if signum is None:
+            return
+        path = self.saved[1] if self.saved[0] == self.step else self.save()
+        progress.close()
+        self.signals.armed = False
+        self.par.close()
+        raise Interrupted(signum, self.step, path)
 
     def checkpoint_due(self) -> bool:
         """A checkpoint after this step: every output.save_every steps, at each epoch's end
@@ -220,17 +257,21 @@ class Trainer:
     # ------------------------------------------------------------------ main
 
     def train(self) -> dict[str, Any] | None:
-        """Train (collectively under fsdp2); the main process returns the metrics, others None."""
+        """Train (collectively under fsdp2); the main process returns the metrics, others None.
+        Interrupted: stopped by SIGINT / SIGTERM after saving a checkpoint."""
+        with StopSignals(announce=self.is_main) as self.signals:
+            return self._train()
+
+    def _train(self) -> dict[str, Any] | None:
         cfg = self.cfg
         t_start = time.perf_counter()
         self.setup()
         resumed_from = None
         if self.resume:
-            found = list_checkpoints(os.path.join(self.out, "checkpoints"))
-            if not found:
+            resumed_from = self.resume_from
+            if resumed_from is None:
                 self.log(f"--resume: no checkpoint under {self.out}/checkpoints; starting fresh")
             else:
-                resumed_from = found[-1]
                 self.load_checkpoint(resumed_from)
                 self.log(f"resumed from {resumed_from} at step {self.step}")
         if resumed_from is None:
@@ -242,6 +283,8 @@ class Trainer:
         progress = Progress(self)
         self.run.model.train()
         stage = -1
+        self.saved: tuple[int, str | None] = (-1, None)
+        self.signals.armed = True
         while self.step < self.max_steps and not self.tracker.stop:
             i = self.stage_index(self.step)
             if i != stage:
@@ -272,6 +315,8 @@ class Trainer:
                     f"evaluations (best {t.best:.4f} at step {t.best_step})"
                 )
                 break
+            self.stop_on_signal(progress)
+        self.signals.armed = False
         progress.close()
         out = self.finish(time.perf_counter() - t_start, resumed_from)
         self.par.close()

@@ -40,7 +40,7 @@ RANK_SEED_STRIDE = 1_000_003
 
 class Single:
     """One process: the batch's own loss, the identity reducer, checkpoints with the optimizer
-    and RNG in trainer_state.pt (mftk.train.checkpointing)."""
+    and RNG in the trainer state (mftk.train.checkpointing)."""
 
     rank, world = 0, 1
 
@@ -98,6 +98,7 @@ class Single:
     def load(self, trainer: Any, path: str) -> None:
         """Adapters, optimizer, progress and RNG from checkpoint folder path (with tasks appended
         to the config since: see mftk.train.grow)."""
+        ckpt.check_strategy(path, "none")
         st = load_grown_checkpoint(trainer, path)
         if st is None:
             st = ckpt.load_checkpoint(path, trainer.run.model)

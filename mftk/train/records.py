@@ -163,6 +163,8 @@ def _read_jsonl(path: str, task: TaskConfig, fmt: str, r: Render):
                     rec = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+                except RecursionError:
+                    raise ValueError("invalid JSON (nested too deeply)") from None
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
                 kind = fmt
