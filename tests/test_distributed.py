@@ -29,6 +29,7 @@ from mftk.train.data import IGNORE, Sample
 from mftk.train.loop import Trainer
 from mftk.train.losses import mft_loss, router_losses
 from mftk.train.packing import MultiTaskSampler
+from mftk.train.statefile import load_state, save_state
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXAMPLE = os.path.join(ROOT, "examples", "tiny")
@@ -177,17 +178,14 @@ def test_fsdp2_two_ranks_match_one_process(hard_runs):
     assert "activation checkpointing on" in r["logs"]
     ck = r["tmp"] / "two" / "checkpoints"
     assert sorted(os.listdir(ck)) == ["step-000002", "step-000004"]  # no .tmp left over
-    assert {"dcp", "trainer_state.pt", "rng-rank0.pt", "rng-rank1.pt"} <= set(
+    files = ("full_state", "trainer_state", "rng-rank0", "rng-rank1")
+    assert {f"{f}.{e}" for f in files for e in ("json", "safetensors")} | {"manifest.json"} == set(
         os.listdir(ck / "step-000002")
     )
     # per-rank dropout seeds: rank 0 keeps the one-process stream, rank 1 has its own (with
     # dropout 0 neither is drawn from, and the runs above still match)
-    rng = [
-        torch.load(ck / "step-000002" / f"rng-rank{k}.pt", weights_only=False)["torch"]
-        for k in (0, 1)
-    ]
-    one = r["tmp"] / "one" / "checkpoints" / "step-000002" / "trainer_state.pt"
-    one = torch.load(one, weights_only=False)
+    rng = [load_state(str(ck / "step-000002" / f"rng-rank{k}"))["torch"] for k in (0, 1)]
+    one = load_state(str(r["tmp"] / "one" / "checkpoints" / "step-000002" / "trainer_state"))
     assert torch.equal(rng[0], one["rng"]["torch"]) and not torch.equal(rng[0], rng[1])
     torch.manual_seed(r["raw2"]["train"].get("seed", 0) + D.RANK_SEED_STRIDE)
     assert torch.equal(rng[1], torch.get_rng_state())
@@ -196,7 +194,7 @@ def test_fsdp2_two_ranks_match_one_process(hard_runs):
 @pytest.mark.parametrize("nproc, batch", [(2, 2), (1, 4)], ids=["2ranks", "1rank"])
 def test_sharded_checkpoint_resumes(hard_runs, nproc, batch):
     """Resume the 2-rank run's step-2 checkpoint on 2 ranks (bit for bit) and on 1 rank with
-    the same global batch (adapters and AdamW state resharded by torch.distributed.checkpoint)."""
+    the same global batch (the full adapters and AdamW state: each rank keeps its shard)."""
     r, tmp = hard_runs, hard_runs["tmp"]
     out = tmp / f"resume{nproc}"
     (out / "checkpoints").mkdir(parents=True)
@@ -473,12 +471,12 @@ def test_dropout_streams_differ_after_resuming_on_more_ranks(cache_dir, tmp_path
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     ck = tmp_path / "out" / "checkpoints"
-    assert "rng-rank1.pt" not in os.listdir(ck / "step-000002")
+    assert "rng-rank1.json" not in os.listdir(ck / "step-000002")
     raw["train"]["batch_size"] = 2  # the same global batch on 2 ranks
     got, logs = torchrun(2, raw, tmp_path, "--resume", name="two")
     assert got["resumed_from"].endswith("step-000002") and got["steps"] == 4, logs[-2000:]
     assert all(math.isfinite(x) for x in got["history"]["loss"])
-    assert {"rng-rank0.pt", "rng-rank1.pt"} <= set(os.listdir(ck / "step-000004"))
+    assert {"rng-rank0.json", "rng-rank1.json"} <= set(os.listdir(ck / "step-000004"))
 
 
 def test_per_rank_dropout_seeds_and_rng_loading(tmp_path):
@@ -506,11 +504,12 @@ def test_per_rank_dropout_seeds_and_rng_loading(tmp_path):
     torch.rand(7)
     saved = ckpt.rng_state()
     for r in (0, 1):
-        torch.save(saved, tmp_path / f"rng-rank{r}.pt")
+        save_state(saved, str(tmp_path / f"rng-rank{r}"))
     torch.rand(3)
     ranks[1].load_rng(str(tmp_path))  # its own file
     assert torch.equal(torch.get_rng_state(), saved["torch"])
-    (tmp_path / "rng-rank1.pt").unlink()
+    for ext in ("json", "safetensors"):
+        (tmp_path / f"rng-rank1.{ext}").unlink()
     ranks[1].load_rng(str(tmp_path))  # none: its own stream
     got = torch.get_rng_state()
     torch.manual_seed(5 + D.RANK_SEED_STRIDE + 2)

@@ -9,6 +9,7 @@ real `mftk train` process; and the commands that must not write into the current
 
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -91,14 +92,12 @@ def test_no_pickle_in_the_package():
     bad = re.compile(
         r"torch\.load\s*\(|\bimport pickle\b|\bpickle\.\w+\(|weights_only|\bdcp\.(save|load)\("
     )
-    hits = []
-    for dp, _, names in os.walk(PACKAGE):
-        for n in names:
-            if n.endswith(".py"):
-                with open(os.path.join(dp, n), encoding="utf-8") as f:
-                    for i, line in enumerate(f, 1):
-                        if bad.search(line):
-                            hits.append(f"{os.path.relpath(os.path.join(dp, n), ROOT)}:{i}")
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in sorted(pathlib.Path(PACKAGE).rglob("*.py"))
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if bad.search(line)
+    ]
     assert not hits, hits
 
 
@@ -271,8 +270,7 @@ def test_second_run_into_an_output_dir_is_refused_unless_overwrite(base, tmp_pat
     """A dir holding a run's outputs: refused without --resume (one line, exit 2), also for
     --resume when there is no checkpoint to continue; --overwrite removes that run's outputs and
     keeps the tiny base's cache/ (reused, not rebuilt) and unrelated files."""
-    raw = copy_run(base, tmp_path / "run")
-    out = tmp_path / "run"
+    raw, out = copy_run(base, tmp_path / "run"), tmp_path / "run"
     (out / "notes.txt").write_text("mine")
     cfg = write_config(raw, tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="holds a previous run's outputs"):
@@ -296,8 +294,7 @@ def _wait_for(log_path, pattern, proc, timeout=60.0):
     """The first match of pattern in the process's log, polling; fails if it exits first."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        m = re.search(pattern, log_path.read_text())
-        if m:
+        if m := re.search(pattern, log_path.read_text()):
             return m
         assert proc.poll() is None, log_path.read_text()[-3000:]
         time.sleep(0.05)
@@ -325,7 +322,6 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_resume_continues(base, tmp_pat
     then stops it the same way (143). Resumed to a fixed step, the run equals an uninterrupted
     one."""
     out = tmp_path / "run"
-    (out).mkdir()
     shutil.copytree(base["out"] / "cache", out / "cache")
     raw = tiny_raw(out, steps=300)
     raw["output"]["save_every"] = None
@@ -333,8 +329,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_resume_continues(base, tmp_pat
     cmd = [sys.executable, "-m", "mftk", "train", cfg, "--no-progress"]
     rc, log = _interrupt(cmd, tmp_path / "a.log", r"step 1/300 ", signal.SIGINT)
     assert rc == 130, log[-3000:]
-    m = re.search(r"mftk train: interrupted by SIGINT at step (\d+); checkpoint (\S+)", log)
-    assert m, log[-3000:]
+    assert (m := re.search(r"interrupted by SIGINT at step (\d+); checkpoint (\S+)", log)), log
     k, path = int(m[1]), m[2]
     assert path == str(out / "checkpoints" / f"step-{k:06d}") and 1 <= k < 300
     ckpt.verify_checkpoint(path)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mftk.checkpoint import load_adapters
-from mftk.train.checkpointing import run_key
+from mftk.train.checkpointing import load_trainer_state, run_key
 from mftk.train.config import Config, ConfigError
 
 
@@ -152,7 +152,7 @@ def grow_state(trainer, st: dict[str, Any], added: list[str]) -> dict[str, Any]:
 def load_grown_checkpoint(trainer, path: str) -> dict[str, Any] | None:
     """If the checkpoint in `path` has fewer tasks than the trainer: load its adapters into the
     old slots and return the grown trainer state; None when the task lists are equal."""
-    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    st = load_trainer_state(path)
     added = new_tasks(trainer.cfg, st, run_key)
     if not added:
         return None
