@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 
@@ -114,6 +115,8 @@ def run_one(mode: str, seed: int, base: bool = False) -> dict:
     from mftk.train.loop import Trainer
 
     cfg = load(mode, seed)
+    # a fresh run each time: the trainer refuses a dir holding another run (the cache is apart)
+    shutil.rmtree(cfg.output.dir, ignore_errors=True)
     quiet = lambda msg: None  # noqa: E731
     t0 = time.perf_counter()
     metrics = Trainer(cfg, progress=False, log=quiet).train()

@@ -268,6 +268,58 @@ def runtime(state: dict, modes: list[str]) -> list[str]:
     ]
 
 
+def _loss(r: dict, task: str | None) -> float:
+    return r["average_loss"] if task is None else r["tasks"][task]["loss"]
+
+
+def _change(runs: dict, ref: dict, task: str | None) -> list[float]:
+    """Per seed (the seeds both have), the % change of runs' loss against ref's."""
+    return [100 * (_loss(runs[s], task) / _loss(ref[s], task) - 1) for s in runs if s in ref]
+
+
+def _partner_gap(runs: list[dict], task: str) -> float:
+    """Mean % by which task's answers lose when routed through its partner's adapter."""
+    return statistics.mean(100 * (r["partner_adapter_loss"][task] / _loss(r, task) - 1)
+                           for r in runs)  # fmt: skip
+
+
+def summary(state: dict, tasks: list[str], modes: list[str], pairs) -> list[str]:
+    """The headline numbers in sentences, every one computed from the tables below."""
+    res, floor, out = state["results"], state.get("base", {}), []
+    for mode in (m for m in modes if m != "shared" and "shared" in res):
+        avg = _change(res[mode], res["shared"], None)
+        per = [d for t in tasks for d in _change(res[mode], res["shared"], t)]
+        out.append(
+            f"- `{mode}` against `shared`: average held-out loss {statistics.mean(avg):+.1f}% "
+            f"(lower in {sum(d < 0 for d in avg)} of {len(avg)} seeds), lower on "
+            f"{sum(d < 0 for d in per)} of {len(per)} task × seed pairs."
+        )
+    for mode in (m for m in modes if m != "shared"):
+        runs = [r for r in res[mode].values() if "partner_adapter_loss" in r]
+        if runs:
+            gaps = [f"`{t}` {_partner_gap(runs, t):+.1f}%" for pair in pairs for t in pair]
+            out.append(
+                f"- Conflict check, `{mode}`: a task's held-out answers scored through its "
+                f"partner's adapter instead of its own: {', '.join(gaps)} (large: the pair's "
+                "adapters learned different answers; near 0: they did not separate)."
+            )
+    if floor:
+        flat = [t for t in tasks if min(statistics.mean(_change(res[m], floor, t))
+                                        for m in modes) > -1]  # fmt: skip
+        worse = [f"`{m}` on `{t}` ({statistics.mean(_change(res[m], floor, t)):+.1f}%)"
+                 for m in modes for t in tasks
+                 if statistics.mean(_change(res[m], floor, t)) >= 0]  # fmt: skip
+        if flat:
+            out.append(
+                "- Fine-tuning hardly moves "
+                + ", ".join(f"`{t}`" for t in flat)
+                + ": no mode gets 1% below the base (adapters zeroed) there."
+            )
+        if worse:
+            out.append("- Worse than the base: " + "; ".join(worse) + ".")
+    return ["## Summary", "", *out] if out else []
+
+
 NOTES = [
     "## Reading these numbers",
     "",
@@ -301,6 +353,7 @@ def results_md(state: dict, cfg: dict, mode_order: list[str], pairs=()) -> str:
     if not res:
         return "\n".join(out + ["No results yet."]) + "\n"
     for part in (
+        summary(state, tasks, modes, pairs),
         setup(state, cfg, tasks, modes),
         loss_tables(state, tasks, modes),
         paired(res, tasks, modes),
