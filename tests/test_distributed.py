@@ -297,7 +297,9 @@ def _simulated_ranks(monkeypatch, fn, shards):
     return [fn(s) for s in shards]
 
 
-@pytest.mark.parametrize("mode", ["token", "sample", "balanced", "task_sample", "focal", "coba"])
+@pytest.mark.parametrize(
+    "mode", ["token", "sample", "balanced", "task_sample", "focal", "coba", "coba_eval"]
+)
 def test_rank_shares_sum_to_global_gradient(monkeypatch, mode):
     b, s, v, t = 5, 7, 11, 3
     logits = torch.randn(b, s, v, dtype=torch.float64, requires_grad=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mftk.train.coba import CoBa, slope
+from mftk.train.coba_eval import EvalCoBa
 from mftk.train.config import LossConfig
 from mftk.train.data import IGNORE
 from mftk.train.losses import (
@@ -389,3 +390,72 @@ def test_slope_matches_polyfit():
     v = list(np.random.default_rng(0).normal(size=9))
     assert abs(slope(v) - np.polyfit(np.arange(9), v, 1)[0]) < 1e-12
     assert slope([3.0]) == 0.0
+
+
+# ----------------------------------------------------------------------------- coba_eval
+
+
+def coba_eval_reference(history, hist_len, tau):
+    """coba_eval's weights after the last update, transcribed with numpy from its formula."""
+    h = np.asarray(history, dtype=np.float64)
+    lnorm = h / h[0]
+    n = h.shape[1]
+    slopes, mslopes = [], []
+    for k in range(1, len(h)):
+        win = lnorm[max(0, k + 1 - hist_len) : k + 1]
+        x = np.arange(len(win))
+        slopes.append([np.polyfit(x, win[:, i], 1)[0] for i in range(n)])
+        mslopes.append(np.polyfit(x, win.max(1), 1)[0])
+    sl = np.asarray(slopes[-hist_len:])
+    ms = np.asarray(mslopes[-hist_len:])
+    t = len(sl)
+    a = sl[-1]
+
+    def sm(v):
+        e = np.exp(v - v.max())
+        return e / e.sum()
+
+    rcs = sm(n * a / np.abs(a).sum())
+    acs = sm(-t * a / np.abs(sl).sum(0))
+    df = min(1.0, t * sm(tau * (-t * ms / np.abs(ms).sum()))[-1])
+    w = sm(n * (df * rcs + (1 - df) * acs))
+    w = np.maximum(w, 1 / (10 * n))
+    return w / w.sum(), df
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coba_eval_weights_on_synthetic_history(seed):
+    rng = np.random.default_rng(seed)
+    steps = np.arange(12)
+    # task 0 converges fast, task 1 slowly, task 2 plateaus then diverges (overfits)
+    hist = np.stack(
+        [
+            3.0 * np.exp(-0.3 * steps),
+            2.0 * np.exp(-0.05 * steps),
+            1.5 * np.exp(-0.2 * np.minimum(steps, 5)) + 0.06 * np.maximum(steps - 5, 0),
+        ],
+        1,
+    )
+    hist = hist * (1 + 0.01 * rng.normal(size=hist.shape))
+    c = EvalCoBa(3, history_length=4, warmup_steps=5, tau=5.0)
+    for k, row in enumerate(hist):
+        w = c.update(list(row), step=k)
+        if k < 5:
+            assert w == [1 / 3] * 3  # warm-up: uniform
+    want, df = coba_eval_reference(hist, 4, 5.0)
+    assert np.abs(np.asarray(w) - want).max() < 1e-12, (w, want)
+    assert abs(c.last["df"] - df) < 1e-12
+    assert abs(sum(w) - 1) < 1e-12 and min(w) >= 1 / 30 / 1.0001
+    # the slowly converging task gets more weight than the fast one; the diverging one the least
+    assert w[1] > w[0] and w[2] < w[1]
+
+
+def test_coba_eval_state_round_trip():
+    c = EvalCoBa(2, history_length=3, warmup_steps=0)
+    for v in ([2.0, 1.0], [1.5, 0.9], [1.2, 0.95], [1.0, 0.97]):
+        c.update(v, step=10)
+    d = EvalCoBa(2, history_length=3, warmup_steps=0)
+    d.load_state_dict(c.state_dict())
+    assert c.update([0.9, 1.0], 11) == d.update([0.9, 1.0], 11)
+    with pytest.raises(ValueError, match="val_losses"):
+        c.update([1.0], 12)

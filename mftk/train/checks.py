@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 FORMATS = ("auto", "prompt_completion", "chat_rounds", "csv")
 # mftk.train.losses.LOSSES
-LOSS_MODES = ("token", "sample", "balanced", "task_sample", "focal", "coba")
+LOSS_MODES = ("token", "sample", "balanced", "task_sample", "focal", "coba", "coba_eval")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 # model.tiny: LlamaConfig fields the built-in tiny model lets a config set
@@ -270,7 +270,8 @@ def _loss(cfg: Any) -> None:
     lo = cfg.loss
     choice(lo.mode, LOSS_MODES, "loss.mode")
     check(lo.focal_gamma >= 0, "loss.focal_gamma", f"must be >= 0, got {lo.focal_gamma}")
-    check(lo.coba.history_length >= 2, "loss.coba.history_length", "must be >= 2")
+    h = lo.coba.history_length
+    check(h is None or h >= 2, "loss.coba.history_length", f"must be >= 2 or null, got {h}")
     check(lo.coba.warmup_steps >= 0, "loss.coba.warmup_steps", "must be >= 0")
     check(lo.coba.tau > 0, "loss.coba.tau", f"must be > 0, got {lo.coba.tau}")
     for key in ("update_interval", "eval_batches"):

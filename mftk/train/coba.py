@@ -70,7 +70,7 @@ def softmax(xs: list[float]) -> list[float]:
     return [v / s for v in e]
 
 
-def _safe_div(a: float, b: float) -> float:
+def safe_div(a: float, b: float) -> float:
     return a / b if b > 1e-12 else 0.0
 
 
@@ -143,10 +143,10 @@ class CoBa:
         self.max_slopes.append(window_slope(worst))
         sl = self.slopes[-self.history_length :]
         k, j, ms = len(self.slopes), len(sl), self.max_slopes
-        rcs = softmax([n * _safe_div(ai, sum(abs(x) for x in a)) for ai in a])
-        acs = softmax([-j * _safe_div(a[i], sum(abs(s[i]) for s in sl)) for i in range(n)])
+        rcs = softmax([n * safe_div(ai, sum(abs(x) for x in a)) for ai in a])
+        acs = softmax([-j * safe_div(a[i], sum(abs(s[i]) for s in sl)) for i in range(n)])
         norm = sum(abs(x) for x in ms)
-        df = k * softmax([self.tau * (-k * _safe_div(x, norm)) for x in ms])[-1]
+        df = k * softmax([self.tau * (-k * safe_div(x, norm)) for x in ms])[-1]
         w = softmax([n * (df * r + (1 - df) * c) for r, c in zip(rcs, acs)])
         w_min = 1.0 / (10 * n)
         if min(w) < w_min:

@@ -38,9 +38,10 @@ nothing. Relative paths are resolved against the config file's folder.
              grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every,
              early_stopping_patience (stop after N evaluations in a row without a lower eval
              loss, see mftk.train.tracking)
-    loss:    mode (token|sample|balanced|task_sample|focal|coba: see mftk.train.losses),
-             focal_gamma, coba: {history_length, warmup_steps, tau, update_interval,
-             eval_batches}, router_balance, router_supervision
+    loss:    mode (token|sample|balanced|task_sample|focal|coba|coba_eval: see
+             mftk.train.losses), focal_gamma, coba: {history_length (null: 200 for coba, 5 for
+             coba_eval), warmup_steps, tau, update_interval, eval_batches (coba)},
+             router_balance, router_supervision
     stages:  [{name, steps, mix: {task: w}, noise, noise_kind, loss_weights: {task: w}}]
     output:  dir, save_every, save_every_epoch, keep_last, keep_best (also keep the N
              checkpoints of lowest eval loss, under checkpoints/best/), tb_dir (TensorBoard;
@@ -159,7 +160,7 @@ class TrainConfig:
 
 @dataclass
 class CobaConfig:  # MFTCoder's coba_* keys and defaults (mftk.train.coba)
-    history_length: int = 200
+    history_length: int | None = None  # null: 200 updates (coba), 5 evaluations (coba_eval)
     warmup_steps: int = 100
     tau: float = 5.0
     update_interval: int = 1  # steps between updates

@@ -13,8 +13,9 @@ Then:
 - sampler: new tasks get a fresh shuffled order; the stage mix is re-read at the next step;
 - history: the new tasks' past train / eval entries are None / NaN; eval_before is measured at
   resume time for them.
-Not supported: loss.mode coba (its per-task slope history) and the built-in tiny model (its
-tokenizer is trained on every task's text, so a new task changes the base model itself).
+Not supported: loss.mode coba and coba_eval (their per-task slope histories) and the built-in
+tiny model (its tokenizer is trained on every task's text, so a new task changes the base model
+itself).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def new_tasks(cfg: Config, st: dict[str, Any], key: Callable[[Config], str]) -> 
             "--resume: apart from the new tasks "
             f"{names[len(old) :]}, the config differs from the run that wrote the checkpoint"
         )
-    if cfg.loss.mode == "coba":
-        raise ConfigError("--resume with new tasks: loss.mode coba is not supported")
+    if cfg.loss.mode in ("coba", "coba_eval"):
+        raise ConfigError(f"--resume with new tasks: loss.mode {cfg.loss.mode} is not supported")
     if cfg.model.path is None:
         raise ConfigError(
             "--resume with new tasks needs model.path: the built-in tiny model's tokenizer and "

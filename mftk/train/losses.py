@@ -16,6 +16,8 @@ task t's samples and M_t = (1/k_t) Σ_{t(j)=t} ℓ̄_j their mean.
   (p_t → 1) is down-weighted; γ = 0 is `balanced`. The factor is not detached (as in focal loss).
 - coba: `balanced` with the static weights until CoBa's warm-up ends, then CoBa's weights in
   their place (MFTCoder's way; a task of static weight 0 stays at 0), see mftk.train.coba.
+- coba_eval: `balanced` with the static weights times mftk's earlier CoBa weights, updated at
+  each evaluation (mftk.train.coba_eval).
 A task of weight 0 has no loss in any mode (it leaves every mean); a batch holding only such
 tasks has loss 0 with zero gradients, never 0/0. MFTCoder's "sample" is a padded row (packed rows
 hold one task there); mftk's is the packed sample, the same under `data.packing: false`.
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mftk.train.coba import CoBa
+from mftk.train.coba_eval import EvalCoBa
 from mftk.train.config import LossConfig
 from mftk.train.data import IGNORE
 
@@ -199,9 +202,8 @@ class CobaLoss(BalancedLoss):
     def __init__(self, cfg: LossConfig, num_tasks: int) -> None:
         super().__init__(cfg, num_tasks)
         c = cfg.coba
-        self.coba = CoBa(
-            num_tasks, c.history_length, c.warmup_steps, c.tau, c.update_interval, c.eval_batches
-        )
+        hist = 200 if c.history_length is None else c.history_length
+        self.coba = CoBa(num_tasks, hist, c.warmup_steps, c.tau, c.update_interval, c.eval_batches)
 
     def weights(self, static: list[float]) -> Tensor:
         if self.coba.current is None:
@@ -227,6 +229,29 @@ class CobaLoss(BalancedLoss):
         self.coba.load_state_dict(state)
 
 
+class CobaEvalLoss(BalancedLoss):
+    """`balanced` with the static weights times mftk's earlier CoBa weights, which move at every
+    evaluation (mftk.train.coba_eval; loss.coba.history_length counts evaluations, default 5)."""
+
+    def __init__(self, cfg: LossConfig, num_tasks: int) -> None:
+        super().__init__(cfg, num_tasks)
+        c = cfg.coba
+        hist = 5 if c.history_length is None else c.history_length
+        self.coba = EvalCoBa(num_tasks, hist, c.warmup_steps, c.tau)
+
+    def weights(self, static: list[float]) -> Tensor:
+        return super().weights([a * b for a, b in zip(static, self.coba.current)])
+
+    def update(self, val_losses: list[float], step: int) -> None:
+        self.coba.update(val_losses, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.coba.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.coba.load_state_dict(state)
+
+
 LOSSES: dict[str, type[TaskLoss]] = {
     "token": TokenLoss,
     "sample": SampleLoss,
@@ -234,6 +259,7 @@ LOSSES: dict[str, type[TaskLoss]] = {
     "task_sample": TaskSampleLoss,
     "focal": FocalLoss,
     "coba": CobaLoss,
+    "coba_eval": CobaEvalLoss,
 }
 
 
