@@ -548,3 +548,22 @@ def test_fsdp2_bf16_on_gpus(cache_dir, tmp_path):
     if len(runs) == 2:
         a, b = runs["sdpa"]["history"]["loss"][0], runs["flash_attention_2"]["history"]["loss"][0]
         assert abs(a - b) < 2e-2 * abs(a)
+
+
+def test_hybrid_mode_two_ranks_match_one_process(cache_dir, tmp_path):
+    """adapter.mode hybrid under fsdp2: the shared adapter is sharded on its feature dims, and
+    2 ranks match one process (losses and every adapter tensor, the shared ones included)."""
+    over = dict(
+        adapter={"rank": 4, "alpha": 8, "mode": "hybrid", "match_params": True},
+        train={"batch_size": 4},
+        stages=[{"name": "a", "steps": 2}],
+    )
+    single = one_process(tiny_raw(cache_dir, tmp_path / "one", **over)).train()
+    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
+    raw2["train"]["batch_size"] = 2
+    raw2["distributed"] = {"strategy": "fsdp2"}
+    got, _ = torchrun(2, raw2, tmp_path)
+    assert_close_runs(got, single)
+    assert_same_adapters(tmp_path / "two", tmp_path / "one")
+    ad = adapters(tmp_path / "two")
+    assert any(k.endswith("shared_a") for k in ad) and any(k.endswith("shared_b") for k in ad)
