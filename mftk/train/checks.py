@@ -252,6 +252,7 @@ def _train(cfg: Any) -> None:
     check(tr.threads is None or tr.threads >= 1, "train.threads", "must be >= 1 or null")
     for key in ("batch_size", "grad_accum", "log_every", "eval_every"):
         check(getattr(tr, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(tr, key)}")
+    _batch_tokens(cfg)
     w = tr.warmup_steps
     check(w >= 0, "train.warmup_steps", f"must be >= 0, got {w}")
     check(w < 1 or w == int(w), "train.warmup_steps", f"a step count or a fraction < 1, got {w}")
@@ -263,6 +264,29 @@ def _train(cfg: Any) -> None:
         check(tr.steps is None, "train.epochs", "give train.steps or train.epochs, not both")
     p = tr.early_stopping_patience
     check(p is None or p >= 1, "train.early_stopping_patience", f"must be >= 1 or null, got {p}")
+
+
+def _batch_tokens(cfg: Any) -> None:
+    """train.batch_tokens: at least data.seq_len; with packing it sets train.batch_size (rows of
+    seq_len tokens); without, fsdp2 is refused (its ranks split a batch by rows)."""
+    tr, seq_len = cfg.train, cfg.data.seq_len
+    if tr.batch_tokens is None:
+        return
+    check(
+        tr.batch_tokens >= seq_len,
+        "train.batch_tokens",
+        f"must be >= data.seq_len ({seq_len}) so that the longest sample fits, got "
+        f"{tr.batch_tokens}",
+    )
+    if cfg.data.packing:
+        tr.batch_size = tr.batch_tokens // seq_len
+        return
+    check(
+        cfg.distributed.strategy == "none",
+        "train.batch_tokens",
+        "without data.packing not under distributed.strategy fsdp2 (its ranks split a "
+        "micro-batch by rows); use data.packing: true or train.batch_size",
+    )
 
 
 def _loss(cfg: Any) -> None:

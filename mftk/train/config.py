@@ -34,7 +34,10 @@ nothing. Relative paths are resolved against the config file's folder.
              mftk.train.run.epoch_steps; not with stages), lr, schedule
              (cosine|linear|constant), min_lr (where cosine/linear end; null: 10% of lr),
              warmup_steps (a number < 1: that fraction of the steps), batch_size (rows of up
-             to seq_len tokens per micro-batch; one sample per row without packing),
+             to seq_len tokens per micro-batch; one sample per row without packing), or
+             batch_tokens (a token budget per micro-batch, fairseq's --max-tokens: with packing
+             batch_tokens // seq_len rows; without, as many samples as keep rows × the longest
+             one <= batch_tokens; not with batch_size),
              grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every,
              early_stopping_patience (stop after N evaluations in a row without a lower eval
              loss, see mftk.train.tracking)
@@ -148,6 +151,7 @@ class TrainConfig:
     min_lr: float | None = None  # where cosine / linear end (null: 10% of lr)
     early_stopping_patience: int | None = None  # stop after N evaluations without a new best
     batch_size: int = 4  # sequences per micro-batch
+    batch_tokens: int | None = None  # instead of batch_size: tokens per micro-batch (checks.py)
     grad_accum: int = 1
     clip: float | None = 1.0
     weight_decay: float = 0.0
@@ -336,6 +340,12 @@ def single_task(cfg: Config, name: str) -> Config:
 
 def config_from_dict(raw: Any, base_dir: str = ".") -> Config:
     """Build and validate a Config from parsed YAML; relative paths resolve against base_dir."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and "batch_size" in train and "batch_tokens" in train:
+        raise ConfigError(
+            "train.batch_tokens: give train.batch_size (rows per micro-batch) or "
+            "train.batch_tokens (tokens per micro-batch), not both"
+        )
     cfg = _build(Config, raw, "")
     cfg.base_dir = os.path.abspath(base_dir)
     tr = cfg.train

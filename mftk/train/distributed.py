@@ -134,7 +134,11 @@ class RankShard:
     def __init__(self, sampler: Any, rank: int, world: int) -> None:
         self.sampler, self.rank, self.world = sampler, rank, world
 
-    def next_rows(self, batch_size: int, seq_len: int, packing: bool) -> list:
+    def next_rows(
+        self, batch_size: int, seq_len: int, packing: bool, max_tokens: int | None = None
+    ) -> list:
+        if max_tokens is not None:  # checks._batch_tokens: a row count splits, a budget not
+            raise ValueError("RankShard: a token budget per micro-batch does not split by rank")
         rows = self.sampler.next_rows(batch_size * self.world, seq_len, packing)
         return rows[self.rank * batch_size : (self.rank + 1) * batch_size]
 

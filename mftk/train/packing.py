@@ -114,9 +114,16 @@ def rows_to_batch(
     return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n, cls)
 
 
-def pack_rows(samples: list[Sample], seq_len: int, max_rows: int, packing: bool = True):
+def pack_rows(
+    samples: list[Sample],
+    seq_len: int,
+    max_rows: int,
+    packing: bool = True,
+    max_tokens: int | None = None,
+):
     """Greedy in-order packing. returns (rows, number of samples consumed); a sample that does not
-    fit once max_rows are open stays for the next batch."""
+    fit once max_rows are open, or (max_tokens) would make rows × the longest row exceed
+    max_tokens (the padded batch's size), stays for the next batch. The first row always opens."""
     rows: list[list[Sample]] = []
     used: list[int] = []
     for i, smp in enumerate(samples):
@@ -128,6 +135,9 @@ def pack_rows(samples: list[Sample], seq_len: int, max_rows: int, packing: bool 
             continue
         if len(rows) == max_rows:
             return rows, i
+        if max_tokens is not None and rows:
+            if (len(rows) + 1) * max(max(used), len(smp)) > max_tokens:
+                return rows, i
         rows.append([smp])
         used.append(len(smp))
     return rows, len(samples)
@@ -219,13 +229,16 @@ class MultiTaskSampler:
             smp = self._corrupt(smp)
         return smp
 
-    def next_rows(self, batch_size: int, seq_len: int, packing: bool) -> list[list[Sample]]:
-        """Rows for one micro-batch: up to batch_size rows of at most seq_len tokens."""
+    def next_rows(
+        self, batch_size: int, seq_len: int, packing: bool, max_tokens: int | None = None
+    ) -> list[list[Sample]]:
+        """Rows for one micro-batch: up to batch_size rows of at most seq_len tokens (and with
+        max_tokens, rows × the longest row at most max_tokens: see pack_rows)."""
         pulled: list[Sample] = []
         while True:
             smp = self.draw()
             pulled.append(smp)
-            rows, used = pack_rows(pulled, seq_len, batch_size, packing)
+            rows, used = pack_rows(pulled, seq_len, batch_size, packing, max_tokens)
             if used < len(pulled):  # the last one did not fit: keep it for the next batch
                 self.pending = pulled[-1]
                 return rows
@@ -272,11 +285,12 @@ def eval_batches(
     packing: bool,
     pad_id: int,
     dtype: torch.dtype = torch.float32,
+    max_tokens: int | None = None,
 ) -> list[Batch]:
-    """Fixed batches over a list of samples (in order), for evaluation."""
+    """Fixed batches over a list of samples (in order), for evaluation (max_tokens: pack_rows)."""
     out, rest = [], list(samples)
     while rest:
-        rows, used = pack_rows(rest, seq_len, batch_size, packing)
+        rows, used = pack_rows(rest, seq_len, batch_size, packing, max_tokens)
         out.append(rows_to_batch(rows, pad_id, dtype))
         rest = rest[used:]
     return out

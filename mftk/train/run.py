@@ -59,14 +59,33 @@ def warmup_steps(cfg: Config) -> int:
     return int(w * total) if w < 1 else int(w)
 
 
+def batch_limits(cfg: Config) -> tuple[int, int | None]:
+    """(rows, tokens) one micro-batch may hold (pack_rows' max_rows, max_tokens): train.batch_size
+    rows (train.batch_tokens with data.packing has set it: checks._batch_tokens), or, under
+    train.batch_tokens without packing, as many one-sample rows as keep rows × the longest
+    row <= batch_tokens."""
+    tokens = cfg.train.batch_tokens
+    if tokens is None or cfg.data.packing:
+        return cfg.train.batch_size, None
+    return tokens, tokens
+
+
 def epoch_steps(cfg: Config, data: list[TaskData], world: int) -> int:
     """Optimizer steps in one epoch: the training splits packed into rows as the sampler packs
     them (greedy, in order; one sample a row without data.packing), taken batch_size rows per
     rank and grad_accum micro-batches a step, as MFTCoder counts its dataloader:
-    ceil(⌊rows / (batch_size × ranks)⌋ / grad_accum), at least 1."""
+    ceil(⌊rows / (batch_size × ranks)⌋ / grad_accum), at least 1. Under train.batch_tokens
+    without packing: ceil(micro-batches / grad_accum), the micro-batches laid out in order."""
     samples = [s for d in data for s in d.train]
-    rows, _ = pack_rows(samples, cfg.data.seq_len, len(samples) + 1, cfg.data.packing)
-    tr = cfg.train
+    tr, seq_len, packing = cfg.train, cfg.data.seq_len, cfg.data.packing
+    max_rows, max_tokens = batch_limits(cfg)
+    if max_tokens is not None:
+        n, rest = 0, samples
+        while rest:
+            _, used = pack_rows(rest, seq_len, max_rows, packing, max_tokens)
+            n, rest = n + 1, rest[used:]
+        return max(1, math.ceil(n / tr.grad_accum))
+    rows, _ = pack_rows(samples, seq_len, len(samples) + 1, packing)
     return max(1, math.ceil(len(rows) // (tr.batch_size * world) / tr.grad_accum))
 
 
@@ -181,7 +200,8 @@ def load_run(cfg: Config, out: str, log: Log, par: Any) -> Run:
     cls = ClassifyTasks(cfg, model, bos, train_labels(data))
     all_eval = [s for d in data for s in d.eval]
     d = cfg.data
-    evals = eval_batches(all_eval, cfg.train.batch_size, d.seq_len, d.packing, pad_id, dtype)
+    rows, tokens = batch_limits(cfg)
+    evals = eval_batches(all_eval, rows, d.seq_len, d.packing, pad_id, dtype, tokens)
     varlen = attn == "flash_attention_2"
     return Run(
         cfg, model, tokenizer, model_info, data, evals, cls, par.device, dtype, pad_id, varlen

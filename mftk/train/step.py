@@ -22,7 +22,7 @@ from torch import Tensor
 from mftk.routing import use_tasks
 from mftk.train.losses import TaskLoss, router_losses, task_token_means, token_losses
 from mftk.train.packing import Batch, rows_to_batch
-from mftk.train.run import Run, TrainRun
+from mftk.train.run import Run, TrainRun, batch_limits
 
 
 @dataclass
@@ -113,7 +113,8 @@ def task_means(
 def next_batch(run: TrainRun) -> Batch:
     """The next packed training micro-batch (this rank's rows under fsdp2), on run.device."""
     c = run.cfg
-    rows = run.sampler.next_rows(c.train.batch_size, c.data.seq_len, c.data.packing)
+    max_rows, max_tokens = batch_limits(c)
+    rows = run.sampler.next_rows(max_rows, c.data.seq_len, c.data.packing, max_tokens)
     return rows_to_batch(rows, run.pad_id, run.dtype).to(run.device)
 
 
