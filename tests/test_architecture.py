@@ -206,3 +206,18 @@ def test_kernels_import_only_triton_and_torch():
                 if root == "mftk" and not name.startswith("mftk.kernels"):
                     bad.append(f"kernels/{f}:{n.lineno} imports {name}")
     assert not bad, "\n".join(bad)
+
+
+def test_trainer_is_small_and_not_forked():
+    """Trainer stays under 250 lines, and no subclass overrides its methods (distribution is a
+    strategy, mftk.train.parallel / distributed, not a fork of the loop)."""
+    tree = ast.parse(open(MODS["mftk.train.loop"], encoding="utf-8").read())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    assert cls.end_lineno - cls.lineno + 1 < 250
+    for mod, path in MODS.items():
+        for n in ast.parse(open(path, encoding="utf-8").read()).body:
+            if isinstance(n, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id == "Trainer" for b in n.bases
+            ):
+                defs = [b.name for b in n.body if isinstance(b, ast.FunctionDef)]
+                assert not defs, f"{mod}.{n.name} overrides {defs}"

@@ -31,12 +31,12 @@ from mftk.train.checkpointing import (
     prepare_output,
     remove_if_empty,
     remove_stale_temps,
-    run_key,
 )
-from mftk.train.config import Config, ConfigError
+from mftk.train.config import Config
 from mftk.train.interrupt import Interrupted, StopSignals
 from mftk.train.losses import build_loss
 from mftk.train.parallel import RANK_SEED_STRIDE, Single
+from mftk.train.progress import load_trainer_state, plan_stages, stage_at, trainer_state
 from mftk.train.report import Progress, fmt, new_history, record_eval, record_step, write_outputs
 from mftk.train.run import build_run
 from mftk.train.step import evaluate, sampled_task_losses, train_step
@@ -71,15 +71,8 @@ class Trainer:
         self.plan_steps()
 
     def plan_steps(self) -> None:
-        """max_steps and the stages' step ranges from the config (under train.epochs the steps
-        are known once build_run has counted an epoch: 0 until setup)."""
-        total = self.cfg.train.steps or 0
-        m = self.max_steps_arg
-        self.max_steps = total if m is None else min(m, total)
-        self.stages, start = [], 0
-        for s in self.cfg.stages:
-            self.stages.append({"name": s.name, "start": start, "end": start + s.steps})
-            start += s.steps
+        """max_steps and the stages' step ranges (mftk.train.progress.plan_stages)."""
+        self.max_steps, self.stages = plan_stages(self.cfg, self.max_steps_arg)
 
     # the run's parts (after setup)
     model = property(lambda self: self.run.model)
@@ -134,10 +127,7 @@ class Trainer:
     # ------------------------------------------------------------------ stages
 
     def stage_index(self, step: int) -> int:
-        for i, st in enumerate(self.stages):
-            if step < st["end"]:
-                return i
-        return len(self.stages) - 1
+        return stage_at(self.stages, step)
 
     def stage_mix(self, i: int) -> list[float]:
         mix = self.cfg.stages[i].mix
@@ -184,38 +174,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The run's progress; the strategy saves the optimizer and RNG beside it."""
-        return {
-            "step": self.step,
-            "scheduler": self.run.sched.state_dict(),
-            "sampler": self.run.sampler.state_dict(),
-            "loss": self.loss.state_dict(),
-            "history": self.history,
-            "tokens_seen": self.tokens_seen,
-            "train_seconds": self.train_seconds,
-            "eval_before": self.eval_before,
-            "eval_tracker": self.tracker.state_dict(),
-            "run_key": run_key(self.cfg, self.par.world),
-            "tasks": list(self.tasks),
-        }
+        """The run's progress (mftk.train.progress); the strategy saves optimizer and RNG."""
+        return trainer_state(self)
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
-        if st.get("run_key") != run_key(self.cfg, self.par.world):
-            raise ConfigError(
-                "--resume: the checkpoint was written by a run with a different config (tasks, "
-                "data, model, adapter, loss, stages, training settings or global batch = "
-                "train.batch_size × ranks); resuming it would not continue that run. Use a new "
-                "--output, or restore the config."
-            )
-        self.step = st["step"]
-        self.run.sched.load_state_dict(st["scheduler"])
-        self.run.sampler.load_state_dict(st["sampler"])
-        self.loss.load_state_dict(st["loss"])
-        self.history = st["history"]
-        self.tokens_seen = st["tokens_seen"]
-        self.train_seconds = st["train_seconds"]
-        self.eval_before = st["eval_before"]
-        self.tracker.load_state_dict(st["eval_tracker"])
+        load_trainer_state(self, st)
 
     def load_checkpoint(self, path: str) -> None:
         """Adapters, optimizer, progress and RNG from checkpoint folder path."""
@@ -309,11 +272,7 @@ class Trainer:
             if self.checkpoint_due():
                 self.save()
             if self.tracker.stop:
-                t = self.tracker
-                self.log(
-                    f"early stopping at step {self.step}: no lower eval loss in {t.patience} "
-                    f"evaluations (best {t.best:.4f} at step {t.best_step})"
-                )
+                self.log(f"early stopping at step {self.step}: {self.tracker.stop_reason()}")
                 break
             self.stop_on_signal(progress)
         self.signals.armed = False

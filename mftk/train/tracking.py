@@ -64,6 +64,13 @@ class EvalTracker:
         if keep and score is not None and step > 0:
             keep_best(root, path, score, keep)
 
+    def stop_reason(self) -> str:
+        """Why early stopping ended the run, for the log."""
+        return (
+            f"no lower eval loss in {self.patience} evaluations (best {self.best:.4f} at step "
+            f"{self.best_step})"
+        )
+
     def summary(self) -> dict[str, Any]:
         """For metrics.json: the best evaluation and where early stopping stopped (or None)."""
         best = None if self.best_step is None else {"step": self.best_step, "eval_loss": self.best}

@@ -1,0 +1,63 @@
+"""The run's progress as data: the stage plan, and the trainer state a checkpoint carries beside
+the adapters, optimizer and RNG (mftk.train.checkpointing writes it as JSON + safetensors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mftk.train.checkpointing import run_key
+from mftk.train.config import Config, ConfigError
+
+
+def plan_stages(cfg: Config, max_steps_arg: int | None) -> tuple[int, list[dict[str, Any]]]:
+    """(max_steps, [{name, start, end}] per stage) from the config and --max-steps (under
+    train.epochs the steps are known once build_run has counted an epoch: 0 until then)."""
+    total = cfg.train.steps or 0
+    max_steps = total if max_steps_arg is None else min(max_steps_arg, total)
+    stages, start = [], 0
+    for s in cfg.stages:
+        stages.append({"name": s.name, "start": start, "end": start + s.steps})
+        start += s.steps
+    return max_steps, stages
+
+
+def stage_at(stages: list[dict[str, Any]], step: int) -> int:
+    """The index of the stage that step falls in (the last one past the end)."""
+    return next((i for i, st in enumerate(stages) if step < st["end"]), len(stages) - 1)
+
+
+def trainer_state(t: Any) -> dict[str, Any]:
+    """A Trainer's progress: step, schedule, sampler, loss mode, history, eval tracker."""
+    return {
+        "step": t.step,
+        "scheduler": t.run.sched.state_dict(),
+        "sampler": t.run.sampler.state_dict(),
+        "loss": t.loss.state_dict(),
+        "history": t.history,
+        "tokens_seen": t.tokens_seen,
+        "train_seconds": t.train_seconds,
+        "eval_before": t.eval_before,
+        "eval_tracker": t.tracker.state_dict(),
+        "run_key": run_key(t.cfg, t.par.world),
+        "tasks": list(t.tasks),
+    }
+
+
+def load_trainer_state(t: Any, st: dict[str, Any]) -> None:
+    """Restore trainer_state(t) into t; a checkpoint of another config is a ConfigError."""
+    if st.get("run_key") != run_key(t.cfg, t.par.world):
+        raise ConfigError(
+            "--resume: the checkpoint was written by a run with a different config (tasks, "
+            "data, model, adapter, loss, stages, training settings or global batch = "
+            "train.batch_size × ranks); resuming it would not continue that run. Use a new "
+            "--output, or restore the config."
+        )
+    t.step = st["step"]
+    t.run.sched.load_state_dict(st["scheduler"])
+    t.run.sampler.load_state_dict(st["sampler"])
+    t.loss.load_state_dict(st["loss"])
+    t.history = st["history"]
+    t.tokens_seen = st["tokens_seen"]
+    t.train_seconds = st["train_seconds"]
+    t.eval_before = st["eval_before"]
+    t.tracker.load_state_dict(st["eval_tracker"])
