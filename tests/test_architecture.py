@@ -31,7 +31,14 @@ LAYERS = [
 
 # What a function-local import may name: optional dependencies, and the Triton backend (which
 # imports triton) loaded only when a CUDA tensor asks for it.
-OPTIONAL = ("bitsandbytes", "flash_attn", "matplotlib", "torch.utils.tensorboard", "triton")
+OPTIONAL = (
+    "bitsandbytes",
+    "datasets",
+    "flash_attn",
+    "matplotlib",
+    "torch.utils.tensorboard",
+    "triton",
+)
 # transformers, tokenizers and peft are optional too (the train extra), but the modules that need
 # them (mftk.train, mftk.apps, mftk.plan.model) import them at the top.
 LAZY_OK = {("mftk.ops.functional", "mftk.ops.triton_ops")}

@@ -1,4 +1,4 @@
-"""The config's semantic checks, one function per section, and ConfigError.
+"""The config's semantic checks, one function per section (ConfigError: mftk.train.config_errors).
 
 validate(cfg) runs them in order on a built mftk.train.config.Config (values already of their
 annotated types); each problem is a ConfigError naming its dotted key, with a difflib suggestion
@@ -8,19 +8,14 @@ config leaves to them (TaskConfig.files, stage names, train.steps).
 
 from __future__ import annotations
 
-import difflib
-import glob
 import os
 from typing import Any
 
 from mftk.quant import QUANT_TYPES, bitsandbytes_available
 from mftk.spec import AdapterSpec
+from mftk.train import checks_data
+from mftk.train.config_errors import ConfigError, check, choice, match_files, resolve_path, suggest
 from mftk.train.mftcoder_format import DEFAULT_MARKERS
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the dotted key it concerns."""
-
 
 FORMATS = ("auto", "prompt_completion", "chat_rounds", "csv")
 # mftk.train.losses.LOSSES
@@ -41,32 +36,11 @@ NOISE_KINDS = ("random_tokens", "swap_answer")
 TASK_TYPES = ("generate", "classify")
 
 
-def suggest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; expected one of {sorted(allowed)}"
-
-
-def check(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: {msg}")
-
-
-def choice(value: Any, allowed: tuple, where: str) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"{where}: {value!r} is not one of {list(allowed)}{suggest(str(value), list(allowed))}"
-        )
-
-
-def resolve_path(path: str, base: str) -> str:
-    path = os.path.expanduser(path)
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base, path))
-
-
 def validate(cfg: Any) -> None:
     """Check a built Config section by section (cfg: mftk.train.config.Config)."""
     for section in (_tasks, _model, _adapter, _data, _train, _loss, _stages, _output, _distributed):
         section(cfg)
+    checks_data.streaming(cfg)
 
 
 def _tasks(cfg: Any) -> None:
@@ -96,18 +70,11 @@ def _tasks(cfg: Any) -> None:
         else:
             check(t.labels is None, f"{w}.labels", "only for type: classify")
         check(t.rank is None or t.rank >= 1, f"{w}.rank", f"must be >= 1, got {t.rank}")
-        check(len(t.data) > 0, f"{w}.data", "needs at least one file or glob")
-        files: list[str] = []
-        for j, pattern in enumerate(t.data):
-            matched = sorted(glob.glob(resolve_path(pattern, cfg.base_dir), recursive=True))
-            matched = [m for m in matched if os.path.isfile(m)]
-            check(
-                len(matched) > 0,
-                f"{w}.data[{j}]",
-                f"no file matches {pattern!r} (resolved to {resolve_path(pattern, cfg.base_dir)})",
-            )
-            files.extend(matched)
-        t.files = files
+        if not isinstance(t.data, list):  # a datasets spec (config.DatasetConfig)
+            checks_data.dataset(cfg, i)
+        else:
+            check(len(t.data) > 0, f"{w}.data", "needs at least one file or glob")
+            t.files = match_files(t.data, cfg.base_dir, f"{w}.data")
         choice(t.eval, ("loss", "exec"), f"{w}.eval")
         if t.eval == "exec":
             check(t.exec_problems is not None, f"{w}.exec_problems", "required with eval: exec")

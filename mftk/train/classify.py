@@ -139,6 +139,8 @@ def train_labels(data) -> dict[int, list[int]]:
     """{task index: the class indices of its training samples} (classify tasks only)."""
     out: dict[int, list[int]] = {}
     for i, d in enumerate(data):
+        if not isinstance(d.train, list):  # streamed (never a classify task: checks_data)
+            continue
         labs = [s.cls_label for s in d.train if s.cls_label >= 0]
         if labs:
             out[i] = labs

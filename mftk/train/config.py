@@ -9,6 +9,8 @@ nothing. Relative paths are resolved against the config file's folder.
       - name: code_completion
         data: ./data/python/*.jsonl
         loss_weight: 0.6
+      - name: code_review        # or a Hugging Face datasets spec (see mftk.train.hf_data)
+        data: {source: parquet, data_files: ./data/review/*.parquet, streaming: true}
       (per task also: format auto|prompt_completion|chat_rounds|csv, prompt, completion,
        prompt_template: the jsonl keys / csv columns, or a str.format template over a row;
        eval: loss|exec, exec_problems: a jsonl of execution-checked problems for `eval: exec`,
@@ -65,14 +67,29 @@ from typing import Any
 
 import yaml
 
-from mftk.train.checks import ConfigError, suggest, validate
+from mftk.train.checks import validate
+from mftk.train.config_errors import ConfigError, suggest
 from mftk.train.mftcoder import MFTCoderConfigError, load_json
+
+
+@dataclass
+class DatasetConfig:
+    """A task's data as a Hugging Face `datasets` spec over local files (mftk.train.hf_data):
+    load_dataset(source, data_files=..., split=..., streaming=...). Nothing is downloaded."""
+
+    source: str  # the file format: json (also jsonl) | csv | parquet | arrow
+    data_files: list[str] | dict[str, list[str]]  # globs, or {split: globs}
+    split: str = "train"
+    eval_split: str | None = None  # null: split off as file data is (streaming: the first rows)
+    streaming: bool = False  # an IterableDataset: rows read as training draws them
+    shuffle_buffer: int = 1000  # streaming: rows shuffled in a buffer of this many (0: in order)
+    cache_dir: str | None = None  # the arrow cache without streaming (null: datasets' default)
 
 
 @dataclass
 class TaskConfig:
     name: str
-    data: list[str]
+    data: list[str] | DatasetConfig  # files / globs, or a datasets spec
     loss_weight: float = 1.0
     format: str = "auto"
     # jsonl: keys of prompt/completion; csv: column names. `prompt_template` formats a csv row
@@ -251,6 +268,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if type(None) in options:
                 return None
             raise ConfigError(f"{where}: must not be null")
+        spec = [o for o in options if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and len(spec) == 1:  # a mapping is the section's own errors
+            return _build(spec[0], value, where)
         errors = []
         for opt in options:
             if opt is type(None):

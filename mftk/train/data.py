@@ -5,17 +5,22 @@ is exact in tokens; a segment that is the eos string alone becomes the eos id (M
 the id). A sample longer than data.seq_len is truncated (`data.overlong: truncate`, the mftk
 template's default) or dropped (`drop`, the mftcoder template's default, as MFTCoder drops it);
 either is counted, and a sample left with no loss token is dropped.
+
+A task read from a streamed dataset (mftk.train.hf_data) trains from a SampleStream instead of
+a list: its rows are rendered and tokenized a chunk at a time as the sampler draws them.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from mftk.train.config import Config, DataConfig
-from mftk.train.records import DataError, Example, read_examples
+from mftk.train.hf_data import RowStream, load_task
+from mftk.train.records import DataError, Example, Render, read_examples
 
 IGNORE = -100
 DROP_NO_ANSWER = "no answer token within seq_len"
@@ -38,7 +43,7 @@ class Sample:
 @dataclass
 class TaskData:
     name: str
-    train: list[Sample]
+    train: list[Sample] | SampleStream
     eval: list[Sample]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     truncated: int = 0  # samples cut to data.seq_len (data.overlong: truncate)
@@ -116,14 +121,87 @@ def split_eval(items: list, fraction: float, max_eval: int, seed: int) -> tuple[
     return [items[i] for i in tr], [items[i] for i in ev]
 
 
+class SampleStream:
+    """A streamed task's training samples (hf_data.RowStream), drawn one at a time, pass after
+    pass: CHUNK rows at a time are rendered and tokenized as `tokenize` does (a bad row is a
+    DataError at its row, or with data.skip_bad_lines skipped; overlong and answerless samples
+    dropped or truncated). Only the chunk and the row stream's shuffle buffer are in memory.
+    The position, state_dict(): the pass, the rows read before the current chunk, and the
+    samples taken from it; a loaded position reads that chunk again."""
+
+    CHUNK = 64
+
+    def __init__(
+        self, rows: RowStream, tokenizer: Any, seq_len: int, overlong: str, data: DataConfig
+    ) -> None:
+        self.rows, self.tokenizer, self.seq_len, self.overlong = rows, tokenizer, seq_len, overlong
+        self.skip_bad = data.skip_bad_lines
+        self.load_state_dict({"epoch": 0, "start": 0, "taken": 0})
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start": self.start, "taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start, self.taken = state["epoch"], state["start"], state["taken"]
+        self._items = None  # the pass's iterator, opened at self.start
+        self._chunk: list[Sample] | None = None  # the current chunk's samples
+        self._size = 0  # the rows it was read from
+        self._fresh = self.start == 0 and self.taken == 0  # nothing drawn yet in this pass
+
+    def check(self) -> None:
+        """Read the first sample and go back: a stream with nothing to train on fails here."""
+        state = self.state_dict()
+        self.next()
+        self.load_state_dict(state)
+
+    def next(self) -> Sample:
+        while self._chunk is None or self.taken == len(self._chunk):
+            if self._chunk is not None:  # used up: the next chunk
+                self.start, self.taken = self.start + self._size, 0
+            self._read_chunk()
+        self._fresh = False
+        self.taken += 1
+        return self._chunk[self.taken - 1]
+
+    def _read_chunk(self) -> None:
+        if self._items is None:
+            self._items = self.rows.items(self.epoch, self.start)
+        items = list(itertools.islice(self._items, self.CHUNK))
+        if not items:  # the pass is over: the next one, shuffled anew
+            if self._fresh:
+                raise DataError(f"{self.rows.where}: no row to train on (after skipped ones)")
+            self.epoch, self.start, self.taken = self.epoch + 1, 0, 0
+            self.load_state_dict(self.state_dict())
+            self._chunk = []
+            return
+        examples = []
+        for item in items:
+            if isinstance(item, Example):
+                examples.append(item)
+            elif not self.skip_bad:
+                raise DataError(f"{item[0]}: {item[1]}")
+        self._chunk, _ = tokenize(examples, self.tokenizer, self.seq_len, self.overlong)
+        self._size = len(items)
+
+
 def load_examples(
     cfg: Config, bos: str, eos: str
 ) -> tuple[list[list[Example]], list[list[Example]], list[Counter]]:
-    """Per task: (train examples, eval examples, skipped counts), split before tokenizing.
-    bos, eos: the tokenizer's special strings (see special_strings)."""
+    """Per task: (train examples, or a streamed task's hf_data.RowStream; eval examples;
+    skipped counts), split before tokenizing. bos, eos: the tokenizer's special strings (see
+    special_strings)."""
     trains, evals, skips = [], [], []
     for i, task in enumerate(cfg.tasks):
-        exs, skipped = read_examples(task, i, bos, eos, cfg.data.skip_bad_lines, cfg.data)
+        if not isinstance(task.data, list):  # a datasets spec (hf_data)
+            r = Render.of(cfg.data, bos, eos)
+            exs, ev, skipped = load_task(task, i, r, cfg.data, cfg.train.seed)
+            if ev is not None:
+                trains.append(exs)
+                evals.append(ev)
+                skips.append(skipped)
+                continue
+        else:
+            exs, skipped = read_examples(task, i, bos, eos, cfg.data.skip_bad_lines, cfg.data)
         try:
             tr, ev = split_eval(
                 exs, cfg.data.eval_fraction, cfg.data.eval_max_samples, cfg.train.seed + i
@@ -145,7 +223,11 @@ def build_task_data(cfg: Config, tokenizer: Any, examples=None) -> list[TaskData
     out = []
     for i, task in enumerate(cfg.tasks):
         stats: Counter = Counter()
-        tr, _ = tokenize(trains[i], tokenizer, cfg.data.seq_len, overlong, stats)
+        if isinstance(trains[i], RowStream):
+            tr = SampleStream(trains[i], tokenizer, cfg.data.seq_len, overlong, cfg.data)
+            tr.check()
+        else:
+            tr, _ = tokenize(trains[i], tokenizer, cfg.data.seq_len, overlong, stats)
         ev, _ = tokenize(evals[i], tokenizer, cfg.data.seq_len, overlong, stats)
         if not tr or not ev:
             raise DataError(
@@ -165,9 +247,12 @@ def corpus_files_text(examples: list[list[Example]]) -> list[str]:
 def describe(tasks: list[TaskData]) -> str:
     parts = []
     for t in tasks:
-        n_tok = sum(len(s) for s in t.train)
         extra = f", skipped {sum(t.skipped.values())}" if t.skipped else ""
         extra += f", truncated {t.truncated} to data.seq_len" if t.truncated else ""
+        if isinstance(t.train, SampleStream):
+            parts.append(f"{t.name}: streamed train / {len(t.eval)} eval samples{extra}")
+            continue
+        n_tok = sum(len(s) for s in t.train)
         parts.append(
             f"{t.name}: {len(t.train)} train / {len(t.eval)} eval samples, {n_tok} tokens{extra}"
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mftk.train.data import IGNORE, Sample
+from mftk.train.data import IGNORE, Sample, SampleStream
 
 
 @dataclass
@@ -153,28 +153,32 @@ class MultiTaskSampler:
     - `swap_answer`: the answer tokens are replaced by another random sample's answer of the same
       task (a mislabelled sample; a classify sample takes the other sample's label).
     The whole state (RNG, per-task order and cursor, the sample left over by the last batch) is in
-    state_dict(), so a resumed run draws exactly the same batches.
+    state_dict(), so a resumed run draws exactly the same batches. A task given as a
+    data.SampleStream (a streamed dataset) is drawn from in its stream's order instead, and its
+    position is part of the state.
     """
 
     def __init__(
         self,
-        tasks: list[list[Sample]],
+        tasks: list[list[Sample] | SampleStream],
         seed: int,
         vocab_size: int,
         noise_kind: str = "random_tokens",
         noise_token_rate: float = 0.2,
     ):
-        if not tasks or any(len(t) == 0 for t in tasks):
+        self.streams = [t if isinstance(t, SampleStream) else None for t in tasks]
+        lists = [t for t in tasks if not isinstance(t, SampleStream)]
+        if not tasks or any(len(t) == 0 for t in lists):
             raise ValueError("tasks: every task needs at least one training sample")
         self.tasks = tasks
         self.vocab_size = vocab_size
         self.noise_kind = noise_kind
         self.noise_token_rate = noise_token_rate
         self.rng = random.Random(seed)
-        self.orders = [self._shuffled(len(t)) for t in tasks]
+        self.orders = [[] if s else self._shuffled(len(t)) for t, s in zip(tasks, self.streams)]
         self.cursors = [0] * len(tasks)
         self.pending: Sample | None = None
-        self.weights = [float(len(t)) for t in tasks]
+        self.weights = [1.0 if s else float(len(t)) for t, s in zip(tasks, self.streams)]
         self.noise = 0.0
         self.drawn = [0] * len(tasks)
 
@@ -209,6 +213,8 @@ class MultiTaskSampler:
                 if lab == IGNORE and i > 0 and self.rng.random() < self.noise_token_rate:
                     ids[i] = self.rng.randrange(self.vocab_size)
         else:  # swap_answer
+            if self.streams[smp.task] is not None:
+                raise ValueError("noise_kind swap_answer: a streamed task has no random access")
             other = self.tasks[smp.task][self.rng.randrange(len(self.tasks[smp.task]))]
             n_prompt = next((k for k, lab in enumerate(labels) if lab != IGNORE), len(labels))
             ans = [x for x, lab in zip(other.input_ids, other.labels) if lab != IGNORE]
@@ -223,7 +229,8 @@ class MultiTaskSampler:
             smp, self.pending = self.pending, None
             return smp
         t = self.rng.choices(range(len(self.tasks)), weights=self.weights)[0]
-        smp = self.tasks[t][self._next_index(t)]
+        stream = self.streams[t]
+        smp = stream.next() if stream is not None else self.tasks[t][self._next_index(t)]
         self.drawn[t] += 1
         if self.noise > 0 and self.rng.random() < self.noise:
             smp = self._corrupt(smp)
@@ -248,7 +255,11 @@ class MultiTaskSampler:
         if self.pending is not None:
             p = self.pending
             pend = [p.task, p.input_ids, p.labels, p.cls_label]
+        streams = {}
+        if any(self.streams):
+            streams["streams"] = [s and s.state_dict() for s in self.streams]
         return {
+            **streams,
             "rng": self.rng.getstate(),
             "orders": self.orders,
             "cursors": self.cursors,
@@ -271,6 +282,9 @@ class MultiTaskSampler:
         self.noise = float(state["noise"])
         self.drawn = list(state["drawn"])
         self.noise_kind = state.get("noise_kind", self.noise_kind)
+        for stream, st in zip(self.streams, state.get("streams", [])):
+            if stream is not None:
+                stream.load_state_dict(st)
 
 
 def _as_rng_state(s):

@@ -14,7 +14,7 @@ prompt/answer (+ system) and text records; `format: auto` then detects the forma
 does (see mftk.train.mftcoder_format). Classify tasks read `{bos}{prompt}` under either.
 
 A malformed record raises `DataError("file:line: reason")`, or with `skip_bad_lines` is counted
-and skipped.
+and skipped. render_record reads one record; mftk.train.hf_data reads a datasets row with it.
 """
 
 from __future__ import annotations
@@ -167,36 +167,35 @@ def _read_jsonl(path: str, task: TaskConfig, fmt: str, r: Render):
                     raise ValueError("invalid JSON (nested too deeply)") from None
                 if not isinstance(rec, dict):
                     raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-                kind = fmt
-                if kind == "auto":
-                    kind = "chat_rounds" if "chat_rounds" in rec else "prompt_completion"
-                if r.template == "mftcoder" and kind != fmt and _plain(task):
-                    # auto: MFTCoder's detection, then the task's own prompt/completion keys
-                    kind = record_kind(rec, (task.prompt, task.completion))
-                    segs = record_segments(rec, kind, r.eos, r.markers)
-                elif kind == "chat_rounds":
-                    if "chat_rounds" not in rec:
-                        raise ValueError("missing key 'chat_rounds'")
-                    if r.template == "mftcoder":
-                        segs = record_segments(rec, kind, r.eos, r.markers)
-                    else:  # "<s>role\n" opens each turn
-                        segs = _chat_segments(rec["chat_rounds"], r.eos)
-                else:
-                    for key in (_answer_key(task),) + (
-                        () if task.prompt_template else (task.prompt,)
-                    ):
-                        if key not in rec:
-                            raise ValueError(f"missing key '{key}'{_mftcoder_hint(rec)}")
-                    prompt = (
-                        _format(task.prompt_template, rec)
-                        if task.prompt_template
-                        else rec[task.prompt]
-                    )
-                    segs = _record_segments(task, prompt, rec, r)
+                segs = render_record(rec, task, fmt, r)
             except ValueError as err:
                 yield where, err
                 continue
             yield where, segs
+
+
+def render_record(rec: dict, task: TaskConfig, fmt: str, r: Render):
+    """One record (a jsonl line's object, or a datasets row) as segments, or (segments, label
+    index) for classify tasks. fmt: auto | prompt_completion | chat_rounds. ValueError: why the
+    record cannot be read (the caller adds its location)."""
+    kind = fmt
+    if kind == "auto":
+        kind = "chat_rounds" if "chat_rounds" in rec else "prompt_completion"
+    if r.template == "mftcoder" and kind != fmt and _plain(task):
+        # auto: MFTCoder's detection, then the task's own prompt/completion keys
+        kind = record_kind(rec, (task.prompt, task.completion))
+        return record_segments(rec, kind, r.eos, r.markers)
+    if kind == "chat_rounds":
+        if "chat_rounds" not in rec:
+            raise ValueError("missing key 'chat_rounds'")
+        if r.template == "mftcoder":
+            return record_segments(rec, kind, r.eos, r.markers)
+        return _chat_segments(rec["chat_rounds"], r.eos)  # "<s>role\n" opens each turn
+    for key in (_answer_key(task),) + (() if task.prompt_template else (task.prompt,)):
+        if key not in rec:
+            raise ValueError(f"missing key '{key}'{_mftcoder_hint(rec)}")
+    prompt = _format(task.prompt_template, rec) if task.prompt_template else rec[task.prompt]
+    return _record_segments(task, prompt, rec, r)
 
 
 def _format(template: str, row: dict) -> str:

@@ -158,7 +158,7 @@ def write_outputs(trainer: Any, wall: float, resumed_from: str | None) -> dict[s
         "early_stopping": trainer.tracker.summary(),
         "classify": run.cls.last_metrics,
         "skipped": {d.name: dict(d.skipped) for d in run.data},
-        "samples": {d.name: {"train": len(d.train), "eval": len(d.eval)} for d in run.data},
+        "samples": {d.name: {"train": _count(d.train), "eval": len(d.eval)} for d in run.data},
         "model": run.model_info,
         "history": h,
     }
@@ -178,3 +178,8 @@ def write_outputs(trainer: Any, wall: float, resumed_from: str | None) -> dict[s
         f"({trainer.step} steps, {tok_s:.0f} tok/s, wall {wall:.1f}s)"
     )
     return metrics
+
+
+def _count(train: Any) -> int | None:
+    """A task's training samples; None for a streamed task (data.SampleStream: not counted)."""
+    return len(train) if isinstance(train, list) else None

@@ -25,7 +25,14 @@ from mftk.quant import base_linear_bytes, quantize_model
 from mftk.spec import AdapterSpec, QuantSpec
 from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
 from mftk.train.config import Config, ConfigError
-from mftk.train.data import TaskData, build_task_data, describe, load_examples, special_strings
+from mftk.train.data import (
+    SampleStream,
+    TaskData,
+    build_task_data,
+    describe,
+    load_examples,
+    special_strings,
+)
 from mftk.train.packing import Batch, MultiTaskSampler, eval_batches, pack_rows
 from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer
 
@@ -75,7 +82,10 @@ def epoch_steps(cfg: Config, data: list[TaskData], world: int) -> int:
     them (greedy, in order; one sample a row without data.packing), taken batch_size rows per
     rank and grad_accum micro-batches a step, as MFTCoder counts its dataloader:
     ceil(⌊rows / (batch_size × ranks)⌋ / grad_accum), at least 1. Under train.batch_tokens
-    without packing: ceil(micro-batches / grad_accum), the micro-batches laid out in order."""
+    without packing: ceil(micro-batches / grad_accum), the micro-batches laid out in order.
+    0 with a streamed task (no known length: checks_data refuses what counts in epochs)."""
+    if any(isinstance(d.train, SampleStream) for d in data):
+        return 0
     samples = [s for d in data for s in d.train]
     tr, seq_len, packing = cfg.train, cfg.data.seq_len, cfg.data.packing
     max_rows, max_tokens = batch_limits(cfg)
@@ -174,8 +184,10 @@ def load_run(cfg: Config, out: str, log: Log, par: Any) -> Run:
     else:
         bos, eos = "<s>", "</s>"
     examples = load_examples(cfg, bos, eos)
-    texts = [ex.text() for part in examples[:2] for exs in part for ex in exs]
-    pre_docs = [[seg for seg, _ in ex.segments] for exs in examples[0] for ex in exs]
+    # the tiny model's tokenizer and pretraining: a streamed task's eval rows only
+    trains, evals = [e for e in examples[0] if isinstance(e, list)], examples[1]
+    texts = [ex.text() for part in (trains, evals) for exs in part for ex in exs]
+    pre_docs = [[seg for seg, _ in ex.segments] for exs in trains for ex in exs]
     cache = cfg.model.cache_dir or os.path.join(out, "cache")
     attn_cfg = cfg.model.attn_implementation
     attn = attention(attn_cfg, par.device, log)
