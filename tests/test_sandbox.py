@@ -450,7 +450,9 @@ def test_isolation_is_detected_either_way():
 
 @pytest.mark.skipif(detect_isolation() != "namespaces", reason="no user namespaces here")
 def test_namespaces_isolate_the_run():
-    fifo = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"fifo-{uuid.uuid4().hex}")
+    # a path the run sees read-only wherever the checkout lives (under /tmp only the runner's
+    # folder and the interpreter are put back into the private /tmp)
+    fifo = os.path.join(os.path.dirname(_sandbox_runner.__file__), f"fifo-{uuid.uuid4().hex}")
     code = (
         "import json, os\n"
         "ns = {n: os.readlink('/proc/self/ns/' + n) for n in ('net', 'pid', 'mnt', 'user')}\n"

@@ -33,6 +33,7 @@ PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 SECBIT_NOROOT, SECBIT_NOROOT_LOCKED = 1, 2  # uid 0 gets no capabilities at exec
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 SYS_MOUNT_SETATTR, MOUNT_ATTR_RDONLY, AT_RECURSIVE = 442, 1, 0x8000  # same number on both arches
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH = 428, 429, 1, 4
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run", "/dev/shm")
 NOFILE, NPROC = 128, 64
 
@@ -102,19 +103,48 @@ def seccomp_filter(namespaces: bool) -> bytes | None:
     )
 
 
-def _private_view(size_mb: int) -> str:
-    """Everything read-only, fresh tmpfs on PRIVATE_DIRS; returns a new empty directory in /tmp."""
+def _read_only(path: str) -> None:
     attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY, 0, 0, 0)
     rc = _libc.syscall(
-        ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(-100), b"/", ctypes.c_uint(AT_RECURSIVE),
-        attr, ctypes.c_size_t(len(attr)),
+        ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(-100), path.encode(),
+        ctypes.c_uint(AT_RECURSIVE), attr, ctypes.c_size_t(len(attr)),
     )  # fmt: skip
-    _check(rc, "mount_setattr(/, read-only, recursive)")
+    _check(rc, f"mount_setattr({path}, read-only, recursive)")
+
+
+def _private_view(size_mb: int, keep: list[str]) -> str:
+    """Everything read-only, fresh tmpfs on PRIVATE_DIRS; returns a new empty directory in /tmp.
+
+    keep: directories the runner needs (the interpreter's prefix, the runner's folder) that may
+    lie under a private dir (a venv or a checkout in /tmp): each is cloned before the tmpfs goes
+    on, and put back, read-only, at the same path inside it."""
+    _read_only("/")
+    under = [
+        p for p in keep
+        if os.path.isdir(p) and any(p == d or p.startswith(d + "/") for d in PRIVATE_DIRS)
+    ]  # fmt: skip
+    clones = []
+    for path in under:
+        fd = _libc.syscall(
+            ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(-100), path.encode(),
+            ctypes.c_uint(OPEN_TREE_CLONE | AT_RECURSIVE),
+        )  # fmt: skip
+        _check(0 if fd >= 0 else -1, f"open_tree({path})")
+        clones.append((path, fd))
     opts = f"size={max(1, size_mb)}m,nr_inodes=4096,mode=1777".encode()  # 0 is no limit
     for where in PRIVATE_DIRS:
         if os.path.isdir(where) and not os.path.islink(where):
             flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC)
             _check(_libc.mount(b"tmpfs", where.encode(), b"tmpfs", flags, opts), f"mount {where}")
+    for path, fd in clones:
+        os.makedirs(path, exist_ok=True)
+        rc = _libc.syscall(
+            ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(fd), b"", ctypes.c_int(-100),
+            path.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        )  # fmt: skip
+        _check(rc, f"move_mount({path})")
+        os.close(fd)
+        _read_only(path)
     workdir = "/tmp/mftk-sandbox-" + secrets.token_hex(6)
     os.mkdir(workdir, 0o700)
     return workdir
@@ -276,7 +306,10 @@ def _sweep(namespaces: bool) -> None:
 
 def _supervise(req: dict) -> dict:
     namespaces = req["mode"] == "namespaces"
-    workdir = _private_view(req["file_mb"]) if namespaces else req["workdir"]
+    keep = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.abspath(req["runner"]))]
+    keep += [os.path.dirname(os.path.dirname(os.path.realpath(req["python"])))]
+    keep += [os.path.dirname(os.path.dirname(os.path.abspath(req["python"])))]
+    workdir = _private_view(req["file_mb"], sorted(set(keep))) if namespaces else req["workdir"]
     token = secrets.token_bytes(16)
     t0 = time.monotonic()
     pid, verdict = _start(req, workdir, namespaces, token)

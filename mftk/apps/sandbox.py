@@ -110,7 +110,9 @@ def _detect(unshare: str | None, python: str) -> str:
     reason = "no unshare(1) on PATH"
     if unshare:
         try:
-            res = _run("pass", None, 5.0, 256, 4, python, 2000, "namespaces", unshare)
+            # a generous timeout: on a loaded machine a cold start can take seconds, and a
+            # timeout here would silently drop the kernel isolation
+            res = _run("pass", None, 60.0, 256, 4, python, 2000, "namespaces", unshare)
             if res.passed:
                 return "namespaces"
             reason = f"a trivial program ended {res.status}: {res.stderr.strip()}"
