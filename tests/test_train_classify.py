@@ -80,8 +80,10 @@ def test_eval_predicts_the_argmax_class():
 
     from mftk.train.classify import ClassifyTasks
 
-    rows = [[Sample(1, [1, 2], [-100] * 2, 0), Sample(0, [3, 4], [-100, 4]), Sample(1, [5], [-100], 1)],
-            [Sample(1, [6, 7, 8], [-100] * 3, 2), Sample(1, [9, 9], [-100] * 2, 1)]]  # fmt: skip
+    rows = [
+        [Sample(1, [1, 2], [-100] * 2, 0), Sample(0, [3, 4], [-100, 4]), Sample(1, [5], [-100], 1)],
+        [Sample(1, [6, 7, 8], [-100] * 3, 2), Sample(1, [9, 9], [-100] * 2, 1)],
+    ]
     b = rows_to_batch(rows, pad_id=0)
     # gold [0, 1, 2, 1]; argmax [0, 1, 2, 0]; argmin [2, 0, 1, 1]
     z = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 4.0], [5.0, 2.0, 3.0]])
