@@ -74,6 +74,20 @@ def safe_div(a: float, b: float) -> float:
     return a / b if b > 1e-12 else 0.0
 
 
+def slope_state(obj) -> dict:
+    """The CoBa variants' state: L(0), the loss history, the slopes, their maxima, the weights."""
+    keys = ("initial", "history", "slopes", "max_slopes", "current")
+    return {k: getattr(obj, k) for k in keys}
+
+
+def load_slope_state(obj, state: dict) -> None:
+    obj.initial = None if state["initial"] is None else list(state["initial"])
+    obj.history = [list(h) for h in state["history"]]
+    obj.slopes = [list(s) for s in state["slopes"]]
+    obj.max_slopes = list(state["max_slopes"])
+    obj.current = None if state["current"] is None else list(state["current"])
+
+
 class CoBa:
     """CoBa's state: begin() with the first full evaluation, begin_step() before each training
     step, eval_batches() / observe() after it; `current` holds the weights (None: static)."""
@@ -159,17 +173,7 @@ class CoBa:
             raise ValueError(f"val_losses: expected {self.n} values, got {len(val_losses)}")
 
     def state_dict(self) -> dict:
-        return {
-            "initial": self.initial,
-            "history": self.history,
-            "slopes": self.slopes,
-            "max_slopes": self.max_slopes,
-            "current": self.current,
-        }
+        return slope_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.initial = None if state["initial"] is None else list(state["initial"])
-        self.history = [list(h) for h in state["history"]]
-        self.slopes = [list(s) for s in state["slopes"]]
-        self.max_slopes = list(state["max_slopes"])
-        self.current = None if state["current"] is None else list(state["current"])
+        load_slope_state(self, state)

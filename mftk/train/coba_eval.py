@@ -18,7 +18,7 @@ trainer multiplies w by the static loss weights (mftk.train.losses.CobaEvalLoss)
 
 from __future__ import annotations
 
-from mftk.train.coba import safe_div, slope, softmax
+from mftk.train.coba import load_slope_state, safe_div, slope, slope_state, softmax
 
 
 class EvalCoBa:
@@ -72,17 +72,7 @@ class EvalCoBa:
         return [x / s for x in w]
 
     def state_dict(self) -> dict:
-        return {
-            "initial": self.initial,
-            "history": self.history,
-            "slopes": self.slopes,
-            "max_slopes": self.max_slopes,
-            "current": self.current,
-        }
+        return slope_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        self.initial = state["initial"]
-        self.history = [list(h) for h in state["history"]]
-        self.slopes = [list(s) for s in state["slopes"]]
-        self.max_slopes = list(state["max_slopes"])
-        self.current = list(state["current"])
+        load_slope_state(self, state)
