@@ -99,7 +99,10 @@ def test_hybrid_edge_cases():
     with pytest.raises(ValueError, match="shared_a: expected torch.float64 on cpu like lora_a"):
         mftk.multi_adapter_linear(*args, task_ids=ids, shared_a=c["shared_a"].float(),
                                   shared_b=c["shared_b"])  # fmt: skip
-    with pytest.raises(ValueError, match="scaling: must be non-zero"):
-        mftk.multi_adapter_linear(*args, task_ids=ids, scaling=0.0, **sh)
+    # a task of scale 0 keeps its shared part
+    ids = torch.tensor([0, 1, 2, -1, 0])
+    y = mftk.multi_adapter_linear(*args, task_ids=ids, scaling=0.0, **sh)
+    want = base + shared_adapter_ref(c["x"], c["shared_a"], c["shared_b"], 2.0, ids)
+    assert torch.allclose(y, want, atol=1e-10)
     with pytest.raises(ValueError, match=r"shared_tasks: expected shape \(T,\)"):
         mftk.multi_adapter_linear(*args, task_ids=ids, shared_tasks=torch.ones(2), **sh)

@@ -87,17 +87,18 @@ def with_shared(
     shared_tasks: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """(T, R + R_s, D_in), (T, D_out, R + R_s): the shared adapter appended to every task's rank
-    range, its scale folded into B so the op's per-task scaling s[t] applies to both parts."""
+    range, every scale folded into B (B_t * s[t], B_sh * m[t] * s_sh), so the op then runs with
+    scaling 1. No division and no host sync: a task of scale 0 keeps its shared part."""
     check_shared_args(lora_a, lora_b, shared_a, shared_b, shared_scaling, shared_tasks)
     num_tasks = lora_a.shape[0]
     s = _scaling_tensor(scaling, num_tasks, lora_a)
     on = torch.ones_like(s) if shared_tasks is None else shared_tasks.to(s)
-    if not torch.compiler.is_compiling() and bool(((s == 0) & (on != 0)).any()):
-        raise ValueError("scaling: must be non-zero for the tasks that use the shared adapter")
-    ratio = torch.where(on != 0, float(shared_scaling) / s, torch.zeros_like(s))
     a = torch.cat([lora_a, shared_a.unsqueeze(0).expand(num_tasks, -1, -1)], dim=1)
-    b_sh = shared_b.unsqueeze(0) * ratio.to(shared_b.dtype)[:, None, None]
-    return a, torch.cat([lora_b, b_sh], dim=2)
+    b_t = (lora_b.to(s.dtype) * s[:, None, None]).to(lora_b.dtype)
+    b_sh = (shared_b.to(s.dtype).unsqueeze(0) * (on * float(shared_scaling))[:, None, None]).to(
+        shared_b.dtype
+    )
+    return a, torch.cat([b_t, b_sh], dim=2)
 
 
 def _plan_for(task_ids: Tensor | RoutingPlan, num_tasks: int, n: int) -> RoutingPlan:
@@ -154,8 +155,8 @@ def multi_adapter_linear(
     hybrid (shared_a (R_s, D_in), shared_b (D_out, R_s)): every routed token also gets a shared
     adapter, y[n] += m[t] * shared_scaling * (x[n] @ A_sh.T) @ B_sh.T (soft: weighted by p[n, t]);
     shared_tasks m (T,) 0/1 says which tasks use it (None: all). It runs as rank range R..R+R_s of
-    every task's adapter in the same launches (A_t' = [A_t; A_sh], B_t' = [B_t, B_sh * m[t] *
-    shared_scaling / s[t]]), so every backend computes it, forward and backward.
+    every task's adapter in the same launches (A_t' = [A_t; A_sh], B_t' = [s[t] B_t, m[t]
+    shared_scaling B_sh], scaling 1), so every backend computes it, forward and backward.
     returns y: (..., D_out) in x.dtype, and the router logits (..., T) when return_router_logits.
     Gradients flow to x, lora_a, lora_b, bias, router_weight, router_bias (and weight if it
     requires grad); scaling is a constant.
@@ -167,6 +168,7 @@ def multi_adapter_linear(
         lora_a, lora_b = with_shared(
             lora_a, lora_b, scaling, shared_a, shared_b, shared_scaling, shared_tasks
         )
+        scaling = 1.0  # folded into lora_b
     if task_ids is not None and router_weight is not None:
         raise ValueError(
             "task_ids and router_weight: give one routing mode (hard or soft), not both"
