@@ -65,8 +65,9 @@ class RoutingState:
 
     mode "ids": hard routing by task_ids (int64, () / (B,) / (B, S), already checked); "none":
     base only, or soft routing in router layers; "error": router layers route softly, other
-    layers raise (a freshly patched model outside any context). logits: the RouterLogits
-    collector router layers add to, or None when not collecting.
+    layers raise (a freshly patched model outside any context); "deferred": base only until
+    `set_task_ids` gives ids mid-forward, hard by them afterwards (mftk.segment_router).
+    logits: the RouterLogits collector router layers add to, or None when not collecting.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class RoutingState:
         self, lead: torch.Size, device: torch.device, num_tasks: int, router: str | None
     ) -> Route:
         """The Route of a forward whose x.shape[:-1] == lead, for a layer with `router`."""
-        if self.mode == "ids":
+        if self.mode == "ids" or (self.mode == "deferred" and self.task_ids is not None):
             key = (tuple(lead), device, num_tasks)
             if self._key != key:
                 ids = expand_task_ids(self.task_ids.to(device), tuple(lead))
@@ -92,13 +93,20 @@ class RoutingState:
             return self._hard
         if router is not None:
             return self._soft
-        if self.mode == "none":
+        if self.mode in ("none", "deferred"):
             return BaseOnly()
         raise RuntimeError(
             "mftk: a patched model was called outside `mftk.use_tasks(model, task_ids)`. Wrap the "
             "call in that context to pick each sequence's task, or opt in to base-only outputs "
             "with `mftk.use_tasks(model, None)` or `mftk.set_default_tasks(model, None)`."
         )
+
+    def set_task_ids(self, task_ids: Tensor | None) -> None:
+        """Mode "deferred": the layers called from now on route hard by task_ids (checked, int64,
+        matching the forward's tokens), or base only with None."""
+        if self.mode != "deferred":
+            raise RuntimeError(f"set_task_ids: only in mode 'deferred', not {self.mode!r}")
+        self.task_ids, self._key, self._hard = task_ids, None, None
 
     @property
     def router_logits(self) -> list[Tensor] | None:

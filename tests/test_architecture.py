@@ -22,7 +22,7 @@ LAYERS = [
     ("nn", ["mftk.nn"]),
     ("core", ["mftk.core"]),
     ("model", ["mftk.quant", "mftk.routing", "mftk.pyramid", "mftk.patch", "mftk.heads",
-               "mftk.peft_io", "mftk.checkpoint"]),
+               "mftk.segment_router", "mftk.peft_io", "mftk.checkpoint"]),
     ("plan", ["mftk.plan"]),
     ("train", ["mftk.train"]),
     ("apps", ["mftk.apps"]),

@@ -1,0 +1,154 @@
+"""The segment router (mftk.segment_router): one task per packed sample from its prompt's mean
+hidden state, routed Hard by its top-1 through the model's Routing (mode "deferred")."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers_models import max_err, randomize_adapters, tiny_llama, tokens
+
+import mftk
+from mftk.core import adapter_layers, layer_of
+from mftk.segment_router import (
+    add_segment_router,
+    prompt_mask,
+    segment_index,
+    use_segment_router,
+)
+
+TASKS = ["code", "sql", "docs"]
+IGN = -100
+
+
+def _model(dtype=torch.float64, layer=-1, seed=3):
+    model = mftk.patch_model(tiny_llama(dtype), TASKS, rank=4, alpha=8)
+    randomize_adapters(model)
+    router = add_segment_router(model, layer)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        router.weight.normal_(0, 1.0)
+        router.bias.normal_(0, 0.1)
+    return model
+
+
+def _packed():
+    # row 0: samples 0 (5 tokens, prompt 3) and 1 (3 tokens, no answer); row 1: one sample of 6
+    # tokens (prompt 2), then 2 pads
+    seq = torch.tensor([[0, 0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0, -1, -1]])
+    tgt = torch.full((2, 8), IGN)
+    tgt[0, 2:4] = 7  # predicts tokens 3, 4: the prompt is tokens 0..2
+    tgt[1, 1:5] = 7  # prompt tokens 0..1
+    return seq, tgt
+
+
+def test_prompt_mask_and_segment_index():
+    seq, tgt = _packed()
+    want = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0, 0]]).bool()
+    assert torch.equal(prompt_mask(tgt, seq), want)
+    seg, m = segment_index(seq)
+    assert m == 3
+    assert seg.tolist() == [[0, 0, 0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 2, 2, -1, -1]]
+
+
+def _expected_ids(model, x, seq, prompt, layer):
+    """The top-1 per sample of the router on the prompt means, computed by hand."""
+    hid = model(input_ids=x, output_hidden_states=True).hidden_states[layer + 1]
+    seg, m = segment_index(seq)
+    router = model.mftk_segment_router
+    ids = torch.full_like(seq, -1)
+    for k in range(m):
+        sel = (seg == k) & prompt
+        ids[seg == k] = int(router(hid[sel].mean(0, keepdim=True)).argmax(-1))
+    return ids
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_routes_hard_by_its_top1(layer):
+    """Equals hard routing by the router's predicted ids (float64), with the patched layers up
+    to the read point on the base alone (their lora_b zeroed in the reference copy)."""
+    model = _model(layer=layer)
+    x = tokens(2, 8)
+    seq, tgt = _packed()
+    prompt = prompt_mask(tgt, seq)
+    with mftk.use_tasks(model, None):  # base only up to the read point: any layer <= it
+        want_ids = _expected_ids(model, x, seq, prompt, layer)
+    with use_segment_router(model, seq, prompt) as seg:
+        got = model(input_ids=x).logits
+    assert torch.equal(seg.task_ids, want_ids)
+    assert seg.logits.shape == (3, len(TASKS)) and seg.token_logits.shape == (2, 8, len(TASKS))
+    ref = copy.deepcopy(model)
+    for name, m in adapter_layers(ref):
+        where = layer_of(name)
+        if where is not None and where[1] <= layer:
+            m.lora_b.data.zero_()
+    with mftk.use_tasks(ref, want_ids):
+        want = ref(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-10), max_err(got, want)
+    # the Routing is back as it was: outside any context a patched model raises
+    with pytest.raises(RuntimeError, match="use_tasks"):
+        model(input_ids=x)
+
+
+def test_warm_start_routes_by_true_ids():
+    model = _model()
+    x = tokens(2, 8)
+    seq, tgt = _packed()
+    true = torch.tensor([[2, 2, 2, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 1, -1, -1]])
+    with use_segment_router(model, seq, prompt_mask(tgt, seq), true_ids=true) as seg:
+        got = model(input_ids=x).logits
+    assert torch.equal(seg.task_ids, true) and seg.logits.shape == (3, len(TASKS))
+    with mftk.use_tasks(model, true):
+        want = model(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-10), max_err(got, want)
+
+
+def test_supervision_trains_it():
+    """Prompts of task t draw from their own 4 tokens of the vocabulary: cross-entropy on the
+    segment logits takes the router from chance to > 90% in a short run."""
+    torch.manual_seed(0)
+    model = _model(torch.float32)
+    router = model.mftk_segment_router
+    with torch.no_grad():
+        router.weight.zero_()
+        router.bias.zero_()
+    opt = torch.optim.Adam(router.parameters(), lr=0.05)
+
+    def batch():
+        task = torch.randint(0, 3, (4, 2))
+        x = 3 + torch.randint(0, 4, (4, 12)) + 4 * task.repeat_interleave(6, 1)
+        seq = torch.arange(2).repeat_interleave(6).expand(4, 12)
+        tgt = torch.full((4, 12), IGN)
+        tgt[:, 3:5] = 1
+        tgt[:, 9:11] = 1
+        return x, seq, tgt, task.reshape(-1)
+
+    def accuracy(n=5):
+        hits = total = 0
+        with torch.no_grad():
+            for _ in range(n):
+                x, seq, tgt, task = batch()
+                with use_segment_router(model, seq, prompt_mask(tgt, seq)) as seg:
+                    model(input_ids=x)
+                hits += int((seg.logits.argmax(-1) == task).sum())
+                total += task.numel()
+        return hits / total
+
+    before = accuracy()
+    for _ in range(40):
+        x, seq, tgt, task = batch()
+        with use_segment_router(model, seq, prompt_mask(tgt, seq)) as seg:
+            model(input_ids=x)
+        loss = torch.nn.functional.cross_entropy(seg.logits, task)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = accuracy()
+    assert before < 0.6 and after > 0.9, (before, after)
+
+
+def test_bad_layer():
+    model = mftk.patch_model(tiny_llama(), TASKS, rank=4)
+    with pytest.raises(ValueError, match="layer"):
+        add_segment_router(model, 2)
