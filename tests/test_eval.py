@@ -18,6 +18,8 @@ from mftk.apps.evaluate import Evaluator, evaluate_run, format_table
 from mftk.apps.sandbox import run_program
 from mftk.train.config import ConfigError, config_from_dict, single_task
 from mftk.train.loop import Trainer
+from mftk.train.parallel import Single
+from mftk.train.run import load_run
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "tiny")
 PROBLEMS = os.path.join(EXAMPLE, "data", "exec", "problems.jsonl")
@@ -298,3 +300,19 @@ def test_cli_eval_and_compare(per_task_run, shared_run, tmp_path, capsys):
     bad = ["eval", str(tmp_path / f"{name}.yaml"), "--adapters", str(tmp_path / "nowhere")]
     assert main(bad) == 2
     assert main(["compare", str(tmp_path / "nowhere")]) == 2
+
+
+def test_adapter_settings_share_one_base(
+    per_task_run, shared_run, cache_dir, problems_file, tmp_path
+):
+    """The tiny base's cache key hashes no adapter setting: per_task, shared, router and hybrid
+    over the same tasks and seed load one tokenizer and base (issue 14: compare fairly)."""
+    bases = {m["model"]["base"] for _, _, m, _ in (per_task_run, shared_run)}
+    tokenizers = {m["model"]["tokenizer"] for _, _, m, _ in (per_task_run, shared_run)}
+    for adapter in ({"router": "softmax"}, {"mode": "hybrid", "match_params": True}):
+        cfg = config_from_dict(raw_config(cache_dir, tmp_path, problems_file, **adapter), EXAMPLE)
+        info = load_run(cfg, str(tmp_path), lambda m: None, Single(cfg)).model_info
+        bases.add(info["base"])
+        tokenizers.add(info["tokenizer"])
+    assert len(bases) == 1 and len(tokenizers) == 1, (bases, tokenizers)
+    assert os.path.basename(per_task_run[2]["model"]["cache"]) == bases.pop()

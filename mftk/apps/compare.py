@@ -6,6 +6,15 @@ Prints per-task held-out loss for every run, the average over tasks, each run's 
 average against the first run, router accuracy, pass@k where present, adapter parameters and
 training time; with --plot, plots per-task loss (and pass@k) as grouped bars (nothing is
 written without a path).
+
+Only runs over one base compare fairly: a different tokenizer or base changes the loss before any
+adapter trains and the number of held-out tokens. Each run's base is read from its JSON's "model"
+entry (or the metrics.json beside an eval.json that lacks one): the tiny base's cache key
+("base-<hash>", which covers its tokenizer), else the Hugging Face model path. Runs whose bases
+differ are refused, naming them; --allow-different-bases compares them anyway under a warning in
+the table. A run whose base is not recorded (an older JSON) is compared with a note on stderr.
+When the runs' task sets differ, the average is taken over the tasks all runs share (a classify
+task in one run only does not move it), and the row says so.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ from typing import Any
 
 
 def load_run(path: str) -> dict[str, Any]:
-    """{"tasks": {task: {"loss", optional "exec"}}, "average_loss", ...} for one run."""
+    """{"tasks": {task: {"loss", optional "exec"}}, "average_loss", "base", ...} for one run
+    ("base": base_identity, None where the JSON does not record it)."""
     candidates = [path] if path.endswith(".json") else [
         os.path.join(path, "eval.json"),
         os.path.join(path, "metrics.json"),
@@ -30,6 +40,7 @@ def load_run(path: str) -> dict[str, Any]:
             break
     else:
         raise FileNotFoundError(f"{path}: no eval.json or metrics.json (run `mftk eval` first)")
+    model = d.get("model")
     if "eval_after" in d and "average_loss" not in d:  # a trainer metrics.json
         tasks = {t: {"loss": v} for t, v in d["eval_after"].items()}
         d = {
@@ -40,7 +51,46 @@ def load_run(path: str) -> dict[str, Any]:
         }
     if not isinstance(d.get("tasks"), dict):
         raise ValueError(f"{path}: not an mftk eval.json or metrics.json")
+    beside = os.path.join(os.path.dirname(c), "metrics.json")
+    if model is None and os.path.isfile(beside):  # an eval.json written before it named the base
+        with open(beside) as f:
+            model = json.load(f).get("model")
+    d["base"] = base_identity(model)
     return d
+
+
+def base_identity(model: dict[str, Any] | None) -> str | None:
+    """What names a run's base in its "model" entry: the tiny base's cache key ("base-<hash>":
+    the same key is the same tokenizer and weights, whichever cache folder holds it), else the
+    Hugging Face path it loaded; None when unrecorded."""
+    if not model:
+        return None
+    if model.get("base"):
+        return model["base"]
+    if model.get("cache"):
+        return os.path.basename(os.path.normpath(model["cache"]))
+    return model.get("source")
+
+
+def different_bases(runs: list[dict[str, Any]], names: list[str]) -> str | None:
+    """None when every run with a recorded base has the same one, else a message naming each
+    run's base."""
+    known = {r["base"] for r in runs if r.get("base") is not None}
+    if len(known) <= 1:
+        return None
+    return (
+        "the runs' bases differ ("
+        + ", ".join(f"{n}: {r.get('base') or 'unrecorded'}" for r, n in zip(runs, names))
+        + ")"
+    )
+
+
+def common_tasks(runs: list[dict[str, Any]]) -> list[str] | None:
+    """The tasks every run has (first run's order), or None when all runs have the same tasks."""
+    sets = [set(r["tasks"]) for r in runs]
+    if all(s == sets[0] for s in sets):
+        return None
+    return [t for t in runs[0]["tasks"] if all(t in s for s in sets)]
 
 
 def pass_keys(runs: list[dict[str, Any]]) -> list[str]:
@@ -54,8 +104,8 @@ def pass_keys(runs: list[dict[str, Any]]) -> list[str]:
     return sorted(keys, key=lambda s: (s != "pass@1_greedy", len(s), s))
 
 
-def compare_table(runs: list[dict[str, Any]], names: list[str]) -> str:
-    """The side-by-side text table."""
+def compare_table(runs: list[dict[str, Any]], names: list[str], warning: str | None = None) -> str:
+    """The side-by-side text table; warning: a line printed above it (different bases)."""
     tasks: list[str] = []
     for r in runs:
         tasks += [t for t in r["tasks"] if t not in tasks]
@@ -63,16 +113,19 @@ def compare_table(runs: list[dict[str, Any]], names: list[str]) -> str:
     rows = []
     for t in tasks:
         rows.append([f"{t} loss"] + [_num(r["tasks"].get(t, {}).get("loss")) for r in runs])
-    rows.append(["average loss"] + [_num(r.get("average_loss")) for r in runs])
-    base = runs[0].get("average_loss")
-    rows.append(
-        [f"vs {names[0]}"]
-        + [
-            f"{100 * (r['average_loss'] / base - 1):+.1f}%"
-            if base and r.get("average_loss")
-            else "-"
+    common = common_tasks(runs)
+    if common is None:
+        label, avgs = "average loss", [r.get("average_loss") for r in runs]
+    else:
+        label = f"average loss ({', '.join(common) or 'no common task'})"
+        avgs = [
+            sum(r["tasks"][t]["loss"] for t in common) / len(common) if common else None
             for r in runs
         ]
+    rows.append([label] + [_num(a) for a in avgs])
+    rows.append(
+        [f"vs {names[0]}"]
+        + [f"{100 * (a / avgs[0] - 1):+.1f}%" if avgs[0] and a else "-" for a in avgs]
     )
     if any(r.get("router_accuracy") is not None for r in runs):
         rows.append(["router accuracy"] + [_num(r.get("router_accuracy"), 3) for r in runs])
@@ -85,9 +138,12 @@ def compare_table(runs: list[dict[str, Any]], names: list[str]) -> str:
     rows.append(
         ["train seconds"] + [_num((r.get("train") or {}).get("train_seconds"), 1) for r in runs]
     )
+    rows.append(["base"] + [r.get("base") or "-" for r in runs])
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if warning:
+        lines.insert(0, f"WARNING: {warning}: the losses mix bases and tokenizers")
     return "\n".join(lines)
 
 
@@ -146,6 +202,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", default=None, help="comma-separated column names")
     parser.add_argument("--plot", default=None, help="also write the comparison plot (PNG) here")
     parser.add_argument("--json", default=None, help="also write the loaded runs as one JSON")
+    parser.add_argument(
+        "--allow-different-bases",
+        action="store_true",
+        help="compare runs whose tokenizer/base differ (refused without it), under a warning",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +222,20 @@ def run(args: argparse.Namespace) -> int:
             return 2
     else:
         names = [os.path.basename(os.path.normpath(p)) or p for p in args.runs]
-    print(compare_table(runs, names))
+    differ = different_bases(runs, names)
+    if differ and not args.allow_different_bases:
+        print(
+            f"mftk compare: error: {differ}; train the runs over the same tasks, base and seed, "
+            "or pass --allow-different-bases",
+            file=sys.stderr,
+        )
+        return 2
+    for r, n in zip(runs, names):
+        if r.get("base") is None:
+            print(
+                f"mftk compare: note: {n}: its base is not recorded; not checked", file=sys.stderr
+            )
+    print(compare_table(runs, names, differ))
     if args.plot:
         plot_compare(runs, names, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

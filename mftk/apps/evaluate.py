@@ -223,6 +223,7 @@ def evaluate_run(
         "adapters": ev.adapters_dir,
         "mode": ev.mode,
         "adapter_parameters": ev.adapter_params,
+        "model": ev.run.model_info,  # the base's identity: mftk compare refuses mixed bases
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus, "
         f"torch {torch.__version__}, device {ev.run.device}",
     }
