@@ -1,8 +1,14 @@
-"""Reproduce examples/tiny/RESULTS.md: shared LoRA vs per-task adapters vs router (and single-task
-runs) on the tiny example, at equal steps, over a few seeds; each run trained then `mftk eval`ed.
+"""Reproduce examples/tiny/RESULTS.md: shared LoRA vs per-task adapters vs router vs hybrid (and
+single-task runs) on the tiny example, at equal steps, over a few seeds; each run trained then
+`mftk eval`ed.
 
     python examples/tiny/run_comparison.py                     # all variants, seeds 0,1,2
-    python examples/tiny/run_comparison.py --variants shared,per_task --seeds 0
+    python examples/tiny/run_comparison.py --variants shared,per_task,router,hybrid --seeds 0,1,2
+
+Fair by construction: every variant trains the same three generation tasks (config-shared.yaml
+or config-router.yaml, never config.yaml's classify task), so at one seed they all load the same
+tokenizer and tiny base (one cache key: mftk.train.tiny_model hashes no adapter setting); the
+tables check it (each run's eval.json names its base) and pair the variants per seed.
 
 Runs go to examples/tiny/runs/<variant>-s<seed>/ (ignored by git; one shared tiny-base cache in
 runs/cache); the collected numbers to examples/tiny/comparison.json; markdown tables to stdout.
@@ -35,6 +41,8 @@ VARIANTS = {
     "shared_r8": ("config-shared.yaml", {"adapter": {"match_params": False}}),
     "per_task": ("config-shared.yaml", PER_TASK),  # one rank-8 LoRA per task, hard routing
     "router": ("config-router.yaml", {}),  # the same adapters mixed by softmax routers
+    # a shared rank-12 LoRA on every token + a rank-4 one per task (match_params: 49,152 params)
+    "hybrid": ("config-shared.yaml", {"adapter": {"mode": "hybrid", "match_params": True}}),
     "router_ctx": ("config-router.yaml", {"adapter": {"target_modules": NO_LAYER0_QKV}}),
     "single_completion": ("config-shared.yaml", PER_TASK),
     "single_bugs": ("config-shared.yaml", PER_TASK),
@@ -46,6 +54,17 @@ VARIANTS = {
     "long_shared": ("config-shared.yaml", {}),
     "long_per_task": ("config-shared.yaml", PER_TASK),
 }
+
+
+# LoRA rank directions that act on one token (3 tasks, rank 8 per task unless match_params)
+RANK_PER_TOKEN = {
+    "shared": "24",
+    "shared_r8": "8",
+    "per_task": "8",
+    "router": "24 (soft mix of 3 × 8)",
+    "hybrid": "16 (12 shared + 4 own)",
+}
+PAIRED = ("per_task", "router", "hybrid", "shared_r8")  # paired per seed against shared
 
 
 def conflict_data() -> str:
@@ -162,13 +181,47 @@ def tables(results: dict[str, dict[str, dict]]) -> str:
     groups: dict[tuple, dict] = {}
     for v, runs in results.items():
         groups.setdefault(tuple(next(iter(runs.values()))["tasks"]), {})[v] = runs
-    return "\n\n".join(loss_table(g) for g in groups.values()) + "\n\n" + other_table(results)
+    out = "\n\n".join(loss_table(g) for g in groups.values())
+    if "shared" in results and any(v in results for v in PAIRED):
+        out += "\n\n" + paired_table(results)
+    return out + "\n\n" + other_table(results)
+
+
+def paired_table(results: dict[str, dict[str, dict]]) -> str:
+    """Per seed, each PAIRED variant's change in loss against shared at that seed, per task and
+    on average (negative: better than shared), and the base every variant at that seed loaded
+    (eval.json's model entry): one base per seed, else a ValueError naming the variants."""
+    shared = results["shared"]
+    tasks = list(next(iter(shared.values()))["tasks"])
+    variants = [v for v in PAIRED if v in results]
+    head = "| seed | base | " + " | ".join(f"{v}: {' / '.join(tasks)} / avg" for v in variants)
+    lines = [head + " |", "|" + "---|" * (2 + len(variants))]
+    for seed, ref in shared.items():
+        bases = {v: results[v][seed].get("model", {}).get("base") for v in ["shared", *variants]
+                 if seed in results[v]}  # fmt: skip
+        if len(set(bases.values())) != 1:
+            raise ValueError(f"seed {seed}: the variants' bases differ: {bases}")
+        cells = []
+        for v in variants:
+            run = results[v].get(seed)
+            if run is None:
+                cells.append("-")
+                continue
+            pairs = [(run["tasks"][t]["loss"], ref["tasks"][t]["loss"]) for t in tasks]
+            pairs.append((run["average_loss"], ref["average_loss"]))
+            cells.append(" / ".join(f"{100 * (a / b - 1):+.1f}%" for a, b in pairs))
+        lines.append(f"| {seed} | {bases['shared']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def loss_table(results: dict[str, dict[str, dict]]) -> str:
     variants = list(results)
     tasks = list(next(iter(next(iter(results.values())).values()))["tasks"])
-    head = "| variant | adapter params | " + " | ".join(tasks) + " | average | vs shared |"
+    head = (
+        "| variant | adapter params | rank per token | "
+        + " | ".join(tasks)
+        + " | average | vs shared |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = None
     shared = [v for v in variants if v.endswith("shared")]
@@ -180,7 +233,7 @@ def loss_table(results: dict[str, dict[str, dict]]) -> str:
         rel = f"{100 * (avg / base - 1):+.1f}%" if base else "-"
         cells = [_ms([r["tasks"][t]["loss"] for r in runs]) for t in tasks]
         lines.append(
-            f"| {v} | {runs[0]['adapter_parameters']} | "
+            f"| {v} | {runs[0]['adapter_parameters']} | {RANK_PER_TOKEN.get(v, '-')} | "
             + " | ".join(cells)
             + f" | {_ms([r['average_loss'] for r in runs])} | {rel} |"
         )
