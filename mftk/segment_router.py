@@ -32,8 +32,10 @@ from mftk.routing import RoutingState, model_routing
 
 
 class SegmentRouter(nn.Module):
-    """logits = mean_prompt_hidden @ W.T + b, (M, H) -> (M, T) float32. W, b zero-initialised:
-    a fresh router predicts the uniform distribution (argmax: task 0). layer: where it reads."""
+    """logits = rms_norm(mean_prompt_hidden) @ W.T + b, (M, H) -> (M, T) float32 (the mean is
+    scaled to unit RMS: embeddings are small, and a unit-scale input lets AdamW's steps move the
+    logits at the adapters' lr). W, b zero-initialised: a fresh router predicts the uniform
+    distribution (argmax: task 0). layer: where it reads."""
 
     def __init__(self, hidden_size: int, num_tasks: int, layer: int) -> None:
         super().__init__()
@@ -42,7 +44,8 @@ class SegmentRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_tasks))
 
     def forward(self, h: Tensor) -> Tensor:
-        return nn.functional.linear(h.float(), self.weight.float(), self.bias.float())
+        h = nn.functional.rms_norm(h.float(), (h.shape[-1],), eps=1e-6)
+        return nn.functional.linear(h, self.weight.float(), self.bias.float())
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[1]}, num_tasks={self.weight.shape[0]}, " + (

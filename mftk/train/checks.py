@@ -139,10 +139,23 @@ def _adapter(cfg: Any) -> None:
         a.top_k is None or a.router is not None, "adapter.top_k", "only applies with adapter.router"
     )
     if a.router is not None:
-        choice(a.router, ("softmax",), "adapter.router")  # with a did-you-mean
+        choice(a.router, ("softmax", "segment"), "adapter.router")  # with a did-you-mean
+    seg = a.router == "segment"
+    check(not seg or a.top_k is None, "adapter.top_k", "the segment router routes top-1")
+    check(a.router_layer == -1 or seg, "adapter.router_layer", "only with adapter.router: segment")
+    check(a.router_layer >= -1, "adapter.router_layer", f"must be >= -1, got {a.router_layer}")
+    check(
+        not seg or cfg.distributed.strategy == "none",
+        "adapter.router",
+        "the segment router trains in one process (distributed.strategy: none) for now",
+    )
+    w = cfg.train.router_warmup_steps
+    check(w == 0 or seg, "train.router_warmup_steps", "only with adapter.router: segment")
+    check(w >= 0, "train.router_warmup_steps", f"must be >= 0, got {w}")
     try:  # the values themselves: AdapterSpec is their one validator
+        router = None if seg else a.router
         AdapterSpec(
-            rank=a.rank, alpha=a.alpha, dropout=a.dropout, router=a.router, top_k=a.top_k
+            rank=a.rank, alpha=a.alpha, dropout=a.dropout, router=router, top_k=a.top_k
         ).check_tasks(len(cfg.tasks))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"adapter.{e}") from None

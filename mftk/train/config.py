@@ -23,7 +23,8 @@ nothing. Relative paths are resolved against the config file's folder.
              quantize (null|nf4|fp4: QLoRA, a frozen 4-bit base quantized on the CPU one layer at
              a time after loading; needs bitsandbytes), double_quant, compute_dtype (the 4-bit
              matmul's dtype), quantize_all_linear (also the non-target linears, never lm_head)
-    adapter: rank, alpha, target_modules, router (null|softmax), top_k, dropout,
+    adapter: rank, alpha, target_modules, router (null|softmax|segment: mftk.segment_router),
+             router_layer (segment: -1 the embeddings, k decoder layer k's output), top_k, dropout,
              mode (per_task | shared: one LoRA for all tasks, MFTCoder's way | hybrid: one shared
              LoRA on every token plus each task's own), shared_rank, shared_alpha (hybrid),
              match_params (the per-task setup's adapter parameters; shared: rank T*rank, alpha
@@ -41,6 +42,7 @@ nothing. Relative paths are resolved against the config file's folder.
              batch_tokens // seq_len rows; without, as many samples as keep rows × the longest
              one <= batch_tokens; not with batch_size),
              grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every,
+             router_warmup_steps (segment: steps routed by the true task ids),
              early_stopping_patience (stop after N evaluations in a row without a lower eval
              loss, see mftk.train.tracking)
     loss:    mode (token|sample|balanced|task_sample|focal|coba|coba_eval: see
@@ -135,6 +137,7 @@ class AdapterConfig:
     target_modules: str | list[str] = "all-linear"
     router: str | None = None
     top_k: int | None = None
+    router_layer: int = -1  # segment router: -1 the embeddings, k decoder layer k's output
     dropout: float = 0.0
     mode: str = "per_task"  # shared: one adapter for every task (the MFTCoder baseline);
     # hybrid: one shared adapter on every token plus each task's own
@@ -177,6 +180,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 25
     threads: int | None = None
+    router_warmup_steps: int = 0  # segment router: steps routed by the true task ids
 
 
 @dataclass

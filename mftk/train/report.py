@@ -55,6 +55,8 @@ def record_eval(h: dict[str, Any], step: int, ev: dict[str, float], classify: bo
         h["eval"][t].append(ev[t])
     if "router_accuracy" in ev:
         h["router_accuracy"].append(ev["router_accuracy"])
+    if "router_accuracy_answer" in ev:  # the key only in router runs' histories
+        h.setdefault("router_accuracy_answer", []).append(ev["router_accuracy_answer"])
     for k in ev:
         if classify and "/" in k:
             h.setdefault("classify", {}).setdefault(k, []).append(ev[k])
@@ -155,6 +157,7 @@ def write_outputs(trainer: Any, wall: float, resumed_from: str | None) -> dict[s
         "stages": trainer.stages,
         "loss_mode": trainer.cfg.loss.mode,
         "router_accuracy": h["router_accuracy"][-1] if h["router_accuracy"] else None,
+        "router_accuracy_answer": (h.get("router_accuracy_answer") or [None])[-1],
         "early_stopping": trainer.tracker.summary(),
         "classify": run.cls.last_metrics,
         "skipped": {d.name: dict(d.skipped) for d in run.data},

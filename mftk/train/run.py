@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from mftk.core import unwrap
 from mftk.patch import adapter_parameters, patch_model
 from mftk.quant import base_linear_bytes, quantize_model
+from mftk.segment_router import add_segment_router
 from mftk.spec import AdapterSpec, QuantSpec
 from mftk.train.classify import ClassifyTasks, as_config_error, patch_kwargs, train_labels
 from mftk.train.config import Config, ConfigError
@@ -150,7 +152,13 @@ class Run:
 
     @property
     def router(self) -> bool:
+        """adapter.router set: a softmax router in every layer, or a segment router."""
         return self.cfg.adapter.router is not None
+
+    @property
+    def segment(self) -> bool:
+        """adapter.router segment: one task per packed sample (mftk.segment_router)."""
+        return self.cfg.adapter.router == "segment"
 
     @property
     def shared(self) -> bool:
@@ -227,6 +235,8 @@ def build_run(cfg: Config, out: str, log: Log, par: Any) -> TrainRun:
     run = load_run(cfg, out, log, par)
     par.prepare(run.model, log)
     params = list(adapter_parameters(run.model)) + run.cls.params()
+    if run.segment:
+        params += list(unwrap(run.model).mftk_segment_router.parameters())
     tr = cfg.train
     per_epoch = epoch_steps(cfg, run.data, par.world)
     if tr.epochs is not None:  # the one stage's steps (checks._stages), now that data is in
@@ -273,7 +283,8 @@ def adapter_spec(cfg: Config) -> AdapterSpec:
         hybrid = dict(mode="hybrid", shared_rank=shared, shared_alpha=shared_alpha)
     per_task = patch_kwargs(cfg).get("rank")  # {task: rank} when a task sets its own
     return AdapterSpec(
-        rank=per_task or rank, alpha=alpha, router=a.router, top_k=a.top_k, dropout=a.dropout,
+        rank=per_task or rank, alpha=alpha, router=None if a.router == "segment" else a.router,
+        top_k=a.top_k, dropout=a.dropout,
         **hybrid,
     )  # fmt: skip
 
@@ -298,6 +309,11 @@ def _patch(model: nn.Module, cfg: Config) -> None:
         )
     except ValueError as err:
         raise as_config_error(err) from None
+    if a.router == "segment":
+        try:
+            add_segment_router(model, a.router_layer)
+        except ValueError as err:
+            raise ConfigError(f"adapter.router_{err}") from None
 
 
 def _quantize(model: nn.Module, cfg: Config, log: Log) -> None:

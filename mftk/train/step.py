@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from mftk.routing import use_tasks
+from mftk.segment_router import prompt_mask, use_segment_router
 from mftk.train.losses import TaskLoss, router_losses, task_token_means, token_losses
 from mftk.train.packing import Batch, rows_to_batch
 from mftk.train.run import Run, TrainRun, batch_limits
@@ -42,10 +43,20 @@ def route_ids(task_ids: Tensor, shared: bool) -> Tensor:
 
 
 @contextlib.contextmanager
-def forward_batch(run: Run, batch: Batch) -> Iterator[Forward]:
+def forward_batch(run: Run, batch: Batch, true_ids: bool = False) -> Iterator[Forward]:
     """Run the model on batch (on run.device) with every token routed to its task's adapter (a
-    router: softly, no ids; adapter.mode shared: the one adapter). The routing holds inside the
-    block: a backward there under activation checkpointing recomputes the forward with it."""
+    router: softly, no ids; a segment router: each sample by its top-1, or by its task ids with
+    true_ids (a warm start), router_logits [its (B, S, T) token logits]; adapter.mode shared: the
+    one adapter). The routing holds inside the block: a backward there under activation
+    checkpointing recomputes the forward with it."""
+    if run.segment:
+        prompt = prompt_mask(batch.targets, batch.seq_ids)
+        true = batch.task_ids if true_ids else None
+        with use_segment_router(run.model, batch.seq_ids, prompt, true) as seg:
+            with run.cls.capture() as cap:
+                logits = run.model(**batch.model_inputs(run.varlen)).logits
+            yield Forward(logits, [seg.token_logits], None if cap is None else cap.hidden)
+        return
     ids = None if run.router else route_ids(batch.task_ids, run.shared)
     with (
         use_tasks(run.model, ids, collect_router_logits=run.router) as state,
@@ -59,8 +70,10 @@ def forward_batch(run: Run, batch: Batch) -> Iterator[Forward]:
 @contextlib.contextmanager
 def route_task(run: Run, task: str) -> Iterator[None]:
     """Inside the block the model runs as `task` (its adapter; the one adapter when shared; a
-    router: softly), for model.generate: a 0-d id fits any batch and the KV cache."""
-    ids = None if run.router else torch.tensor(0 if run.shared else run.tasks.index(task))
+    router: softly; a segment router is not consulted, the task's adapter runs), for
+    model.generate: a 0-d id fits any batch and the KV cache."""
+    soft = run.router and not run.segment
+    ids = None if soft else torch.tensor(0 if run.shared else run.tasks.index(task))
     with use_tasks(run.model, ids):
         yield
 
@@ -128,10 +141,11 @@ def train_step(run: TrainRun, par: Any, loss: TaskLoss, weights: Tensor) -> dict
     n = len(run.tasks)
     meter = TaskMeter(n, 2)
     tokens = 0
+    warm = run.segment and run.sched.last_epoch < run.cfg.train.router_warmup_steps
     for k in range(accum):
         batch = next_batch(run)
         par.sync_gradients(run.model, k == accum - 1)
-        with forward_batch(run, batch) as fw:
+        with forward_batch(run, batch, warm) as fw:
             value, means, counts, ntok, acc = par.backward(run, fw, batch, loss, weights)
         meter.add(means, counts, value / accum, acc)
         tokens += ntok
@@ -159,12 +173,13 @@ def train_step(run: TrainRun, par: Any, loss: TaskLoss, weights: Tensor) -> dict
 @torch.no_grad()
 def evaluate(run: Run, par: Any) -> dict[str, float]:
     """{task: mean answer-token loss over the eval split} (classify tasks: the head's CE mean,
-    and <task>/accuracy, <task>/f1), and router_accuracy for router runs (the mean over batches
-    weighted by their tokens). Each process evaluates the batches par.eval_batches gives it; the
-    sums go through par.reduce."""
+    and <task>/accuracy, <task>/f1), and router_accuracy / router_accuracy_answer for router runs
+    (over all real tokens / answer tokens: the mean over batches weighted by their tokens).
+    Each process evaluates the batches par.eval_batches gives it; the sums go through
+    par.reduce."""
     run.model.eval()
     n = len(run.tasks)
-    meter = TaskMeter(n, 2)
+    meter = TaskMeter(n, 4)
     run.cls.eval_begin()
     for batch, mine in par.eval_batches(run.eval_set):
         batch = batch.to(run.device)
@@ -175,10 +190,15 @@ def evaluate(run: Run, par: Any) -> dict[str, float]:
                 run.cls.eval_batch(fw.hidden, batch)
             tl = token_losses(fw.logits, batch.targets)
             means, cnt = task_token_means(tl, batch.targets, batch.task_ids, n)
-            rl = router_losses(fw.router_logits, batch.task_ids) if run.router else None
-            acc = rl["accuracy"] if rl is not None else means.new_zeros(())
             ntok = torch.tensor(float(batch.num_tokens), dtype=torch.float64, device=run.device)
-            meter.add(means, cnt, acc.double() * ntok, ntok)
+            acc = nans = means.new_zeros(())
+            ans = batch.task_ids.masked_fill(batch.targets < 0, -1)
+            if run.router:
+                acc = router_losses(fw.router_logits, batch.task_ids)["accuracy"] * ntok
+                nans = (ans >= 0).sum().double()
+                if nans > 0:
+                    acc_ans = router_losses(fw.router_logits, ans)["accuracy"] * nans
+            meter.add(means, cnt, acc, ntok, acc_ans if nans > 0 else nans, nans)
     run.model.train()
     tot = par.reduce(meter.total())
     sums, counts, acc, ntok = tot[:n], tot[n : 2 * n], tot[2 * n], tot[2 * n + 1]
@@ -186,6 +206,8 @@ def evaluate(run: Run, par: Any) -> dict[str, float]:
     run.cls.eval_end(out)
     if run.router and ntok > 0:
         out["router_accuracy"] = float(acc / ntok)
+    if run.router and tot[2 * n + 3] > 0:
+        out["router_accuracy_answer"] = float(tot[2 * n + 2] / tot[2 * n + 3])
     return out
 
 
