@@ -3,7 +3,8 @@
 <dir>/mftk_adapters.safetensors   adapter_state_dict(model): per patched module
                                   lora_a (T, R, D_in), lora_b (T, D_out, R), lora_scaling (T,)
                                   float64, lora_rank (T,) int64, router_weight/bias if any;
-                                  per-task heads as heads.<task>.weight (C, H) / .bias (C,)
+                                  per-task heads as heads.<task>.weight (C, H) / .bias (C,);
+                                  a segment router as segment_router.weight (T, H) / .bias (T,)
 <dir>/mftk_config.json            MftkConfig: task names, rank, alpha, target modules, router
                                   settings, base model name, per-task LoRA settings
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -21,6 +23,7 @@ from torch import nn
 from mftk.core import MftkConfig, get_config, unwrap
 from mftk.heads import ensure_heads, head_state_dict
 from mftk.patch import adapter_state_dict, patch_model
+from mftk.segment_router import add_segment_router, segment_router_state_dict
 
 WEIGHTS_NAME = "mftk_adapters.safetensors"
 CONFIG_NAME = "mftk_config.json"
@@ -35,6 +38,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     cfg = get_config(model)
 
     state = {**adapter_state_dict(model), **head_state_dict(model)}
+    state.update(segment_router_state_dict(model))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     os.makedirs(path, exist_ok=True)
     cfg_json = json.dumps({"format": FORMAT, **cfg.to_dict()}, indent=2)
@@ -91,7 +95,8 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, grow: bool = False)
 
     own = adapter_state_dict(model)
     with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
-        keys = {k for k in f.keys() if not k.startswith("heads.")}
+        keys = {k for k in f.keys() if not k.startswith(("heads.", "segment_router."))}
+        _load_segment_router(model, saved, f)
         if saved.heads:  # heads saved with the adapters: create the missing ones, then load
             ensure_heads(model, saved.heads)
             for k, v in head_state_dict(model).items():
@@ -121,6 +126,23 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, grow: bool = False)
     cfg.task_adapters = dict(saved.task_adapters)
     cfg.ranks = saved.ranks
     return model
+
+
+def _load_segment_router(model: nn.Module, saved: MftkConfig, f: Any) -> None:
+    """The saved segment router (created on the model if missing) from safetensors file f."""
+    if saved.segment_router is None:
+        return
+    have = get_config(model).segment_router
+    if have is None:
+        add_segment_router(model, saved.segment_router)
+    elif have != saved.segment_router:
+        raise ValueError(
+            f"path: checkpoint segment_router={saved.segment_router} differs from the model's "
+            f"{have}"
+        )
+    with torch.no_grad():
+        for k, v in segment_router_state_dict(model).items():
+            v.copy_(f.get_tensor(k))
 
 
 def from_pretrained(model: nn.Module, path: str | os.PathLike, quantize: bool = True) -> nn.Module:

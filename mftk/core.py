@@ -57,6 +57,8 @@ class MftkConfig:
     mode: str = "per_task"
     shared_rank: int | None = None
     shared_alpha: float | None = None
+    # the segment router's read point (mftk.segment_router: -1 or a decoder layer); None: none
+    segment_router: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

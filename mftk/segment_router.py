@@ -67,9 +67,19 @@ def add_segment_router(model: nn.Module, layer: int = -1) -> SegmentRouter:
     model = unwrap(model)
     _read_point(model, layer)  # checks the layer
     emb = model.get_input_embeddings().weight
-    router = SegmentRouter(emb.shape[1], len(get_config(model).tasks), layer).to(emb.device)
+    cfg = get_config(model)
+    router = SegmentRouter(emb.shape[1], len(cfg.tasks), layer).to(emb.device)
     model.mftk_segment_router = router
+    cfg.segment_router = layer
     return router
+
+
+def segment_router_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """{"segment_router.weight": (T, H), "segment_router.bias": (T,)}, or {} without one."""
+    router = getattr(unwrap(model), "mftk_segment_router", None)
+    if router is None:
+        return {}
+    return {f"segment_router.{k}": v for k, v in router.state_dict().items()}
 
 
 def prompt_mask(targets: Tensor, seq_ids: Tensor) -> Tensor:

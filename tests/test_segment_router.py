@@ -152,3 +152,16 @@ def test_bad_layer():
     model = mftk.patch_model(tiny_llama(), TASKS, rank=4)
     with pytest.raises(ValueError, match="layer"):
         add_segment_router(model, 2)
+
+
+def test_saved_and_loaded_with_the_adapters(tmp_path):
+    model = _model(torch.float32, layer=0)
+    mftk.save_adapters(model, tmp_path)
+    fresh = mftk.from_pretrained(tiny_llama(), tmp_path)
+    got, want = fresh.mftk_segment_router, model.mftk_segment_router
+    assert got.layer == 0 and fresh.mftk_config.segment_router == 0
+    assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+    other = mftk.patch_model(tiny_llama(), TASKS, rank=4, alpha=8)
+    add_segment_router(other, -1)
+    with pytest.raises(ValueError, match="segment_router=0 differs"):
+        mftk.load_adapters(other, tmp_path)

@@ -4,9 +4,11 @@ on true task ids, and a short run in which the supervised router learns to route
 from __future__ import annotations
 
 import pytest
+from safetensors import safe_open
 from test_train_loop import EXAMPLE, example_raw, run
 
 import mftk.train.step as step_mod
+from mftk.checkpoint import WEIGHTS_NAME
 from mftk.train.config import ConfigError, config_from_dict
 
 
@@ -79,3 +81,5 @@ def test_warm_start_then_own_routes_and_it_learns(cache_dir, tmp_path, monkeypat
     ans = m["history"]["router_accuracy_answer"]
     assert len(acc) == len(ans) == 2 and acc[-1] > acc[0] and acc[-1] > 0.9, acc
     assert m["router_accuracy_answer"] == ans[-1] > 0.9
+    with safe_open(str(tmp_path / "s" / "adapters" / WEIGHTS_NAME), framework="pt") as f:
+        assert {"segment_router.weight", "segment_router.bias"} <= set(f.keys())
