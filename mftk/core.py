@@ -5,7 +5,7 @@ Everything here reads a model or a name; nothing patches, routes or trains:
 - `unwrap` (through torch.compile), `adapter_layers` (every MultiAdapterLinear), `find_targets`
   (the nn.Linear modules a target spec names, never lm_head), `set_module`;
 - task names to ids: `BASE`, `task_index`, `to_task_ids` (names and lists to an int64 tensor;
-  the range of a tensor's ids is checked once, by `mftk.ops.check_task_ids`);
+  a tensor's dtype and range are checked once, by `mftk.ops.check_task_ids`);
 - the decoder stack: `layer_of` (a module name's decoder-layer index, PEFT's layers_pattern rule),
   `num_decoder_layers`, `decoder_layers` (the layer modules, by HF's `_no_split_modules`).
 
@@ -123,7 +123,10 @@ def _num_tasks(model: nn.Module) -> int:
 
 def task_index(model: nn.Module, task: str | int | None) -> int:
     """The index of a task given by name or index; None, -1 and "__base__" mean base only (-1)."""
-    names, n = task_names(model), _num_tasks(model)
+    return _index(task_names(model), _num_tasks(model), task)
+
+
+def _index(names: list[str] | None, n: int, task: Any) -> int:
     if task is None or task == BASE:
         return -1
     if isinstance(task, str):
@@ -137,33 +140,29 @@ def task_index(model: nn.Module, task: str | int | None) -> int:
     return task
 
 
-def to_task_ids(model: nn.Module, task_ids: Any) -> Tensor:
-    """Task ids as an int64 tensor (on task_ids' device if it is a tensor, else CPU).
+def to_task_ids(model: nn.Module, task_ids: Any, num_tasks: int | None = None) -> Tensor:
+    """Task ids as a tensor: a tensor as given (its dtype and range are the op's check,
+    mftk.ops.check_task_ids, run once by the caller), names and indices as int64 on the CPU.
 
     task_ids: an int tensor, a name or index (returned as a 0-d tensor), or a (nested) list of
-    names and indices, (B,) or (B, S). Raises ValueError naming a bad name or out-of-range
-    index; the ids of a tensor are range-checked by the op's check (mftk.ops.check_task_ids).
+    names and indices, (B,) or (B, S). Raises ValueError naming a bad name or out-of-range index.
+    num_tasks: T when the caller knows it (saves a walk over the model's modules).
     """
     if isinstance(task_ids, Tensor):
-        if (
-            task_ids.dtype.is_floating_point
-            or task_ids.dtype.is_complex
-            or task_ids.dtype == torch.bool
-        ):
-            raise TypeError(f"task_ids: expected an integer tensor, got dtype {task_ids.dtype}")
         if task_ids.dim() > 2:
             raise ValueError(
                 f"task_ids: expected (B,) or (B, S), got shape {tuple(task_ids.shape)}"
             )
-        return task_ids.to(torch.int64)  # the range: checked once, by mftk.ops.check_task_ids
+        return task_ids
+    names, n = task_names(model), num_tasks if num_tasks is not None else _num_tasks(model)
     if isinstance(task_ids, (str, int)):
-        return torch.tensor(task_index(model, task_ids), dtype=torch.int64)
+        return torch.tensor(_index(names, n, task_ids), dtype=torch.int64)
 
     def conv(v: Any) -> Any:
         if isinstance(v, (list, tuple)):
             return [conv(u) for u in v]
         try:
-            return task_index(model, v)
+            return _index(names, n, v)
         except (ValueError, TypeError) as e:
             raise type(e)(f"task_ids: {e}") from None
 

@@ -137,21 +137,26 @@ class Routing:
 
 def model_routing(model: torch.nn.Module) -> Routing:
     """The Routing shared by every patched layer of model (made and attached on first use)."""
+    return _routing_and_tasks(model)[0]
+
+
+def _routing_and_tasks(model: torch.nn.Module) -> tuple[Routing, int]:
+    """(the model's Routing, T), from one walk over its modules."""
     layers = [m for _, m in adapter_layers(model)]
     shared = layers[0].routing
     if not isinstance(shared, Routing) or any(m.routing is not shared for m in layers):
         shared = Routing()
         for m in layers:
             m.routing = shared
-    return shared
+    return shared, layers[0].num_tasks
 
 
-def _state_for(model: torch.nn.Module, task_ids: Any, collect: bool) -> RoutingState:
+def _state_for(model: torch.nn.Module, task_ids: Any, collect: bool, n: int) -> RoutingState:
     if task_ids is None:
         return RoutingState(None, "none", collect)
-    ids = to_task_ids(model, task_ids)
-    check_task_ids(ids, adapter_layers(model)[0][1].num_tasks)
-    return RoutingState(ids, "ids", collect)
+    ids = to_task_ids(model, task_ids, n)
+    check_task_ids(ids, n)  # dtype and range: the op's own check, once per context
+    return RoutingState(ids.to(torch.int64), "ids", collect)
 
 
 @contextlib.contextmanager
@@ -170,8 +175,8 @@ def use_tasks(
     With activation checkpointing, call backward inside the block too: the recomputed forward
     reads the routing again (outside the block it raises rather than route wrongly).
     """
-    routing = model_routing(model)
-    state = _state_for(model, task_ids, collect_router_logits)
+    routing, n = _routing_and_tasks(model)
+    state = _state_for(model, task_ids, collect_router_logits, n)
     previous, routing.state = routing.state, state
     try:
         yield state
@@ -185,7 +190,8 @@ def set_default_tasks(model: torch.nn.Module, task_ids: Any) -> None:
     `set_default_tasks(model, None)` opts in to base-only outputs (soft routing in router
     models); `set_default_tasks(model, "code")` sends every token to task "code".
     """
-    model_routing(model).state = _state_for(model, task_ids, False)
+    routing, n = _routing_and_tasks(model)
+    routing.state = _state_for(model, task_ids, False, n)
 
 
 def clear_default_tasks(model: torch.nn.Module) -> None:
