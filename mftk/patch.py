@@ -11,6 +11,7 @@ LoRA hyper-parameters it came with (for PEFT export).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -121,10 +122,8 @@ def patch_model(
     elif not isinstance(spec, AdapterSpec):
         raise TypeError(f"spec: expected an mftk.AdapterSpec, got {type(spec).__name__}")
     else:
-        _check_no_keywords(
-            rank, alpha, router, top_k, temperature, dropout, use_rslora, quantize, mode,
-            shared_rank, shared_alpha,
-        )  # fmt: skip
+        given = locals()
+        _check_no_keywords({k: given[k] for k in SPEC_KEYWORDS})
     spec.check_tasks(len(tasks))
     ranks = spec.ranks(tasks)
     layer_ids = None if layers is None else parse_layers(layers, num_decoder_layers(model))
@@ -178,11 +177,17 @@ def patch_model(
     return model
 
 
-def _check_no_keywords(*values: Any) -> None:
-    defaults = (8, None, None, None, 1.0, 0.0, False, None, "per_task", None, None)
-    names = ("rank", "alpha", "router", "top_k", "temperature", "dropout", "use_rslora",
-             "quantize", "mode", "shared_rank", "shared_alpha")  # fmt: skip
-    given = [n for n, v, d in zip(names, values, defaults) if v != d]
+# patch_model's keyword spellings of what an AdapterSpec holds
+SPEC_KEYWORDS = (
+    "rank", "alpha", "router", "top_k", "temperature", "dropout", "use_rslora", "quantize",
+    "double_quant", "compute_dtype", "quantize_all_linear", "mode", "shared_rank", "shared_alpha",
+)  # fmt: skip
+
+
+def _check_no_keywords(values: dict[str, Any]) -> None:
+    """With spec=..., the keyword spellings must keep patch_model's own defaults."""
+    params = inspect.signature(patch_model).parameters
+    given = [k for k, v in values.items() if v != params[k].default]
     if given:
         raise ValueError(f"spec: given together with {given}; put those settings in the spec")
 
