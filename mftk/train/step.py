@@ -52,18 +52,16 @@ def forward_batch(run: Run, batch: Batch, true_ids: bool = False) -> Iterator[Fo
     if run.segment:
         prompt = prompt_mask(batch.targets, batch.seq_ids)
         true = batch.task_ids if true_ids else None
-        with use_segment_router(run.model, batch.seq_ids, prompt, true) as seg:
-            with run.cls.capture() as cap:
-                logits = run.model(**batch.model_inputs(run.varlen)).logits
-            yield Forward(logits, [seg.token_logits], None if cap is None else cap.hidden)
-        return
-    ids = None if run.router else route_ids(batch.task_ids, run.shared)
-    with (
-        use_tasks(run.model, ids, collect_router_logits=run.router) as state,
-        run.cls.capture() as cap,
-    ):
+        routing = use_segment_router(run.model, batch.seq_ids, prompt, true)
+    else:
+        ids = None if run.router else route_ids(batch.task_ids, run.shared)
+        routing = use_tasks(run.model, ids, collect_router_logits=run.router)
+    with routing as state, run.cls.capture() as cap:
         logits = run.model(**batch.model_inputs(run.varlen)).logits
-        router = state.pop_router_logits() if run.router else None
+        if run.segment:
+            router = [state.token_logits]
+        else:
+            router = state.pop_router_logits() if run.router else None
         yield Forward(logits, router, None if cap is None else cap.hidden)
 
 
