@@ -260,6 +260,18 @@ def test_resume_with_another_global_batch_is_refused(hard_runs):
     assert res.returncode == 2 and "global batch" in res.stderr, res.stderr[-2000:]
 
 
+def one_vs_two_ranks(cache_dir, tmp_path, over):
+    """The tiny config with `over`, batch 4 in one process (out one/) and 2 x 2 on 2 fsdp2 ranks
+    (out two/); asserts the runs match and returns (2-rank metrics, one-process metrics)."""
+    single = one_process(tiny_raw(cache_dir, tmp_path / "one", **over)).train()
+    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
+    raw2["train"]["batch_size"] = 2
+    raw2["distributed"] = {"strategy": "fsdp2"}
+    got, _ = torchrun(2, raw2, tmp_path)
+    assert_close_runs(got, single)
+    return got, single
+
+
 def test_fsdp2_router_focal_matches_one_process(cache_dir, tmp_path):
     over = dict(
         adapter={"router": "softmax"},
@@ -268,13 +280,7 @@ def test_fsdp2_router_focal_matches_one_process(cache_dir, tmp_path):
         train={"batch_size": 4, "eval_every": 3},
         data={"packing": False},
     )
-    raw1 = tiny_raw(cache_dir, tmp_path / "one", **over)
-    single = one_process(raw1).train()
-    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
-    raw2["train"]["batch_size"] = 2
-    raw2["distributed"] = {"strategy": "fsdp2"}
-    got, _ = torchrun(2, raw2, tmp_path)
-    assert_close_runs(got, single)
+    got, single = one_vs_two_ranks(cache_dir, tmp_path, over)
     a = torch.tensor(got["history"]["router_accuracy"])
     b = torch.tensor(single["history"]["router_accuracy"])
     assert torch.allclose(a, b, atol=1e-6)
@@ -445,13 +451,7 @@ def test_shared_mode_with_layers_two_ranks_match_one_process(cache_dir, tmp_path
         train={"batch_size": 4},
         stages=[{"name": "a", "steps": 2}],
     )
-    raw1 = tiny_raw(cache_dir, tmp_path / "one", **over)
-    single = one_process(raw1).train()
-    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
-    raw2["train"]["batch_size"] = 2
-    raw2["distributed"] = {"strategy": "fsdp2"}
-    got, _ = torchrun(2, raw2, tmp_path)
-    assert_close_runs(got, single)
+    got, single = one_vs_two_ranks(cache_dir, tmp_path, over)
     assert_same_adapters(tmp_path / "two", tmp_path / "one")
     ad = adapters(tmp_path / "two")
     assert ad and all(".layers.1." in k for k in ad)  # layers "1:" of 2
@@ -558,12 +558,7 @@ def test_hybrid_mode_two_ranks_match_one_process(cache_dir, tmp_path):
         train={"batch_size": 4},
         stages=[{"name": "a", "steps": 2}],
     )
-    single = one_process(tiny_raw(cache_dir, tmp_path / "one", **over)).train()
-    raw2 = tiny_raw(cache_dir, tmp_path / "two", **over)
-    raw2["train"]["batch_size"] = 2
-    raw2["distributed"] = {"strategy": "fsdp2"}
-    got, _ = torchrun(2, raw2, tmp_path)
-    assert_close_runs(got, single)
+    one_vs_two_ranks(cache_dir, tmp_path, over)
     assert_same_adapters(tmp_path / "two", tmp_path / "one")
     ad = adapters(tmp_path / "two")
     assert any(k.endswith("shared_a") for k in ad) and any(k.endswith("shared_b") for k in ad)
