@@ -40,7 +40,11 @@ def _want_cuda() -> tuple[bool, str]:
 def _extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-std=c++20"]
+    # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and the
+    # tiled kernels' one parallel region runs on one thread. libgomp.so.1 resolves to the copy
+    # torch already loaded (same soname), so there is one OpenMP runtime.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    link = ["-fopenmp"]
     with_cuda, why = _want_cuda()
     if with_cuda and cuda_sources:
         return [
@@ -51,6 +55,7 @@ def _extensions():
                 depends=HEADERS,
                 define_macros=[("MFTK_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+                extra_link_args=link,
             )
         ]
     print(f"mftk: building the CPU extension only ({why or 'no CUDA sources'})")
@@ -61,6 +66,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             depends=HEADERS,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
     ]
 

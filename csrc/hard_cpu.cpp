@@ -8,7 +8,6 @@
 // while the block is in cache, and writes its y (grad_x) rows once. The GEMMs inside a tile run
 // single-threaded (nested in the region). Tiny problems skip the region and run the tiles inline.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
 #include <c10/core/ScalarType.h>
 #include <ATen/ops/empty.h>
@@ -20,119 +19,25 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_blas.h"
+#include "cpu_tiles.h"
 #include "mftk.h"
 
 namespace mftk {
 
-namespace {
-
-
-constexpr int64_t kRowBlock = 256;      // rows per tile: each W chunk is packed once per 256 rows
-constexpr int64_t kMinCols = 128;       // narrowest column block
-constexpr int64_t kColChunk = 256;      // columns per GEMM inside a tile: [bm, chunk] in L2
-constexpr int64_t kTilesPerThread = 4;  // enough tiles to rebalance when a thread stalls
-constexpr int64_t kSerialMacs = int64_t{1} << 22;  // below this, no parallel region at all
-
-struct Tile {
-  int64_t task;  // -1: base-only rows
-  int64_t row0, rows, col0, cols;
-};
-
-// Tiles covering plan rows [0, n) (groups from offsets; base-only rows last) and columns
-// [0, d_cols). Columns are split only when there are too few row blocks to keep threads busy.
-std::vector<Tile> make_tiles(const int64_t* off, int64_t t_count, int64_t n, int64_t d_cols,
-                             int64_t threads) {
-  int64_t row_tiles = 0;
-  for (int64_t g = 0; g <= t_count; ++g) {
-    const int64_t rows = (g < t_count ? off[g + 1] : n) - off[g];
-    row_tiles += (rows + kRowBlock - 1) / kRowBlock;
-  }
-  int64_t col_blocks = 1;
-  const int64_t want = kTilesPerThread * threads;
-  if (threads > 1 && row_tiles < want) {
-    col_blocks = std::min((want + row_tiles - 1) / std::max<int64_t>(row_tiles, 1),
-                          std::max<int64_t>(d_cols / kMinCols, 1));
-  }
-  const int64_t bn = (d_cols + col_blocks - 1) / col_blocks;
-  std::vector<Tile> tiles;
-  tiles.reserve(row_tiles * col_blocks);
-  for (int64_t g = 0; g <= t_count; ++g) {
-    const int64_t end = g < t_count ? off[g + 1] : n;
-    for (int64_t r = off[g]; r < end; r += kRowBlock)
-      for (int64_t c = 0; c < d_cols; c += bn)
-        tiles.push_back({g < t_count ? g : -1, r, std::min(kRowBlock, end - r), c,
-                         std::min(bn, d_cols - c)});
-  }
-  return tiles;
-}
-
-// Run f(tile index, thread slot) over all tiles: one parallel region with dynamic hand-out, or
-// inline when threads == 1. Slots are < threads.
-template <typename F>
-void run_tiles(int64_t ntiles, int64_t threads, const F& f) {
-  if (threads <= 1 || ntiles <= 1) {
-    SerialBlas serial;
-    for (int64_t i = 0; i < ntiles; ++i) f(i, 0);
-    return;
-  }
-  std::atomic<int64_t> next{0};
+// Distinct threads that entered one at::parallel_for region of at::get_num_threads() chunks (the
+// tiles' region). 1 with more threads set means the build dropped OpenMP (no -fopenmp).
+int64_t parallel_threads_cpu() {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::atomic<uint64_t> seen{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    SerialBlas serial;
-    const int64_t slot = at::get_thread_num();
-    for (int64_t i = next.fetch_add(1); i < ntiles; i = next.fetch_add(1)) f(i, slot);
+    seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
   });
+  return __builtin_popcountll(seen.load());
 }
-
-int64_t choose_threads(int64_t n, int64_t d_in, int64_t d_out) {
-  if (n * d_in * d_out < kSerialMacs || at::in_parallel_region()) return 1;
-  return std::max<int64_t>(1, at::get_num_threads());
-}
-
-// A hand-made plan must not send the row loops out of bounds.
-void check_plan(const at::Tensor& perm, const at::Tensor& offsets, int64_t t_count, int64_t n) {
-  TORCH_CHECK(perm.numel() == n, "perm: expected (N,) = (", n, ",), got ", perm.sizes());
-  TORCH_CHECK(offsets.numel() == t_count + 1, "offsets: expected (T + 1,) = (", t_count + 1,
-              ",), got ", offsets.sizes());
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  const int64_t* p = perm.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[t_count] <= n, "offsets: expected 0 <= ... <= N = ", n);
-  for (int64_t t = 0; t < t_count; ++t)
-    TORCH_CHECK(off[t] <= off[t + 1], "offsets: expected non-decreasing, task ", t);
-  // Every row is read and written through perm, so all N entries must be in range.
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(p[i] >= 0 && p[i] < n, "perm: entry ", i, " = ", p[i], " out of [0, N)");
-}
-
-// dst[r, :cols] = src[idx[r], col0 : col0 + cols]
-template <typename scalar_t>
-void gather(scalar_t* dst, const scalar_t* src, int64_t ld_src, const int64_t* idx, int64_t rows,
-            int64_t col0, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst + r * cols, src + idx[r] * ld_src + col0, cols * sizeof(scalar_t));
-}
-
-// dst[idx[r], col0 : col0 + cols] = src[r, :cols]
-template <typename scalar_t>
-void scatter(scalar_t* dst, int64_t ld_dst, const scalar_t* src, const int64_t* idx, int64_t rows,
-             int64_t col0, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst + idx[r] * ld_dst + col0, src + r * cols, cols * sizeof(scalar_t));
-}
-
-// dst[r, c] += src[r, c] for a (rows, cols) block; dst row stride ld.
-template <typename scalar_t>
-void add_block(scalar_t* dst, int64_t ld, const scalar_t* src, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] += src[r * cols + c];
-}
-
-}  // namespace
 
 at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, int64_t d_out) {
@@ -308,9 +213,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
   auto xbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
   auto dxbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
   auto dsbuf = at::empty({threads, kRowBlock, rank}, opt);
-  auto gabuf = at::empty({threads, rank, bn}, opt);
-  auto gbbuf = at::empty({threads, d_out, rank}, opt);
-  std::unique_ptr<std::mutex[]> locks(new std::mutex[t_count]);
+  // Weight-gradient partials per tile (dB: per routed row tile), summed afterwards in tile order,
+  // so the result does not depend on which thread ran which tile. N R (D_in + D_out) / 256 values.
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  std::vector<int64_t> gb_index(ntiles, -1);
+  int64_t gb_count = 0;
+  for (int64_t i = 0; i < ntiles; ++i)
+    if (tiles[i].task >= 0 && tiles[i].col0 == 0) gb_index[i] = gb_count++;
+  auto gabuf = at::empty({ntiles, rank, bn}, opt);
+  auto gbbuf = at::empty({std::max<int64_t>(gb_count, 1), d_out, rank}, opt);
   AT_DISPATCH_FLOATING_TYPES(cdt, "hard_bwd_cpu", [&] {
     const scalar_t* dyp = gy.data_ptr<scalar_t>();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -328,13 +239,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
       const int64_t rows = tl.rows, t = tl.task;
       const scalar_t st = t >= 0 ? static_cast<scalar_t>(sp[t]) : scalar_t(0);
       scalar_t* ds_p = dsbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
-      scalar_t* ga_p = gabuf.data_ptr<scalar_t>() + slot * rank * bn;  // [R, tile cols], ld bn
+      scalar_t* ga_p = gabuf.data_ptr<scalar_t>() + i * rank * bn;  // [R, tile cols], ld bn
       scalar_t* gb_p = nullptr;
       if (t >= 0) {  // dS = s dy B_t   [rows, R], once per tile
         gemm<scalar_t>(false, false, rows, rank, d_out, st, dyb_p, d_out, bp + t * d_out * rank,
                        rank, 0, ds_p, rank);
         if (tl.col0 == 0) {  // dB part = s dy^T S   [D_out, R]
-          gb_p = gbbuf.data_ptr<scalar_t>() + slot * d_out * rank;
+          gb_p = gbbuf.data_ptr<scalar_t>() + gb_index[i] * d_out * rank;
           gemm<scalar_t>(true, false, d_out, rank, rows, st, dyb_p, d_out, shp + tl.row0 * rank,
                          rank, 0, gb_p, rank);
         }
@@ -360,15 +271,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
         }
         scatter(gxp, d_in, dxb_p, idx, rows, c0, cols);
       }
-      if (t >= 0) {
-        std::lock_guard<std::mutex> guard(locks[t]);
-        scalar_t* ga_t = grad_a.data_ptr<scalar_t>() + t * rank * d_in + tl.col0;
-        for (int64_t r = 0; r < rank; ++r)
-          for (int64_t c = 0; c < tl.cols; ++c) ga_t[r * d_in + c] += ga_p[r * bn + c];
-        if (gb_p != nullptr)
-          add_block(grad_b.data_ptr<scalar_t>() + t * d_out * rank, rank, gb_p, d_out, rank);
-      }
     });
+    // Each task's partials in tile order (the order a single thread would add them).
+    auto reduce = [&](int64_t t0, int64_t t1) {
+      for (int64_t i = 0; i < ntiles; ++i) {
+        const Tile& tl = tiles[i];
+        if (tl.task < t0 || tl.task >= t1) continue;
+        scalar_t* ga_t = grad_a.data_ptr<scalar_t>() + tl.task * rank * d_in + tl.col0;
+        add_block(ga_t, d_in, gabuf.data_ptr<scalar_t>() + i * rank * bn, rank, tl.cols, bn);
+        if (gb_index[i] >= 0)
+          add_block(grad_b.data_ptr<scalar_t>() + tl.task * d_out * rank, rank,
+                    gbbuf.data_ptr<scalar_t>() + gb_index[i] * d_out * rank, d_out, rank, rank);
+      }
+    };
+    if (threads > 1) {
+      at::parallel_for(0, t_count, 1, reduce);
+    } else {
+      reduce(0, t_count);
+    }
   });
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type())};

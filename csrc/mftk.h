@@ -38,6 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
     const at::Tensor& scaling, const at::Tensor& router_weight, const at::Tensor& probs,
     const at::Tensor& shrink, double temperature);
 
+// Threads that entered one parallel region (a build check: 1 means OpenMP was compiled out).
+int64_t parallel_threads_cpu();
+
 // x W^T + b in the compute dtype; without weight, just b (or zeros): the adapters alone.
 at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, int64_t d_out);

@@ -8,6 +8,7 @@
 #include "mftk.h"
 
 TORCH_LIBRARY(mftk, m) {
+  m.def("parallel_threads() -> int", &mftk::parallel_threads_cpu);
   m.def("build_plan(Tensor task_ids, int num_tasks) -> (Tensor perm, Tensor offsets)");
   m.def(
       "hard_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
