@@ -1,15 +1,24 @@
 // Soft routing on CPU: a learned softmax router blends all adapters per token.
 //   p = softmax(topk_mask((x Wr^T + br) / temperature))
 //   y = x W^T + b + sum_t p[:, t] s[t] (x A[t]^T) B[t]^T
-// It is a rank T*R LoRA with per-token column scaling, so it runs as whole-batch GEMMs.
+// It is a rank T*R LoRA with per-token column scaling. Small problems run it as whole-batch ATen
+// GEMMs (soft_*_aten); larger ones as one parallel region over row tiles (soft_*_cpu below), each
+// tile doing all its GEMMs while its rows are in cache and writing its y (grad_x) rows once.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/softmax.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+
+#include <algorithm>
 #include <limits>
 
+#include "cpu_blas.h"
+#include "cpu_tiles.h"
 #include "mftk.h"
 
 namespace mftk {
@@ -21,9 +30,19 @@ at::Tensor column_coef(const at::Tensor& probs, const at::Tensor& scaling, int64
   return (probs * scaling.to(probs.scalar_type())).repeat_interleave(rank, 1);
 }
 
-}  // namespace
+// softmax(top_k_mask(logits / temperature)) for rows of raw logits (router bias included).
+at::Tensor router_probs(const at::Tensor& logits, double temperature, int64_t top_k) {
+  const int64_t t_count = logits.size(1);
+  auto z = logits / temperature;
+  if (top_k > 0 && top_k < t_count) {
+    auto kept = std::get<1>(z.topk(top_k, -1));
+    auto drop = at::ones_like(z, z.options().dtype(at::kBool)).scatter_(-1, kept, false);
+    z = z.masked_fill(drop, -std::numeric_limits<double>::infinity());
+  }
+  return at::softmax(z, -1);
+}
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_aten(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
@@ -40,13 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   auto shrink = s_l.narrow(1, 0, tr).contiguous();  // [N, T*R]
   auto logits = s_l.narrow(1, tr, t_count);          // [N, T]
   if (router_bias.has_value() && router_bias->defined()) logits = logits + router_bias->to(cdt);
-  auto z = logits / temperature;
-  if (top_k > 0 && top_k < t_count) {
-    auto kept = std::get<1>(z.topk(top_k, -1));
-    auto drop = at::ones_like(z, z.options().dtype(at::kBool)).scatter_(-1, kept, false);
-    z = z.masked_fill(drop, -std::numeric_limits<double>::infinity());
-  }
-  auto probs = at::softmax(z, -1);
+  auto probs = router_probs(logits, temperature, top_k);
   auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr});
   auto h = shrink * column_coef(probs, scaling, rank);
   auto y = base_forward(xc, weight, bias, d_out);
@@ -54,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   return {y.to(x.scalar_type()), logits.to(x.scalar_type()).contiguous(), probs, shrink};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_aten(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_logits, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
     const at::Tensor& scaling, const at::Tensor& router_weight, const at::Tensor& probs,
@@ -87,6 +100,252 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   auto grad_b = grad_b_cat.reshape({d_out, t_count, rank}).permute({1, 0, 2}).contiguous();
   auto grad_rw = grad_ar.narrow(0, t_count * rank, t_count).clone();  // outputs must not alias
   auto grad_rb = dlogits.sum(0);
+  return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
+          grad_b.to(lora_b.scalar_type()), grad_rw.to(router_weight.scalar_type()),
+          grad_rb.to(router_weight.scalar_type())};
+}
+
+}  // namespace
+
+namespace {
+
+constexpr int64_t kSoftMaxTiles = 16;  // row tiles per call: bounds the weight-gradient partials
+constexpr int64_t kSoftSubRows = 256;  // rows per GEMM inside a tile
+
+struct RowTiles {
+  int64_t count, rows;  // `count` tiles of `rows` rows (the last one shorter)
+};
+
+// Independent of the thread count, so the partial sums (and the result) are too.
+RowTiles row_tiles(int64_t n) {
+  const int64_t want = std::clamp<int64_t>((n + 127) / 128, 1, kSoftMaxTiles);
+  const int64_t rows = (n + want - 1) / want;
+  return {(n + rows - 1) / rows, rows};
+}
+
+// out[j] = sum_i parts[i, j] over i in order, parallel over j: the same bits for any threads.
+template <typename scalar_t>
+void sum_parts(scalar_t* out, const scalar_t* parts, int64_t count, int64_t len, int64_t threads) {
+  auto body = [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      scalar_t acc = parts[j];
+      for (int64_t i = 1; i < count; ++i) acc += parts[i * len + j];
+      out[j] = acc;
+    }
+  };
+  if (threads > 1) {
+    at::parallel_for(0, len, 4096, body);
+  } else {
+    body(0, len);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_bias,
+    double temperature, int64_t top_k) {
+  const int64_t n = x.size(0), t_count = lora_a.size(0), rank = lora_a.size(1);
+  const int64_t d_in = x.size(1), d_out = lora_b.size(1), tr = t_count * rank;
+  if (n == 0 || n * d_in * d_out < kSerialMacs)
+    return soft_fwd_aten(x, weight, bias, lora_a, lora_b, scaling, router_weight, router_bias,
+                         temperature, top_k);
+  const auto cdt = compute_dtype(x);
+  const int64_t ws = tr + t_count;  // [S | logits] width
+  auto xc = x.to(cdt).contiguous();
+  auto opt = xc.options();
+  auto aw = at::cat({lora_a.to(cdt).reshape({tr, d_in}), router_weight.to(cdt)}, 0).contiguous();
+  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr}).contiguous();
+  const bool has_w = weight.has_value() && weight->defined();
+  const bool has_b = bias.has_value() && bias->defined();
+  const bool has_rb = router_bias.has_value() && router_bias->defined();
+  auto w = has_w ? weight->to(cdt).contiguous() : at::Tensor();
+  auto bias_c = has_b ? bias->to(cdt).contiguous() : at::Tensor();
+  auto rb = has_rb ? router_bias->to(cdt).contiguous() : at::Tensor();
+  auto s = scaling.to(at::kDouble).contiguous();
+  const double* sp = s.data_ptr<double>();
+  auto y = at::empty({n, d_out}, opt);
+  auto logits = at::empty({n, t_count}, opt);
+  auto probs = at::empty({n, t_count}, opt);
+  auto shrink = at::empty({n, tr}, opt);
+  const int64_t threads = choose_threads(n, d_in, d_out);
+  const RowTiles rt = row_tiles(n);
+  auto slbuf = at::empty({threads, kSoftSubRows, ws}, opt);
+  auto hbuf = at::empty({threads, kSoftSubRows, tr}, opt);
+  AT_DISPATCH_FLOATING_TYPES(cdt, "soft_fwd_cpu", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* awp = aw.data_ptr<scalar_t>();
+    const scalar_t* bcp = b_cat.data_ptr<scalar_t>();
+    const scalar_t* wp = has_w ? w.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* biasp = has_b ? bias_c.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rbp = has_rb ? rb.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    scalar_t* lgp = logits.data_ptr<scalar_t>();
+    scalar_t* prp = probs.data_ptr<scalar_t>();
+    scalar_t* shp = shrink.data_ptr<scalar_t>();
+    run_tiles(rt.count, threads, [&](int64_t i, int64_t slot) {
+      scalar_t* sl = slbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * ws;
+      scalar_t* h = hbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * tr;
+      const int64_t end = std::min(n, (i + 1) * rt.rows);
+      for (int64_t r0 = i * rt.rows; r0 < end; r0 += kSoftSubRows) {
+        const int64_t m = std::min(kSoftSubRows, end - r0);
+        const scalar_t* xb = xp + r0 * d_in;
+        // [S | logits] = x_blk [A_cat ; Wr]^T   [m, T*R + T]: one pass over the rows
+        gemm<scalar_t>(false, true, m, ws, d_in, 1, xb, d_in, awp, d_in, 0, sl, ws);
+        for (int64_t r = 0; r < m; ++r) {
+          std::memcpy(shp + (r0 + r) * tr, sl + r * ws, tr * sizeof(scalar_t));
+          for (int64_t t = 0; t < t_count; ++t)
+            lgp[(r0 + r) * t_count + t] = sl[r * ws + tr + t] + (has_rb ? rbp[t] : scalar_t(0));
+        }
+        at::from_blob(prp + r0 * t_count, {m, t_count}, opt)
+            .copy_(router_probs(at::from_blob(lgp + r0 * t_count, {m, t_count}, opt),
+                                temperature, top_k));
+        for (int64_t r = 0; r < m; ++r)  // h = S * (p s) per task's columns
+          for (int64_t t = 0; t < t_count; ++t) {
+            const scalar_t c = prp[(r0 + r) * t_count + t] * static_cast<scalar_t>(sp[t]);
+            for (int64_t k = 0; k < rank; ++k)
+              h[r * tr + t * rank + k] = shp[(r0 + r) * tr + t * rank + k] * c;
+          }
+        // y rows in column chunks that stay in L2: b, + x W^T, + h B_cat^T, written once
+        for (int64_t c0 = 0; c0 < d_out; c0 += kColChunk) {
+          const int64_t cols = std::min(kColChunk, d_out - c0);
+          scalar_t* yb = yp + r0 * d_out + c0;
+          for (int64_t r = 0; r < m; ++r) {
+            if (has_b) {
+              std::memcpy(yb + r * d_out, biasp + c0, cols * sizeof(scalar_t));
+            } else {
+              std::fill(yb + r * d_out, yb + r * d_out + cols, scalar_t(0));
+            }
+          }
+          if (has_w)
+            gemm<scalar_t>(false, true, m, cols, d_in, 1, xb, d_in, wp + c0 * d_in, d_in, 1, yb,
+                           d_out);
+          gemm<scalar_t>(false, true, m, cols, tr, 1, h, tr, bcp + c0 * tr, tr, 1, yb, d_out);
+        }
+      }
+    });
+  });
+  return {y.to(x.scalar_type()), logits.to(x.scalar_type()), probs, shrink};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_logits, const at::Tensor& x,
+    const std::optional<at::Tensor>& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const at::Tensor& router_weight, const at::Tensor& probs,
+    const at::Tensor& shrink, double temperature) {
+  const int64_t n = x.size(0), t_count = lora_a.size(0), rank = lora_a.size(1);
+  const int64_t d_in = x.size(1), d_out = lora_b.size(1), tr = t_count * rank;
+  if (n == 0 || n * d_in * d_out < kSerialMacs)
+    return soft_bwd_aten(grad_y, grad_logits, x, weight, lora_a, lora_b, scaling, router_weight,
+                         probs, shrink, temperature);
+  const auto cdt = compute_dtype(x);
+  const int64_t ws = tr + t_count;  // [dS | dL] width
+  auto xc = x.to(cdt).contiguous();
+  auto dy = grad_y.to(cdt).contiguous();
+  auto opt = xc.options();
+  auto p = probs.to(cdt).contiguous();
+  auto sh = shrink.to(cdt).contiguous();
+  const bool has_gl = grad_logits.has_value() && grad_logits->defined();
+  auto gl = has_gl ? grad_logits->to(cdt).contiguous() : at::Tensor();
+  auto aw = at::cat({lora_a.to(cdt).reshape({tr, d_in}), router_weight.to(cdt)}, 0).contiguous();
+  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr}).contiguous();
+  const bool has_w = weight.has_value() && weight->defined();
+  auto w = has_w ? weight->to(cdt).contiguous() : at::Tensor();
+  auto s = scaling.to(at::kDouble).contiguous();
+  const double* sp = s.data_ptr<double>();
+  auto grad_x = at::empty({n, d_in}, opt);
+  const int64_t threads = choose_threads(n, d_in, d_out);
+  const RowTiles rt = row_tiles(n);
+  // Per tile: partial dB_cat [D_out, T*R], [dA ; dWr] [T*R + T, D_in] and dbr [T], summed after.
+  auto gb_part = at::empty({rt.count, d_out, tr}, opt);
+  auto ga_part = at::empty({rt.count, ws, d_in}, opt);
+  auto rb_part = at::zeros({rt.count, t_count}, opt);
+  auto dhbuf = at::empty({threads, kSoftSubRows, tr}, opt);
+  auto hsbuf = at::empty({threads, kSoftSubRows, tr}, opt);
+  auto gbuf = at::empty({threads, kSoftSubRows, ws}, opt);
+  auto grad_b_cat = at::empty({d_out, tr}, opt);
+  auto grad_ar = at::empty({ws, d_in}, opt);
+  auto grad_rb = at::empty({t_count}, opt);
+  AT_DISPATCH_FLOATING_TYPES(cdt, "soft_bwd_cpu", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* shp = sh.data_ptr<scalar_t>();
+    const scalar_t* glp = has_gl ? gl.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* awp = aw.data_ptr<scalar_t>();
+    const scalar_t* bcp = b_cat.data_ptr<scalar_t>();
+    const scalar_t* wp = has_w ? w.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
+    run_tiles(rt.count, threads, [&](int64_t i, int64_t slot) {
+      scalar_t* dh = dhbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * tr;
+      scalar_t* hs = hsbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * tr;
+      scalar_t* g = gbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * ws;
+      scalar_t* gb = gb_part.data_ptr<scalar_t>() + i * d_out * tr;
+      scalar_t* ga = ga_part.data_ptr<scalar_t>() + i * ws * d_in;
+      scalar_t* grb = rb_part.data_ptr<scalar_t>() + i * t_count;
+      const int64_t end = std::min(n, (i + 1) * rt.rows);
+      for (int64_t r0 = i * rt.rows; r0 < end; r0 += kSoftSubRows) {
+        const int64_t m = std::min(kSoftSubRows, end - r0);
+        const scalar_t beta = r0 == i * rt.rows ? 0 : 1;  // first sub-block starts the partials
+        const scalar_t* dyb = dyp + r0 * d_out;
+        const scalar_t* xb = xp + r0 * d_in;
+        // dH = dy_blk B_cat   [m, T*R]
+        gemm<scalar_t>(false, false, m, tr, d_out, 1, dyb, d_out, bcp, tr, 0, dh, tr);
+        for (int64_t r = 0; r < m; ++r) {
+          const scalar_t* pr = pp + (r0 + r) * t_count;
+          const scalar_t* shr = shp + (r0 + r) * tr;
+          scalar_t* gr = g + r * ws;
+          scalar_t pdp = 0;
+          for (int64_t t = 0; t < t_count; ++t) {  // dp = s sum_k dH S, then sum_t p dp
+            const scalar_t st = static_cast<scalar_t>(sp[t]), c = pr[t] * st;
+            scalar_t acc = 0;
+            for (int64_t k = 0; k < rank; ++k) {
+              const int64_t j = t * rank + k;
+              acc += dh[r * tr + j] * shr[j];
+              hs[r * tr + j] = shr[j] * c;
+              gr[j] = dh[r * tr + j] * c;  // dS = dH p s
+            }
+            gr[tr + t] = acc * st;
+            pdp += pr[t] * gr[tr + t];
+          }
+          for (int64_t t = 0; t < t_count; ++t) {  // softmax backward, then dL
+            scalar_t dl = pr[t] * (gr[tr + t] - pdp) * inv_temp;
+            if (has_gl) dl += glp[(r0 + r) * t_count + t];
+            gr[tr + t] = dl;
+            grb[t] += dl;
+          }
+        }
+        // dB_cat part (+)= dy_blk^T (S p s)   [D_out, T*R]
+        gemm<scalar_t>(true, false, d_out, tr, m, 1, dyb, d_out, hs, tr, beta, gb, tr);
+        // [dA ; dWr] part (+)= [dS | dL]^T x_blk   [T*R + T, D_in]
+        gemm<scalar_t>(true, false, ws, d_in, m, 1, g, ws, xb, d_in, beta, ga, d_in);
+        // dx rows in column chunks: dy W + [dS | dL] [A_cat ; Wr], written once
+        for (int64_t c0 = 0; c0 < d_in; c0 += kColChunk) {
+          const int64_t cols = std::min(kColChunk, d_in - c0);
+          scalar_t* dxb = gxp + r0 * d_in + c0;
+          if (has_w) {
+            gemm<scalar_t>(false, false, m, cols, d_out, 1, dyb, d_out, wp + c0, d_in, 0, dxb,
+                           d_in);
+          } else {
+            for (int64_t r = 0; r < m; ++r) std::fill(dxb + r * d_in, dxb + r * d_in + cols, 0);
+          }
+          gemm<scalar_t>(false, false, m, cols, ws, 1, g, ws, awp + c0, d_in, 1, dxb, d_in);
+        }
+      }
+    });
+    sum_parts(grad_b_cat.data_ptr<scalar_t>(), gb_part.data_ptr<scalar_t>(), rt.count, d_out * tr,
+              threads);
+    sum_parts(grad_ar.data_ptr<scalar_t>(), ga_part.data_ptr<scalar_t>(), rt.count, ws * d_in,
+              threads);
+    sum_parts(grad_rb.data_ptr<scalar_t>(), rb_part.data_ptr<scalar_t>(), rt.count, t_count, 1);
+  });
+  auto grad_a = grad_ar.narrow(0, 0, tr).reshape({t_count, rank, d_in});
+  auto grad_rw = grad_ar.narrow(0, tr, t_count).clone();  // outputs must not alias
+  auto grad_b = grad_b_cat.reshape({d_out, t_count, rank}).permute({1, 0, 2}).contiguous();
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type()), grad_rw.to(router_weight.scalar_type()),
           grad_rb.to(router_weight.scalar_type())};
