@@ -41,10 +41,12 @@ def _extensions():
     cpu_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
     # -fopenmp: at::parallel_for is a header template; without it the pragma is dropped and the
-    # tiled kernels' one parallel region runs on one thread. libgomp.so.1 resolves to the copy
-    # torch already loaded (same soname), so there is one OpenMP runtime.
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    link = ["-fopenmp"]
+    # tiled kernels' one parallel region runs on one thread. On Linux libgomp.so.1 resolves to the
+    # copy torch already loaded (same soname), so there is one OpenMP runtime. Elsewhere (macOS
+    # clang has no -fopenmp) the tiles run on one thread; torch.ops.mftk.parallel_threads() says.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-std=c++20", *openmp]
+    link = openmp
     with_cuda, why = _want_cuda()
     if with_cuda and cuda_sources:
         return [
