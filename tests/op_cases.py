@@ -149,3 +149,22 @@ def assert_close(name: str, got: Tensor, ref64: Tensor, same_dtype: Tensor | Non
             f"got {got64[idx].item():.6g} want {ref64[idx].item():.6g} "
             f"({int(bad.sum())}/{err.numel()} elements out of tolerance)"
         )
+
+
+def with_threads(threads: int, fn):
+    """fn() with torch's intra-op thread count set to `threads`, restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+def assert_same_bits_across_threads(fn, repeats: int = 3) -> None:
+    """fn() -> list of tensors gives the one-thread result bit for bit with two threads, every
+    time (a result that depends on which thread finished first would differ)."""
+    one = with_threads(1, fn)
+    for _ in range(repeats):
+        for a, b in zip(one, with_threads(2, fn), strict=True):
+            assert torch.equal(a, b)

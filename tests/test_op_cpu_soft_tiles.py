@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from op_cases import make_case
+from op_cases import assert_same_bits_across_threads, make_case
 from test_op_cpu import check_case
 
 import mftk
@@ -17,14 +17,6 @@ SHAPES = [  # (N, D_in, D_out, T, R)
     (513, 129, 257, 5, 1),  # rank 1
     (1, 2048, 2048, 2, 16),  # one token, one tile
 ]
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("top_k", [None, 1, 2])
@@ -69,15 +61,6 @@ def test_soft_tiled_threads_bit_identical():
     case = make_case(1500, 96, 200, 3, 8, "soft", torch.float32)
     g, g_logits = torch.randn(1500, 200), torch.randn(1500, 3)
 
-    def run(threads):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return [t.detach() for t in _grads(case, "cpu", g, g_logits, case.weight)]
-        finally:
-            torch.set_num_threads(old)
-
-    one = run(1)
-    for _ in range(3):
-        for a, b in zip(one, run(2)):
-            assert torch.equal(a, b)
+    assert_same_bits_across_threads(
+        lambda: [t.detach() for t in _grads(case, "cpu", g, g_logits, case.weight)]
+    )

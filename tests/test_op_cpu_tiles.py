@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_cases import make_case
+from op_cases import assert_same_bits_across_threads, make_case
 from test_op_cpu import check_case
 
 import mftk
@@ -19,14 +19,6 @@ SHAPES = [  # (N, D_in, D_out, T, R): above the serial threshold (N * D_in * D_o
     (200, 300, 520, 2, 16),  # few row blocks: columns split (forward over D_out, backward D_in)
     (513, 129, 257, 5, 1),  # awkward sizes, rank 1
 ]
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -129,16 +121,8 @@ def test_hard_tiled_threads_bit_identical():
     g = torch.randn(1500, 200)
     leaves = [case.x, case.lora_a, case.lora_b]
 
-    def run(threads):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            y = mftk.multi_adapter_linear(*args, **kw)
-            return [y.detach(), *torch.autograd.grad(y, leaves, g)]
-        finally:
-            torch.set_num_threads(old)
+    def run():
+        y = mftk.multi_adapter_linear(*args, **kw)
+        return [y.detach(), *torch.autograd.grad(y, leaves, g)]
 
-    one = run(1)
-    for _ in range(3):
-        for a, b in zip(one, run(2)):
-            assert torch.equal(a, b)
+    assert_same_bits_across_threads(run)
