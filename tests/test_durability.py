@@ -301,10 +301,17 @@ def _wait_for(log_path, pattern, proc, timeout=240.0):
     raise AssertionError(f"no {pattern!r} within {timeout}s: {log_path.read_text()[-3000:]}")
 
 
+def _terminal_signals():
+    """The child starts as from a terminal, SIGINT not ignored (pytest may run under `cmd &`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(cmd, log_path, pattern, sig):
     """Run cmd, send sig once its log matches pattern; returns (exit code, log)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=_terminal_signals
+        )
     try:
         _wait_for(log_path, pattern, proc)
         proc.send_signal(sig)
@@ -352,6 +359,19 @@ def test_a_second_signal_aborts_and_unarmed_signals_stop_at_once(monkeypatch):
     """Not armed (setup, the first evaluation): SIGINT / SIGTERM stop at once. Armed: the first
     only marks the run; the same request delivered twice at once (torchrun forwards the
     terminal's) counts once; a later second signal aborts."""
+    # the default handlers, whatever the shell that started pytest left (`cmd &` ignores SIGINT)
+    old = {n: signal.signal(n, h) for n, h in DEFAULT_HANDLERS.items()}
+    try:
+        _second_signal_checks(monkeypatch)
+    finally:
+        for n, h in old.items():
+            signal.signal(n, h)
+
+
+DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+
+def _second_signal_checks(monkeypatch):
     with StopSignals(announce=False) as s:
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)  # not armed: setup, first evaluation
@@ -366,6 +386,21 @@ def test_a_second_signal_aborts_and_unarmed_signals_stop_at_once(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_ignored_signals_stay_ignored():
+    """A run started with SIGINT ignored (nohup, `cmd &` in a script) leaves it ignored."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals(announce=False) as s:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            s.armed = True
+            signal.raise_signal(signal.SIGINT)
+            assert s.received is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_compare_and_scan_write_nothing_unless_given_a_path(base, tmp_path, monkeypatch, capsys):

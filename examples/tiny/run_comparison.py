@@ -44,6 +44,8 @@ VARIANTS = {
     # a shared rank-12 LoRA on every token + a rank-4 one per task (match_params: 49,152 params)
     "hybrid": ("config-shared.yaml", {"adapter": {"mode": "hybrid", "match_params": True}}),
     "router_ctx": ("config-router.yaml", {"adapter": {"target_modules": NO_LAYER0_QKV}}),
+    # one adapter per packed sample, picked from its prompt by mftk.segment_router (top-1)
+    "segment": ("config-segment.yaml", {}),
     "single_completion": ("config-shared.yaml", PER_TASK),
     "single_bugs": ("config-shared.yaml", PER_TASK),
     "single_docstrings": ("config-shared.yaml", PER_TASK),
@@ -63,8 +65,9 @@ RANK_PER_TOKEN = {
     "per_task": "8",
     "router": "24 (soft mix of 3 × 8)",
     "hybrid": "16 (12 shared + 4 own)",
+    "segment": "8 (top-1 of 3 × 8)",
 }
-PAIRED = ("per_task", "router", "hybrid", "shared_r8")  # paired per seed against shared
+PAIRED = ("per_task", "router", "hybrid", "shared_r8", "segment")  # paired per seed against shared
 
 
 def conflict_data() -> str:

@@ -53,7 +53,9 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
+                # an ignored signal stays ignored (nohup, `cmd &` in a script: SIGINT is SIG_IGN)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
