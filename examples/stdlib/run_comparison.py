@@ -38,6 +38,12 @@ MODES = {
     "per_task": {},  # one rank-8 LoRA per task, hard routing by task id
     "router": {"router": "softmax"},  # the same adapters, mixed per token by softmax routers
     "hybrid": {"mode": "hybrid", "match_params": True},  # shared T x 4 + rank 4 per task
+    # one adapter per packed sample, picked from its prompt's mean embedding (top-1)
+    "segment": {"router": "segment", "router_layer": -1},
+}
+# other sections' keys a mode changes (as examples/tiny/config-segment.yaml)
+MODE_EXTRA = {
+    "segment": {"train": {"router_warmup_steps": 25}, "loss": {"router_balance": 0.0}},
 }
 # the conflicting pairs: one prompt, two answers (make_data.py)
 PAIRS = [("doc2code", "inject_bug"), ("code2doc", "name")]
@@ -61,6 +67,8 @@ def load(mode: str, seed: int):
     with open(os.path.join(HERE, "config.yaml")) as f:
         raw = yaml.safe_load(f)
     raw["adapter"].update(copy.deepcopy(MODES[mode]))
+    for section, keys in MODE_EXTRA.get(mode, {}).items():
+        raw.setdefault(section, {}).update(keys)
     raw["train"]["seed"] = seed
     raw["model"]["cache_dir"] = "./runs/cache"
     raw["output"]["dir"] = f"./runs/{mode}-s{seed}"
@@ -162,6 +170,16 @@ def machine() -> str:
     )
 
 
+def sweeps_of(state: dict) -> list[dict]:
+    """The sweeps recorded in state (older files kept one: sweep, sweep_seconds)."""
+    if "sweeps" in state:
+        return state["sweeps"]
+    if "sweep" in state:
+        return [{"sweep": state.pop("sweep"), "seconds": state.pop("sweep_seconds", 0.0),
+                 "date": state.get("date", "?")}]  # fmt: skip
+    return []
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default=",".join(MODES))
@@ -208,8 +226,15 @@ def main() -> int:
             modules={k: len(v) for k, v in manifest["modules"].items()},
             machine=machine(),
             date=datetime.date.today().isoformat(),
-            sweep_seconds=time.perf_counter() - t0,
-            sweep=f"--modes {args.modes} --seeds {args.seeds}",
+            # every sweep that wrote into this file, oldest first (a --modes subset adds one)
+            sweeps=sweeps_of(state)
+            + [
+                {
+                    "sweep": f"--modes {args.modes} --seeds {args.seeds}",
+                    "seconds": time.perf_counter() - t0,
+                    "date": datetime.date.today().isoformat(),
+                }
+            ],
         )
         with open(args.out, "w") as f:
             json.dump(state, f, indent=1)
