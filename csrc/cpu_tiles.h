@@ -15,7 +15,6 @@ namespace mftk {
 namespace {
 
 constexpr int64_t kRowBlock = 256;      // rows per tile: each W chunk is packed once per 256 rows
-constexpr int64_t kMinCols = 128;       // narrowest column block
 constexpr int64_t kColChunk = 256;      // columns per GEMM inside a tile: [bm, chunk] in L2
 constexpr int64_t kTilesPerThread = 4;  // enough tiles to rebalance when a thread stalls
 constexpr int64_t kSerialMacs = int64_t{1} << 22;  // below this, no parallel region at all
@@ -38,9 +37,12 @@ std::vector<Tile> make_tiles(const int64_t* off, int64_t t_count, int64_t n, int
   const int64_t want = kTilesPerThread * threads;
   if (threads > 1 && row_tiles < want) {
     col_blocks = std::min((want + row_tiles - 1) / std::max<int64_t>(row_tiles, 1),
-                          std::max<int64_t>(d_cols / kMinCols, 1));
+                          std::max<int64_t>(d_cols / kColChunk, 1));
   }
-  const int64_t bn = (d_cols + col_blocks - 1) / col_blocks;
+  // Column blocks are whole kColChunk chunks, so every GEMM inside a tile has the shape it has
+  // with one thread: the thread count does not change a bit of the result.
+  const int64_t chunks = (d_cols + kColChunk - 1) / kColChunk;
+  const int64_t bn = std::max<int64_t>((chunks + col_blocks - 1) / col_blocks, 1) * kColChunk;
   std::vector<Tile> tiles;
   tiles.reserve(row_tiles * col_blocks);
   for (int64_t g = 0; g <= t_count; ++g) {
@@ -85,9 +87,14 @@ void check_plan(const at::Tensor& perm, const at::Tensor& offsets, int64_t t_cou
   TORCH_CHECK(off[0] == 0 && off[t_count] <= n, "offsets: expected 0 <= ... <= N = ", n);
   for (int64_t t = 0; t < t_count; ++t)
     TORCH_CHECK(off[t] <= off[t + 1], "offsets: expected non-decreasing, task ", t);
-  // Every row is read and written through perm, so all N entries must be in range.
-  for (int64_t i = 0; i < n; ++i)
+  // Every row is read and written through perm: all N entries in range, none twice (a repeat
+  // would leave a row of y unwritten and let two tiles write one row).
+  std::vector<char> seen(n, 0);
+  for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(p[i] >= 0 && p[i] < n, "perm: entry ", i, " = ", p[i], " out of [0, N)");
+    TORCH_CHECK(!seen[p[i]], "perm: entry ", i, " = ", p[i], " repeats an earlier entry");
+    seen[p[i]] = 1;
+  }
 }
 
 // dst[r, :cols] = src[idx[r], col0 : col0 + cols]

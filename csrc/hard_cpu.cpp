@@ -32,11 +32,13 @@ namespace mftk {
 // tiles' region). 1 with more threads set means the build dropped OpenMP (no -fopenmp).
 int64_t parallel_threads_cpu() {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  std::atomic<uint64_t> seen{0};
+  std::vector<std::atomic<int>> seen(threads);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    seen.fetch_or(uint64_t{1} << (at::get_thread_num() % 64));
+    seen[std::min<int64_t>(at::get_thread_num(), threads - 1)].store(1);
   });
-  return __builtin_popcountll(seen.load());
+  int64_t count = 0;
+  for (const auto& s : seen) count += s.load();
+  return count;
 }
 
 at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& weight,

@@ -123,6 +123,27 @@ RowTiles row_tiles(int64_t n) {
   return {(n + rows - 1) / rows, rows};
 }
 
+// The tiles read through raw pointers: shapes are checked here, not only by the Python entry.
+void expect(const at::Tensor& t, at::IntArrayRef sizes, const char* name) {
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected ", sizes, ", got ", t.sizes());
+}
+
+void expect(const std::optional<at::Tensor>& t, at::IntArrayRef sizes, const char* name) {
+  if (t.has_value() && t->defined()) expect(*t, sizes, name);
+}
+
+void check_soft(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
+                const at::Tensor& router_weight) {
+  const int64_t t_count = lora_a.size(0), rank = lora_a.size(1), d_in = x.size(1);
+  const int64_t d_out = lora_b.size(1);
+  expect(lora_a, {t_count, rank, d_in}, "lora_a");
+  expect(lora_b, {t_count, d_out, rank}, "lora_b");
+  expect(scaling, {t_count}, "scaling");
+  expect(router_weight, {t_count, d_in}, "router_weight");
+  expect(weight, {d_out, d_in}, "weight");
+}
+
 // out[j] = sum_i parts[i, j] over i in order, parallel over j: the same bits for any threads.
 template <typename scalar_t>
 void sum_parts(scalar_t* out, const scalar_t* parts, int64_t count, int64_t len, int64_t threads) {
@@ -153,6 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   if (n == 0 || n * d_in * d_out < kSerialMacs)
     return soft_fwd_aten(x, weight, bias, lora_a, lora_b, scaling, router_weight, router_bias,
                          temperature, top_k);
+  check_soft(x, weight, lora_a, lora_b, scaling, router_weight);
+  expect(bias, {d_out}, "bias");
+  expect(router_bias, {t_count}, "router_bias");
   const auto cdt = compute_dtype(x);
   const int64_t ws = tr + t_count;  // [S | logits] width
   auto xc = x.to(cdt).contiguous();
@@ -241,6 +265,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   if (n == 0 || n * d_in * d_out < kSerialMacs)
     return soft_bwd_aten(grad_y, grad_logits, x, weight, lora_a, lora_b, scaling, router_weight,
                          probs, shrink, temperature);
+  check_soft(x, weight, lora_a, lora_b, scaling, router_weight);
+  expect(grad_y, {n, d_out}, "grad_y");
+  expect(grad_logits, {n, t_count}, "grad_logits");
+  expect(probs, {n, t_count}, "probs");
+  expect(shrink, {n, tr}, "shrink");
   const auto cdt = compute_dtype(x);
   const int64_t ws = tr + t_count;  // [dS | dL] width
   auto xc = x.to(cdt).contiguous();

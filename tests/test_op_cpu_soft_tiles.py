@@ -64,3 +64,20 @@ def test_soft_tiled_threads_bit_identical():
     assert_same_bits_across_threads(
         lambda: [t.detach() for t in _grads(case, "cpu", g, g_logits, case.weight)]
     )
+
+
+def test_soft_tiled_rejects_bad_shapes():
+    """Called directly (no Python checks), the tiled kernels refuse inputs of the wrong shape
+    instead of reading past them."""
+    case = make_case(600, 80, 160, 4, 8, "soft", torch.float32)
+    x, w, a, b, rw = (
+        t.detach() for t in (case.x, case.weight, case.lora_a, case.lora_b, case.router_weight)
+    )
+    s = torch.ones(4)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.mftk.soft_fwd(x, w, torch.ones(3), a, b, s, rw, None, 1.0, 0)
+    with pytest.raises(RuntimeError, match="scaling"):
+        torch.ops.mftk.soft_fwd(x, w, None, a, b, torch.ones(3), rw, None, 1.0, 0)
+    y, logits, probs, shrink = torch.ops.mftk.soft_fwd(x, w, None, a, b, s, rw, None, 1.0, 0)
+    with pytest.raises(RuntimeError, match="shrink"):
+        torch.ops.mftk.soft_bwd(y, None, x, w, a, b, s, rw, probs, shrink[:, :5], 1.0)

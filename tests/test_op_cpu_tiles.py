@@ -126,3 +126,43 @@ def test_hard_tiled_threads_bit_identical():
         return [y.detach(), *torch.autograd.grad(y, leaves, g)]
 
     assert_same_bits_across_threads(run)
+
+
+def test_hard_tiled_column_split_bit_identical():
+    """Few row blocks and wide layers: two threads split the columns. Blocks are whole 256-column
+    chunks, so every GEMM has its one-thread shape and the result is the same bit for bit."""
+    case = make_case(512, 1000, 1000, 2, 8, "hard", torch.float32)
+    kw = case.kwargs()
+    args = (case.x, case.weight, case.lora_a, case.lora_b)
+    g = torch.randn(512, 1000)
+
+    def run():
+        y = mftk.multi_adapter_linear(*args, **kw)
+        return [y.detach(), *torch.autograd.grad(y, [case.x, case.lora_a, case.lora_b], g)]
+
+    assert_same_bits_across_threads(run, repeats=1)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(16, 0), (2048, 0)], ids=["small", "tiled"])
+def test_hard_zero_width_output(d_in, d_out, threads):
+    """D_out = 0: y is (N, 0) and every gradient is exactly 0 (BLAS rejects leading dimension 0,
+    which left the dS buffer unwritten before)."""
+    n = 4096
+    x = torch.randn(n, d_in, requires_grad=True)
+    a = torch.randn(2, 4, d_in, requires_grad=True)
+    b = torch.randn(2, d_out, 4, requires_grad=True)
+    y = mftk.multi_adapter_linear(x, None, a, b, task_ids=torch.arange(n) % 2, backend="cpu")
+    assert y.shape == (n, 0)
+    gx, ga = torch.autograd.grad(y.sum(), [x, a])
+    assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(ga, torch.zeros_like(ga))
+
+
+def test_hard_rejects_repeated_perm_entries():
+    """A hand-made perm that names a row twice (and so misses one) is refused by the kernel."""
+    case = make_case(300, 64, 64, 2, 4, "hard", torch.float32)
+    x, w, a, b = (t.detach() for t in (case.x, case.weight, case.lora_a, case.lora_b))
+    perm = torch.arange(300)
+    perm[5] = 4
+    offsets = torch.tensor([0, 150, 300])
+    with pytest.raises(RuntimeError, match="repeats"):
+        torch.ops.mftk.hard_fwd(x, w, None, a, b, torch.ones(2), perm, offsets)
