@@ -36,13 +36,14 @@ NO_LAYER0_QKV = (
 # every variant is config-shared.yaml or config-router.yaml (the three generation tasks) with
 # one switch changed; single_<task>: per-task adapters trained on that task only (--task)
 PER_TASK = {"adapter": {"mode": "per_task", "match_params": False}}
+HYBRID = {"adapter": {"mode": "hybrid", "match_params": True}}
 VARIANTS = {
     "shared": ("config-shared.yaml", {}),  # one LoRA, rank 24 = 3 tasks x 8 (match_params)
     "shared_r8": ("config-shared.yaml", {"adapter": {"match_params": False}}),
     "per_task": ("config-shared.yaml", PER_TASK),  # one rank-8 LoRA per task, hard routing
     "router": ("config-router.yaml", {}),  # the same adapters mixed by softmax routers
     # a shared rank-12 LoRA on every token + a rank-4 one per task (match_params: 49,152 params)
-    "hybrid": ("config-shared.yaml", {"adapter": {"mode": "hybrid", "match_params": True}}),
+    "hybrid": ("config-shared.yaml", HYBRID),
     "router_ctx": ("config-router.yaml", {"adapter": {"target_modules": NO_LAYER0_QKV}}),
     # one adapter per packed sample, picked from its prompt by mftk.segment_router (top-1)
     "segment": ("config-segment.yaml", {}),
@@ -52,6 +53,7 @@ VARIANTS = {
     # + a 4th task that conflicts with completion (see conflict_data)
     "conflict_shared": ("config-shared.yaml", {}),
     "conflict_per_task": ("config-shared.yaml", PER_TASK),
+    "conflict_hybrid": ("config-shared.yaml", HYBRID),
     # 3x the steps of every stage (the 300-step runs are still improving)
     "long_shared": ("config-shared.yaml", {}),
     "long_per_task": ("config-shared.yaml", PER_TASK),
