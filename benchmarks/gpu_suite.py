@@ -119,7 +119,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype) -> Inputs:
 def forward_fn(provider: str, routing: str, inp: Inputs, shape: Shape) -> tuple[Callable, list]:
     """(f(x) -> y, the leaves that get gradients) for one provider."""
     import mftk
-    from mftk import reference
+    from mftk.ops import reference
 
     w, b, a, bb, rw = inp.weight, inp.bias, inp.lora_a, inp.lora_b, inp.router_weight
     soft = routing == "soft"
@@ -287,6 +287,9 @@ def _git_commit() -> str:
         return "unknown"
 
 
+STRATEGY_PROVIDERS = ("mftk-addmm", "mftk-fused")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for gpu-<card>.md")
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     import triton
+    from model_report import predicted_cell
 
     import mftk
 
@@ -353,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             ok = {p: r["fwd+bwd"] for p, r in res.items() if p.startswith("mftk") and "fwd" in r}
             if ok:
                 best = min(ok, key=ok.get)
-                winners.append(f"| {shape.name} | {routing} | {best} | {ok[best] / base:.3f} |")
+                cells = [f"{ok[p] / base:.3f}" if p in ok else "-" for p in STRATEGY_PROVIDERS]
+                cells += [predicted_cell(card, shape, routing, p) for p in STRATEGY_PROVIDERS]
+                winners.append(f"| {shape.name} | {routing} | {best} | " + " | ".join(cells) + " |")
         del inp
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -374,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             "| peak MB |\n|---|---|---|---|---|---|---|---|---|\n"
         )
         fh.write("\n".join(rows) + "\n\n## Faster mftk strategy per shape (fwd+bwd)\n\n")
-        fh.write("| shape | routing | strategy | x base |\n|---|---|---|---|\n")
+        fh.write("| shape | routing | faster | addmm x base | fused x base | model: addmm | "
+                 "model: fused |\n|---|---|---|---|---|---|---|\n")  # fmt: skip
         fh.write("\n".join(winners) + "\n\n## Correctness (vs float64, first 1024 tokens)\n\n")
         fh.write("\n".join(f"- {c}" for c in checks) or "- skipped (--skip-check)")
         fh.write("\n")

@@ -85,6 +85,37 @@ def strategy_table(verdict: list) -> list[str]:
     return out
 
 
+def device_key(card: str) -> str | None:
+    """The modelled device a torch device name ("NVIDIA H200", "NVIDIA A100-SXM4-80GB") is."""
+    for tag, key in (("H200", "H200"), ("H100", "H100-SXM"), ("A100", "A100-SXM 80GB")):
+        if tag in card:
+            return key
+    return None
+
+
+def predicted_ratio(card: str, n: int, d_in: int, d_out: int, t: int, r: int, routing: str,
+                    strategy: str) -> float | None:  # fmt: skip
+    """The model's fwd+bwd / base for one measured shape, or None (a card or a non-square layer
+    the model does not cover). Counts on meta tensors: call without TRITON_INTERPRET."""
+    key = device_key(card)
+    if key is None or d_in != d_out or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    shape = ModelShape(n=n, d=d_in, t=t, r=r, routing=routing, strategy=strategy)
+    base_shape = ModelShape(n=n, d=d_in, t=t, r=r)
+    op = summarize(count(shape), shape)["times"][key]
+    return op / summarize(count(base_shape, base_only=True), base_shape)["times"][key]
+
+
+def predicted_cell(card: str, shape, routing: str, provider: str) -> str:
+    """predicted_ratio for a gpu_suite Shape and provider ("mftk-addmm"), as a table cell."""
+    try:
+        r = predicted_ratio(card, shape.n, shape.d_in, shape.d_out, shape.tasks, shape.rank,
+                            routing, provider.split("-")[1])  # fmt: skip
+    except Exception as e:  # the model must not cost the measured table
+        return f"model failed: {type(e).__name__}"
+    return "-" if r is None else f"{r:.3f}"
+
+
 def main(out_path: str | None = None, commit: str = "unknown") -> int:
     """Print the model and write it to out_path (benchmarks/results/gpu-model.md)."""
     if os.environ.pop("TRITON_INTERPRET", "0") == "1" and "triton" in sys.modules:

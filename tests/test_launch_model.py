@@ -73,3 +73,43 @@ def test_gpu_suite_model_flag(tmp_path):
     text = (tmp_path / "gpu-model.md").read_text()
     assert "not measurements" in text and "op / base" in text
     assert "hard routing" in text and "soft routing" in text and "D_in=D_out=7168" in text
+
+
+def test_gpu_suite_smoke_runs_end_to_end(tmp_path):
+    """gpu_suite.py --smoke: the whole GPU pipeline (correctness, every provider's timing, the
+    report) on a tiny shape under the interpreter, so the script a GPU session runs is not first
+    tried on the GPU (an import moved by a refactor once broke every provider)."""
+    suite = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+    p = subprocess.run(
+        [sys.executable, suite, "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    text = (tmp_path / "gpu-cpu-smoke.md").read_text()
+    assert "error" not in text.lower(), text
+    for provider in ("base", "mftk-addmm", "mftk-fused", "loop", "grouped_mm", "peft", "dense"):
+        assert f"| {provider} |" in text, provider
+    assert "model: addmm" in text
+
+
+def test_model_prediction_beside_a_measurement():
+    """The model's ratio that gpu_suite prints beside each measured one: the H200 figure of
+    gpu-model.md for a covered card and square layer, None for other cards and non-square."""
+    code = (
+        "import json, sys\n"
+        "sys.path.insert(0, 'benchmarks')\n"
+        "from model_report import predicted_ratio as p\n"
+        "print(json.dumps([p('NVIDIA H200', 8192, 4096, 4096, 8, 16, 'hard', 'addmm'),\n"
+        "                  p('NVIDIA H200', 8192, 4096, 4096, 8, 16, 'hard', 'fused'),\n"
+        "                  p('NVIDIA L4', 8192, 4096, 4096, 8, 16, 'hard', 'addmm'),\n"
+        "                  p('NVIDIA H200', 8192, 7168, 1024, 8, 16, 'hard', 'addmm')]))\n"
+    )
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    addmm, fused, other_card, non_square = json.loads(p.stdout.strip().splitlines()[-1])
+    assert 1.0 < addmm < 2.0 and 1.0 < fused < 2.0 and addmm != fused
+    assert other_card is None and non_square is None
