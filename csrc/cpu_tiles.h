@@ -113,13 +113,5 @@ void scatter(scalar_t* dst, int64_t ld_dst, const scalar_t* src, const int64_t* 
     std::memcpy(dst + idx[r] * ld_dst + col0, src + r * cols, cols * sizeof(scalar_t));
 }
 
-// dst[r, c] += src[r, c] for a (rows, cols) block; row strides ld (dst) and lds (src).
-template <typename scalar_t>
-void add_block(scalar_t* dst, int64_t ld, const scalar_t* src, int64_t rows, int64_t cols,
-               int64_t lds) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * ld + c] += src[r * lds + c];
-}
-
 }  // namespace
 }  // namespace mftk

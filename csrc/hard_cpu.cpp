@@ -1,12 +1,13 @@
 // Hard routing on CPU: each token goes to its own task's adapter.
 //   y[n] = x[n] W^T + b + s[t] (x[n] A[t]^T) B[t]^T,   t = task_ids[n]
 // The plan orders all N tokens by task (base-only last), so each task is a contiguous range of
-// plan rows. Forward and backward are each ONE parallel region over a list of
-// (task, row block, column block) tiles, handed out dynamically (an atomic counter), so a thread
-// that the OS deschedules under load does not hold the others at a barrier per GEMM. A tile
-// gathers its rows into a thread-local block, multiplies it against W and the task's adapter
-// while the block is in cache, and writes its y (grad_x) rows once. The GEMMs inside a tile run
-// single-threaded (nested in the region). Tiny problems skip the region and run the tiles inline.
+// plan rows. The forward is ONE parallel region over a list of (task, row block, column block)
+// tiles, handed out dynamically (an atomic counter), so a thread that the OS deschedules under
+// load does not hold the others at a barrier per GEMM. A tile gathers its rows into a
+// thread-local block, multiplies it against W and the task's adapter while the block is in
+// cache, and writes its y (grad_x) rows once. The backward does the same for dS and grad_x, then
+// a second region of units that each own one (task, column chunk) block of dA or dB. The GEMMs
+// inside a tile run single-threaded (nested in the region). Tiny problems run inline.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/addmm.h>
 #include <c10/core/ScalarType.h>
@@ -207,23 +208,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
 
   const int64_t threads = choose_threads(n, d_in, d_out);
   const auto tiles = make_tiles(off, t_count, n, d_in, threads);
-  const int64_t bn = tiles.front().cols;
   auto opt = gy.options();
-  // Per thread slot: dy block [bm, D_out], x block and dx block [bm, bn], dS [bm, R], and the
-  // partial weight gradients dA [R, bn] and dB [D_out, R] that are added under the task's lock.
+  // Region 1, per tile: dS = s dy B_t and the dx rows. Per thread slot: dy block [bm, D_out], dx
+  // chunk [bm, chunk], dS [bm, R]; dS of every routed row is kept (plan order) for region 2.
   auto dybuf = at::empty({threads, kRowBlock, d_out}, opt);
-  auto xbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
   auto dxbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
   auto dsbuf = at::empty({threads, kRowBlock, rank}, opt);
-  // Weight-gradient partials per tile (dB: per routed row tile), summed afterwards in tile order,
-  // so the result does not depend on which thread ran which tile. N R (D_in + D_out) / 256 values.
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
-  std::vector<int64_t> gb_index(ntiles, -1);
-  int64_t gb_count = 0;
-  for (int64_t i = 0; i < ntiles; ++i)
-    if (tiles[i].task >= 0 && tiles[i].col0 == 0) gb_index[i] = gb_count++;
-  auto gabuf = at::empty({ntiles, rank, bn}, opt);
-  auto gbbuf = at::empty({std::max<int64_t>(gb_count, 1), d_out, rank}, opt);
+  auto ds_all = at::empty({off[t_count], rank}, opt);
+  // Region 2, one unit per (task, 256-column chunk) of dA and of dB: the unit owns that block of
+  // the gradient and adds its task's row blocks into it in order, so no partial sums are kept
+  // (no scratch that grows with N) and the thread count changes no bit. Costs one more gathered
+  // read of dy.
+  struct Unit {
+    int64_t task, col0;
+    bool db;
+  };
+  std::vector<Unit> units;
+  for (int64_t t = 0; t < t_count; ++t) {
+    if (off[t + 1] == off[t]) continue;
+    for (int64_t c = 0; c < d_in; c += kColChunk) units.push_back({t, c, false});
+    for (int64_t c = 0; c < d_out; c += kColChunk) units.push_back({t, c, true});
+  }
+  auto cbuf = at::empty({threads, kRowBlock, kColChunk}, opt);
   AT_DISPATCH_FLOATING_TYPES(cdt, "hard_bwd_cpu", [&] {
     const scalar_t* dyp = gy.data_ptr<scalar_t>();
     const scalar_t* xp = xc.data_ptr<scalar_t>();
@@ -232,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
     const scalar_t* bp = b.data_ptr<scalar_t>();
     const scalar_t* shp = sh.data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    scalar_t* dsp = ds_all.data_ptr<scalar_t>();
     run_tiles(static_cast<int64_t>(tiles.size()), threads, [&](int64_t i, int64_t slot) {
       const Tile& tl = tiles[i];
       const int64_t* idx = pp + tl.row0;
@@ -239,19 +246,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
       scalar_t* dxb_p = dxbuf.data_ptr<scalar_t>() + slot * kRowBlock * kColChunk;
       gather(dyb_p, dyp, d_out, idx, tl.rows, 0, d_out);
       const int64_t rows = tl.rows, t = tl.task;
-      const scalar_t st = t >= 0 ? static_cast<scalar_t>(sp[t]) : scalar_t(0);
-      scalar_t* ds_p = dsbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
-      scalar_t* ga_p = gabuf.data_ptr<scalar_t>() + i * rank * bn;  // [R, tile cols], ld bn
-      scalar_t* gb_p = nullptr;
-      if (t >= 0) {  // dS = s dy B_t   [rows, R], once per tile
-        gemm<scalar_t>(false, false, rows, rank, d_out, st, dyb_p, d_out, bp + t * d_out * rank,
-                       rank, 0, ds_p, rank);
-        if (tl.col0 == 0) {  // dB part = s dy^T S   [D_out, R]
-          gb_p = gbbuf.data_ptr<scalar_t>() + gb_index[i] * d_out * rank;
-          gemm<scalar_t>(true, false, d_out, rank, rows, st, dyb_p, d_out, shp + tl.row0 * rank,
-                         rank, 0, gb_p, rank);
-        }
-      }
+      // dS = s dy B_t   [rows, R], once per tile; the first column block keeps it
+      scalar_t* ds_p = tl.col0 == 0 && t >= 0
+                           ? dsp + tl.row0 * rank
+                           : dsbuf.data_ptr<scalar_t>() + slot * kRowBlock * rank;
+      if (t >= 0)
+        gemm<scalar_t>(false, false, rows, rank, d_out, static_cast<scalar_t>(sp[t]), dyb_p, d_out,
+                       bp + t * d_out * rank, rank, 0, ds_p, rank);
       // Column chunks of D_in: the dx chunk stays in L2 for base, adapter and the row copy.
       for (int64_t c0 = tl.col0; c0 < tl.col0 + tl.cols; c0 += kColChunk) {
         const int64_t cols = std::min(kColChunk, tl.col0 + tl.cols - c0);
@@ -261,36 +262,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
         } else {
           std::fill(dxb_p, dxb_p + rows * cols, scalar_t(0));
         }
-        if (t >= 0) {
-          // dx += dS A_t[:, c0 : c0 + cols]
+        if (t >= 0)  // dx += dS A_t[:, c0 : c0 + cols]
           gemm<scalar_t>(false, false, rows, cols, rank, 1, ds_p, rank, ap + t * rank * d_in + c0,
                          d_in, 1, dxb_p, cols);
-          scalar_t* xb_p = xbuf.data_ptr<scalar_t>() + slot * kRowBlock * kColChunk;
-          gather(xb_p, xp, d_in, idx, rows, c0, cols);
-          // dA part = dS^T x_blk[:, c0 : c0 + cols]   [R, cols]
-          gemm<scalar_t>(true, false, rank, cols, rows, 1, ds_p, rank, xb_p, cols, 0,
-                         ga_p + (c0 - tl.col0), bn);
-        }
         scatter(gxp, d_in, dxb_p, idx, rows, c0, cols);
       }
     });
-    // Each task's partials in tile order (the order a single thread would add them).
-    auto reduce = [&](int64_t t0, int64_t t1) {
-      for (int64_t i = 0; i < ntiles; ++i) {
-        const Tile& tl = tiles[i];
-        if (tl.task < t0 || tl.task >= t1) continue;
-        scalar_t* ga_t = grad_a.data_ptr<scalar_t>() + tl.task * rank * d_in + tl.col0;
-        add_block(ga_t, d_in, gabuf.data_ptr<scalar_t>() + i * rank * bn, rank, tl.cols, bn);
-        if (gb_index[i] >= 0)
-          add_block(grad_b.data_ptr<scalar_t>() + tl.task * d_out * rank, rank,
-                    gbbuf.data_ptr<scalar_t>() + gb_index[i] * d_out * rank, d_out, rank, rank);
+    run_tiles(static_cast<int64_t>(units.size()), threads, [&](int64_t u, int64_t slot) {
+      const Unit& un = units[u];
+      const int64_t t = un.task, c0 = un.col0;
+      const int64_t cols = std::min(kColChunk, (un.db ? d_out : d_in) - c0);
+      scalar_t* cb = cbuf.data_ptr<scalar_t>() + slot * kRowBlock * kColChunk;
+      for (int64_t r0 = off[t]; r0 < off[t + 1]; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, off[t + 1] - r0);
+        if (un.db) {  // dB_t[c0 : c0 + cols] += s dy_blk[:, cols]^T S_blk   [cols, R]
+          gather(cb, dyp, d_out, pp + r0, rows, c0, cols);
+          gemm<scalar_t>(true, false, cols, rank, rows, static_cast<scalar_t>(sp[t]), cb, cols,
+                         shp + r0 * rank, rank, 1,
+                         grad_b.data_ptr<scalar_t>() + (t * d_out + c0) * rank, rank);
+        } else {  // dA_t[:, c0 : c0 + cols] += dS_blk^T x_blk[:, cols]   [R, cols]
+          gather(cb, xp, d_in, pp + r0, rows, c0, cols);
+          gemm<scalar_t>(true, false, rank, cols, rows, 1, dsp + r0 * rank, rank, cb, cols, 1,
+                         grad_a.data_ptr<scalar_t>() + t * rank * d_in + c0, d_in);
+        }
       }
-    };
-    if (threads > 1) {
-      at::parallel_for(0, t_count, 1, reduce);
-    } else {
-      reduce(0, t_count);
-    }
+    });
   });
   return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
           grad_b.to(lora_b.scalar_type())};
