@@ -190,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hard_bwd_cpu(
   check_plan(perm_t, off_t, t_count, n);
   const int64_t* off = off_t.data_ptr<int64_t>();
   const int64_t* pp = perm_t.data_ptr<int64_t>();
-  TORCH_CHECK(shrink.dim() == 2 && shrink.size(0) == n && shrink.size(1) == rank,
-              "shrink: expected (N, R) = (", n, ", ", rank, "), got ", shrink.sizes());
+  expect(shrink, {n, rank}, "shrink");
   if (off[t_count] == 0 || n == 0) {
     return {base_grad_x(gy, weight, d_in).to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
             grad_b.to(lora_b.scalar_type())};

@@ -48,6 +48,16 @@ at::Tensor base_forward(const at::Tensor& xc, const std::optional<at::Tensor>& w
 // grad_y W, or zeros (N, D_in) without weight.
 at::Tensor base_grad_x(const at::Tensor& gy, const std::optional<at::Tensor>& weight, int64_t d_in);
 
+// A kernel that reads through raw pointers checks the shapes itself (direct torch.ops calls
+// skip the Python checks): "name: expected [..], got [..]".
+inline void expect(const at::Tensor& t, at::IntArrayRef sizes, const char* name) {
+  TORCH_CHECK(t.sizes() == sizes, name, ": expected ", sizes, ", got ", t.sizes());
+}
+
+inline void expect(const std::optional<at::Tensor>& t, at::IntArrayRef sizes, const char* name) {
+  if (t.has_value() && t->defined()) expect(*t, sizes, name);
+}
+
 inline at::ScalarType compute_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

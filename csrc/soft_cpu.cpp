@@ -42,6 +42,36 @@ at::Tensor router_probs(const at::Tensor& logits, double temperature, int64_t to
   return at::softmax(z, -1);
 }
 
+// [A_cat ; Wr] (T*R + T, D_in): the shrink and the router logits in one GEMM over x.
+at::Tensor stacked_a(const at::Tensor& lora_a, const at::Tensor& router_weight,
+                     at::ScalarType cdt) {
+  const int64_t tr = lora_a.size(0) * lora_a.size(1);
+  return at::cat({lora_a.to(cdt).reshape({tr, lora_a.size(2)}), router_weight.to(cdt)}, 0)
+      .contiguous();
+}
+
+// B_cat (D_out, T*R): column (t, r) is B_t[:, r].
+at::Tensor stacked_b(const at::Tensor& lora_b, at::ScalarType cdt) {
+  const int64_t t_count = lora_b.size(0), d_out = lora_b.size(1), rank = lora_b.size(2);
+  return lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, t_count * rank}).contiguous();
+}
+
+// The backward's outputs from grad_x, [dA ; dWr] (T*R + T, D_in), dB_cat (D_out, T*R) and dbr,
+// in the inputs' dtypes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_grads(
+    const at::Tensor& x, const at::Tensor& grad_x, const at::Tensor& grad_ar,
+    const at::Tensor& grad_b_cat, const at::Tensor& grad_rb, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& router_weight) {
+  const int64_t t_count = lora_a.size(0), rank = lora_a.size(1), tr = t_count * rank;
+  auto grad_a = grad_ar.narrow(0, 0, tr).reshape({t_count, rank, lora_a.size(2)});
+  auto grad_rw = grad_ar.narrow(0, tr, t_count).clone();  // outputs must not alias
+  auto grad_b =
+      grad_b_cat.reshape({lora_b.size(1), t_count, rank}).permute({1, 0, 2}).contiguous();
+  return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
+          grad_b.to(lora_b.scalar_type()), grad_rw.to(router_weight.scalar_type()),
+          grad_rb.to(router_weight.scalar_type())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_aten(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
@@ -49,21 +79,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_aten(
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_bias,
     double temperature, int64_t top_k) {
   const auto cdt = compute_dtype(x);
-  const int64_t t_count = lora_a.size(0), rank = lora_a.size(1), d_in = x.size(1);
-  const int64_t d_out = lora_b.size(1);
+  const int64_t t_count = lora_a.size(0), rank = lora_a.size(1), d_out = lora_b.size(1);
   const int64_t tr = t_count * rank;
   auto xc = x.to(cdt).contiguous();
-  auto a_cat = lora_a.to(cdt).reshape({tr, d_in});
   // One pass over x for the shrink and the router: x [A_cat ; Wr]^T = [S | logits]   [N, T*R + T]
-  auto s_l = at::mm(xc, at::cat({a_cat, router_weight.to(cdt)}, 0).t());
+  auto s_l = at::mm(xc, stacked_a(lora_a, router_weight, cdt).t());
   auto shrink = s_l.narrow(1, 0, tr).contiguous();  // [N, T*R]
   auto logits = s_l.narrow(1, tr, t_count);          // [N, T]
   if (router_bias.has_value() && router_bias->defined()) logits = logits + router_bias->to(cdt);
   auto probs = router_probs(logits, temperature, top_k);
-  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr});
   auto h = shrink * column_coef(probs, scaling, rank);
   auto y = base_forward(xc, weight, bias, d_out);
-  y.addmm_(h, b_cat.t());
+  y.addmm_(h, stacked_b(lora_b, cdt).t());
   return {y.to(x.scalar_type()), logits.to(x.scalar_type()).contiguous(), probs, shrink};
 }
 
@@ -80,8 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   auto p = probs.to(cdt);
   auto sh = shrink.to(cdt);
   auto sc = scaling.to(cdt);
-  auto a_cat = lora_a.to(cdt).reshape({t_count * rank, d_in});
-  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, t_count * rank});
+  auto b_cat = stacked_b(lora_b, cdt);
   auto coef = column_coef(p, sc, rank);
   auto dh = at::mm(dy, b_cat);                                     // [N, T*R]
   auto grad_b_cat = at::mm(dy.t(), sh * coef);                     // [D_out, T*R]
@@ -94,20 +120,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   // so x and grad_x are each passed over once.
   auto ds_dl = at::cat({ds, dlogits}, 1);                          // [N, T*R + T]
   auto grad_x = base_grad_x(dy, weight, d_in);
-  grad_x.addmm_(ds_dl, at::cat({a_cat, router_weight.to(cdt)}, 0));
+  grad_x.addmm_(ds_dl, stacked_a(lora_a, router_weight, cdt));
   auto grad_ar = at::mm(ds_dl.t(), xc);                            // [T*R + T, D_in]
-  auto grad_a = grad_ar.narrow(0, 0, t_count * rank).reshape({t_count, rank, d_in});
-  auto grad_b = grad_b_cat.reshape({d_out, t_count, rank}).permute({1, 0, 2}).contiguous();
-  auto grad_rw = grad_ar.narrow(0, t_count * rank, t_count).clone();  // outputs must not alias
-  auto grad_rb = dlogits.sum(0);
-  return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
-          grad_b.to(lora_b.scalar_type()), grad_rw.to(router_weight.scalar_type()),
-          grad_rb.to(router_weight.scalar_type())};
+  return soft_grads(x, grad_x, grad_ar, grad_b_cat, dlogits.sum(0), lora_a, lora_b,
+                    router_weight);
 }
-
-}  // namespace
-
-namespace {
 
 constexpr int64_t kSoftMaxTiles = 16;  // row tiles per call: bounds the weight-gradient partials
 constexpr int64_t kSoftSubRows = 256;  // rows per GEMM inside a tile
@@ -124,14 +141,6 @@ RowTiles row_tiles(int64_t n) {
 }
 
 // The tiles read through raw pointers: shapes are checked here, not only by the Python entry.
-void expect(const at::Tensor& t, at::IntArrayRef sizes, const char* name) {
-  TORCH_CHECK(t.sizes() == sizes, name, ": expected ", sizes, ", got ", t.sizes());
-}
-
-void expect(const std::optional<at::Tensor>& t, at::IntArrayRef sizes, const char* name) {
-  if (t.has_value() && t->defined()) expect(*t, sizes, name);
-}
-
 void check_soft(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                 const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& scaling,
                 const at::Tensor& router_weight) {
@@ -181,8 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   const int64_t ws = tr + t_count;  // [S | logits] width
   auto xc = x.to(cdt).contiguous();
   auto opt = xc.options();
-  auto aw = at::cat({lora_a.to(cdt).reshape({tr, d_in}), router_weight.to(cdt)}, 0).contiguous();
-  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr}).contiguous();
+  auto aw = stacked_a(lora_a, router_weight, cdt);
+  auto b_cat = stacked_b(lora_b, cdt);
   const bool has_w = weight.has_value() && weight->defined();
   const bool has_b = bias.has_value() && bias->defined();
   const bool has_rb = router_bias.has_value() && router_bias->defined();
@@ -279,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   auto sh = shrink.to(cdt).contiguous();
   const bool has_gl = grad_logits.has_value() && grad_logits->defined();
   auto gl = has_gl ? grad_logits->to(cdt).contiguous() : at::Tensor();
-  auto aw = at::cat({lora_a.to(cdt).reshape({tr, d_in}), router_weight.to(cdt)}, 0).contiguous();
-  auto b_cat = lora_b.to(cdt).permute({1, 0, 2}).reshape({d_out, tr}).contiguous();
+  auto aw = stacked_a(lora_a, router_weight, cdt);
+  auto b_cat = stacked_b(lora_b, cdt);
   const bool has_w = weight.has_value() && weight->defined();
   auto w = has_w ? weight->to(cdt).contiguous() : at::Tensor();
   auto s = scaling.to(at::kDouble).contiguous();
@@ -372,12 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
               threads);
     sum_parts(grad_rb.data_ptr<scalar_t>(), rb_part.data_ptr<scalar_t>(), rt.count, t_count, 1);
   });
-  auto grad_a = grad_ar.narrow(0, 0, tr).reshape({t_count, rank, d_in});
-  auto grad_rw = grad_ar.narrow(0, tr, t_count).clone();  // outputs must not alias
-  auto grad_b = grad_b_cat.reshape({d_out, t_count, rank}).permute({1, 0, 2}).contiguous();
-  return {grad_x.to(x.scalar_type()), grad_a.to(lora_a.scalar_type()),
-          grad_b.to(lora_b.scalar_type()), grad_rw.to(router_weight.scalar_type()),
-          grad_rb.to(router_weight.scalar_type())};
+  return soft_grads(x, grad_x, grad_ar, grad_b_cat, grad_rb, lora_a, lora_b, router_weight);
 }
 
 }  // namespace mftk
