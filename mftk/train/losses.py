@@ -111,6 +111,12 @@ def sample_task_means(
     return total / k.clamp(min=1), k
 
 
+def _den(v: Tensor) -> Tensor:
+    """v.sum(), or 1 when it is 0 (no task present: the numerator is 0 too). v is constant."""
+    d = v.sum()
+    return torch.where(d > 0, d, torch.ones_like(d))
+
+
 class TaskLoss:
     """A loss mode: the scalar loss from per-task means, the task weights of each step, and
     whatever state the mode keeps between evaluations (none here)."""
@@ -133,15 +139,14 @@ class TaskLoss:
         """means, counts, weights: (T,) (L_t or M_t, m_t or k_t, w_t). returns the loss, a scalar
         (0 when no task of weight > 0 is present)."""
         w = weights.to(means)
-        present = (counts > 0) & (w > 0)
-        if not bool(present.any()):
-            return means.sum() * 0.0
+        present = (counts > 0) & (w > 0)  # no host sync: with P empty every term below is 0
         zero = torch.zeros_like(means)
         kept = torch.where(present, counts, torch.zeros_like(counts))  # m_t on P
         return self.combine(means, kept, torch.where(present, w, zero))  # w_t on P
 
     def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
-        """The mode's formula; counts, w: (T,) those of the tasks in P, 0 elsewhere."""
+        """The mode's formula; counts, w: (T,) those of the tasks in P, 0 elsewhere. Divide by
+        _den(...) so that an empty P gives 0 (and zero gradients), not 0/0."""
         raise NotImplementedError(f"{type(self).__name__}: a loss mode defines combine")
 
     def weights(self, static: list[float]) -> Tensor:
@@ -172,7 +177,7 @@ class TaskLoss:
 
 class TokenLoss(TaskLoss):
     def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
-        return (means * counts).sum() / counts.sum()
+        return (means * counts).sum() / _den(counts)
 
 
 class SampleLoss(TokenLoss):
@@ -181,7 +186,7 @@ class SampleLoss(TokenLoss):
 
 class BalancedLoss(TaskLoss):
     def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
-        return (w * means).sum() / w.sum()
+        return (w * means).sum() / _den(w)
 
 
 class TaskSampleLoss(BalancedLoss):
@@ -191,7 +196,7 @@ class TaskSampleLoss(BalancedLoss):
 class FocalLoss(TaskLoss):
     def combine(self, means: Tensor, counts: Tensor, w: Tensor) -> Tensor:
         p = torch.exp(-means)
-        return (w * (1 - p).pow(self.gamma) * means).sum() / w.sum()
+        return (w * (1 - p).pow(self.gamma) * means).sum() / _den(w)
 
 
 class CobaLoss(BalancedLoss):
