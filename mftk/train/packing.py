@@ -114,6 +114,41 @@ def rows_to_batch(
     return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n, cls)
 
 
+class RowPacker:
+    """Greedy in-order packing, one sample at a time (the rule of pack_rows), so that drawing a
+    micro-batch sample by sample costs O(samples), not a re-pack per draw."""
+
+    def __init__(
+        self, seq_len: int, max_rows: int, packing: bool = True, max_tokens: int | None = None
+    ) -> None:
+        self.seq_len, self.max_rows, self.packing, self.max_tokens = (
+            seq_len, max_rows, packing, max_tokens,
+        )  # fmt: skip
+        self.rows: list[list[Sample]] = []
+        self.used: list[int] = []
+        self.longest = 0  # max(used)
+
+    def add(self, smp: Sample, i: int) -> bool:
+        """Place smp (the i-th sample offered); False when it must wait for the next batch."""
+        if len(smp) > self.seq_len:
+            raise ValueError(f"samples[{i}]: length {len(smp)} > seq_len {self.seq_len}")
+        rows, used = self.rows, self.used
+        if self.packing and rows and used[-1] + len(smp) <= self.seq_len:
+            rows[-1].append(smp)
+            used[-1] += len(smp)
+            self.longest = max(self.longest, used[-1])
+            return True
+        if len(rows) == self.max_rows:
+            return False
+        if self.max_tokens is not None and rows:
+            if (len(rows) + 1) * max(self.longest, len(smp)) > self.max_tokens:
+                return False
+        rows.append([smp])
+        used.append(len(smp))
+        self.longest = max(self.longest, len(smp))
+        return True
+
+
 def pack_rows(
     samples: list[Sample],
     seq_len: int,
@@ -124,23 +159,11 @@ def pack_rows(
     """Greedy in-order packing. returns (rows, number of samples consumed); a sample that does not
     fit once max_rows are open, or (max_tokens) would make rows × the longest row exceed
     max_tokens (the padded batch's size), stays for the next batch. The first row always opens."""
-    rows: list[list[Sample]] = []
-    used: list[int] = []
+    packer = RowPacker(seq_len, max_rows, packing, max_tokens)
     for i, smp in enumerate(samples):
-        if len(smp) > seq_len:
-            raise ValueError(f"samples[{i}]: length {len(smp)} > seq_len {seq_len}")
-        if packing and rows and used[-1] + len(smp) <= seq_len:
-            rows[-1].append(smp)
-            used[-1] += len(smp)
-            continue
-        if len(rows) == max_rows:
-            return rows, i
-        if max_tokens is not None and rows:
-            if (len(rows) + 1) * max(max(used), len(smp)) > max_tokens:
-                return rows, i
-        rows.append([smp])
-        used.append(len(smp))
-    return rows, len(samples)
+        if not packer.add(smp, i):
+            return packer.rows, i
+    return packer.rows, len(samples)
 
 
 class MultiTaskSampler:
@@ -241,14 +264,14 @@ class MultiTaskSampler:
     ) -> list[list[Sample]]:
         """Rows for one micro-batch: up to batch_size rows of at most seq_len tokens (and with
         max_tokens, rows × the longest row at most max_tokens: see pack_rows)."""
-        pulled: list[Sample] = []
+        packer = RowPacker(seq_len, batch_size, packing, max_tokens)
+        i = 0
         while True:
             smp = self.draw()
-            pulled.append(smp)
-            rows, used = pack_rows(pulled, seq_len, batch_size, packing, max_tokens)
-            if used < len(pulled):  # the last one did not fit: keep it for the next batch
-                self.pending = pulled[-1]
-                return rows
+            if not packer.add(smp, i):  # it did not fit: keep it for the next batch
+                self.pending = smp
+                return packer.rows
+            i += 1
 
     def state_dict(self) -> dict:
         pend = None
