@@ -62,7 +62,9 @@ def read_config(path: str | os.PathLike) -> MftkConfig:
     return MftkConfig.from_dict(d)
 
 
-_SETTINGS = ("rank", "router", "top_k", "target_modules", "layers", "mode", "shared_rank")
+_SETTINGS = (
+    "rank", "router", "top_k", "target_modules", "layers", "mode", "shared_rank", "shared_alpha",
+)  # fmt: skip
 
 
 def load_adapters(model: nn.Module, path: str | os.PathLike, grow: bool = False) -> nn.Module:

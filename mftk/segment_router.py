@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mftk.core import decoder_layers, get_config, unwrap
+from mftk.ops import check_task_ids
 from mftk.routing import RoutingState, model_routing
 
 
@@ -139,6 +140,8 @@ def use_segment_router(
     segment router; true_ids (B, S): route by these instead (the router still predicts)."""
     model = unwrap(model)
     router: SegmentRouter = model.mftk_segment_router
+    if true_ids is not None:  # checked once here: the routing state plans them unchecked
+        check_task_ids(true_ids, router.weight.shape[0], "true_ids")
     seg, m = segment_index(seq_ids)
     out = SegmentRouting()
     routing = model_routing(model)

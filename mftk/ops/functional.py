@@ -88,8 +88,8 @@ def with_shared(
 ) -> tuple[Tensor, Tensor]:
     """(T, R + R_s, D_in), (T, D_out, R + R_s): the shared adapter appended to every task's rank
     range, every scale folded into B (B_t * s[t], B_sh * m[t] * s_sh), so the op then runs with
-    scaling 1. No division and no host sync: a task of scale 0 keeps its shared part."""
-    check_shared_args(lora_a, lora_b, shared_a, shared_b, shared_scaling, shared_tasks)
+    scaling 1. No division and no host sync: a task of scale 0 keeps its shared part. Arguments
+    checked by the caller (check_shared_args)."""
     num_tasks = lora_a.shape[0]
     s = _scaling_tensor(scaling, num_tasks, lora_a)
     on = torch.ones_like(s) if shared_tasks is None else shared_tasks.to(s)
@@ -165,10 +165,12 @@ def multi_adapter_linear(
         x, weight, lora_a, lora_b, bias, scaling, router_weight, router_bias, top_k, temperature
     )
     if shared_a is not None or shared_b is not None:
-        lora_a, lora_b = with_shared(
-            lora_a, lora_b, scaling, shared_a, shared_b, shared_scaling, shared_tasks
-        )
-        scaling = 1.0  # folded into lora_b
+        check_shared_args(lora_a, lora_b, shared_a, shared_b, shared_scaling, shared_tasks)
+        if task_ids is not None or router_weight is not None:  # base only: nothing to fold
+            lora_a, lora_b = with_shared(
+                lora_a, lora_b, scaling, shared_a, shared_b, shared_scaling, shared_tasks
+            )
+            scaling = 1.0  # folded into lora_b
     if task_ids is not None and router_weight is not None:
         raise ValueError(
             "task_ids and router_weight: give one routing mode (hard or soft), not both"
