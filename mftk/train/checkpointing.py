@@ -350,12 +350,16 @@ def keep_best(root: str, path: str, score: float, keep: int) -> list[str]:
         dst = os.path.join(best, name)
         shutil.rmtree(dst + ".tmp", ignore_errors=True)
         shutil.copytree(path, dst + ".tmp", copy_function=_link_or_copy)
+        for dp, _, names in os.walk(dst + ".tmp", topdown=False):  # copies too, as seal does
+            for fn in names:
+                fsync_path(os.path.join(dp, fn))
+            fsync_path(dp)
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(dst + ".tmp", dst)
     for n in ranked[keep:]:
         shutil.rmtree(os.path.join(best, n), ignore_errors=True)
         del scores[n]
-    with open(table + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(scores, f, indent=1)
+    write_fsynced(table + ".tmp", json.dumps(scores, indent=1))
     os.replace(table + ".tmp", table)
+    fsync_path(best)
     return [os.path.join(best, n) for n in ranked[:keep]]
