@@ -364,6 +364,8 @@ def quantize_model(
     over the 4-bit targets. quant_type: "nf4" | "fp4", or a QuantSpec (whose all_linear then
     wins). Returns the names quantized."""
     spec = as_quant_spec(quant_type, double_quant, compute_dtype, all_linear)
+    if spec is None:
+        raise ValueError("quant_type: expected 'nf4', 'fp4' or a QuantSpec, got None")
     quant_type = spec
     model = unwrap(model)
     names = find_targets(model, "all-linear" if spec.all_linear else target_modules)
