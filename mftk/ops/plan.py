@@ -24,8 +24,9 @@ class RoutingPlan:
     offsets: Tensor
     task_ids: Tensor
     num_tasks: int
-    # True once checked (build_plan's plans are; a plan built by hand is checked on first use)
-    checked: bool = field(default=False, compare=False, repr=False)
+    # True once checked (build_plan's plans are; a plan built by hand is checked on first use).
+    # Not a constructor argument: a hand-built plan cannot claim it.
+    checked: bool = field(default=False, init=False, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +96,9 @@ def plan_checked(task_ids: Tensor, num_tasks: int) -> RoutingPlan:
         perm, offsets = torch.ops.mftk.build_plan(ids, num_tasks)  # csrc/cuda counting sort
     else:
         perm, offsets = _plan_torch(ids, num_tasks)
-    return RoutingPlan(perm=perm, offsets=offsets, task_ids=ids, num_tasks=num_tasks, checked=True)
+    plan = RoutingPlan(perm=perm, offsets=offsets, task_ids=ids, num_tasks=num_tasks)
+    object.__setattr__(plan, "checked", True)  # built here from checked ids
+    return plan
 
 
 def check_plan(plan: RoutingPlan) -> None:
