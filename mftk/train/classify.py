@@ -92,15 +92,18 @@ class ClassifyTasks:
         return out
 
     def task_means(
-        self, means: Tensor, counts: Tensor, hidden: Tensor, batch
-    ) -> tuple[Tensor, Tensor]:
-        """(means, counts) (T,) of a batch with each classify task's entry replaced: the head's
-        cross-entropy mean over the task's samples in the batch, and their number."""
-        means, counts = means.clone(), counts.clone()
+        self, pairs: list[tuple[Tensor, Tensor]], hidden: Tensor, batch
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Each (means, counts) (T,) pair of a batch with every classify task's entry replaced:
+        the head's cross-entropy mean over the task's samples in the batch, and their number.
+        The heads run once for all the pairs."""
+        out = [(means.clone(), counts.clone()) for means, counts in pairs]
         for i, (z, y) in self._logits(hidden, batch).items():
-            means[i] = F.cross_entropy(z, y).to(means.dtype)
-            counts[i] = float(len(y))
-        return means, counts
+            ce = F.cross_entropy(z, y)
+            for means, counts in out:
+                means[i] = ce.to(means.dtype)
+                counts[i] = float(len(y))
+        return out
 
     def eval_begin(self) -> None:
         self._ce = {i: 0.0 for i in self.index}

@@ -110,15 +110,12 @@ def task_means(
     sample count in both (mftk.train.classify)."""
     tl = token_losses(fw.logits, batch.targets)
     n = len(run.tasks)
-    means, counts = task_token_means(tl, batch.targets, batch.task_ids, n)
-    if run.cls.active:
-        means, counts = run.cls.task_means(means, counts, fw.hidden, batch)
-    if loss is None or not loss.per_sample:
-        return (means, counts), (means, counts)
-    mode = loss.stats(tl, batch.targets, batch.task_ids, batch.seq_ids, n)
-    if run.cls.active:
-        mode = run.cls.task_means(*mode, fw.hidden, batch)
-    return (means, counts), mode
+    pairs = [task_token_means(tl, batch.targets, batch.task_ids, n)]
+    if loss is not None and loss.per_sample:
+        pairs.append(loss.stats(tl, batch.targets, batch.task_ids, batch.seq_ids, n))
+    if run.cls.active:  # the heads run once for both pairs
+        pairs = run.cls.task_means(pairs, fw.hidden, batch)
+    return pairs[0], pairs[-1]
 
 
 def next_batch(run: TrainRun) -> Batch:
