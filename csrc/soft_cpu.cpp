@@ -2,8 +2,9 @@
 //   p = softmax(topk_mask((x Wr^T + br) / temperature))
 //   y = x W^T + b + sum_t p[:, t] s[t] (x A[t]^T) B[t]^T
 // It is a rank T*R LoRA with per-token column scaling. Small problems run it as whole-batch ATen
-// GEMMs (soft_*_aten); larger ones as one parallel region over row tiles (soft_*_cpu below), each
-// tile doing all its GEMMs while its rows are in cache and writing its y (grad_x) rows once.
+// GEMMs (soft_*_aten); larger ones as parallel regions over row tiles (soft_*_cpu below), each
+// tile doing its GEMMs while its rows are in cache and writing its y (grad_x) rows once; the
+// backward's weight gradients come from a second region of column-owning units.
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
@@ -126,14 +127,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
                     router_weight);
 }
 
-constexpr int64_t kSoftMaxTiles = 16;  // row tiles per call: bounds the weight-gradient partials
+constexpr int64_t kSoftMaxTiles = 16;  // forward row tiles per call at most
 constexpr int64_t kSoftSubRows = 256;  // rows per GEMM inside a tile
+constexpr int64_t kUnitCols = 128;     // columns of dB_cat^T or [dA ; dWr] a backward unit owns
 
 struct RowTiles {
   int64_t count, rows;  // `count` tiles of `rows` rows (the last one shorter)
 };
 
-// Independent of the thread count, so the partial sums (and the result) are too.
+// Independent of the thread count, so the result is too.
 RowTiles row_tiles(int64_t n) {
   const int64_t want = std::clamp<int64_t>((n + 127) / 128, 1, kSoftMaxTiles);
   const int64_t rows = (n + want - 1) / want;
@@ -151,23 +153,6 @@ void check_soft(const at::Tensor& x, const std::optional<at::Tensor>& weight,
   expect(scaling, {t_count}, "scaling");
   expect(router_weight, {t_count, d_in}, "router_weight");
   expect(weight, {d_out, d_in}, "weight");
-}
-
-// out[j] = sum_i parts[i, j] over i in order, parallel over j: the same bits for any threads.
-template <typename scalar_t>
-void sum_parts(scalar_t* out, const scalar_t* parts, int64_t count, int64_t len, int64_t threads) {
-  auto body = [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      scalar_t acc = parts[j];
-      for (int64_t i = 1; i < count; ++i) acc += parts[i * len + j];
-      out[j] = acc;
-    }
-  };
-  if (threads > 1) {
-    at::parallel_for(0, len, 4096, body);
-  } else {
-    body(0, len);
-  }
 }
 
 }  // namespace
@@ -264,6 +249,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_fwd_cpu(
   return {y.to(x.scalar_type()), logits.to(x.scalar_type()), probs, shrink};
 }
 
+// Two parallel regions, no per-tile partials: (1) row blocks of kSoftSubRows make dH, the
+// router's backward, [dS | dL] and S p s (kept, [N, T*R + T] and [N, T*R]) and write their dx
+// rows once; (2) units each own kUnitCols columns of dB_cat^T or of [dA ; dWr] and make them in
+// one GEMM over all N rows. Every GEMM has the same shape for any thread count: the same bits.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_cpu(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_logits, const at::Tensor& x,
     const std::optional<at::Tensor>& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
@@ -296,14 +285,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
   const double* sp = s.data_ptr<double>();
   auto grad_x = at::empty({n, d_in}, opt);
   const int64_t threads = choose_threads(n, d_in, d_out);
-  const RowTiles rt = row_tiles(n);
-  // Per tile: partial dB_cat [D_out, T*R], [dA ; dWr] [T*R + T, D_in] and dbr [T], summed after.
-  auto gb_part = at::empty({rt.count, d_out, tr}, opt);
-  auto ga_part = at::empty({rt.count, ws, d_in}, opt);
-  auto rb_part = at::zeros({rt.count, t_count}, opt);
+  const int64_t blocks = (n + kSoftSubRows - 1) / kSoftSubRows;
+  auto g_all = at::empty({n, ws}, opt);  // [dS | dL]
+  auto hs_all = at::empty({n, tr}, opt);  // S p s
   auto dhbuf = at::empty({threads, kSoftSubRows, tr}, opt);
-  auto hsbuf = at::empty({threads, kSoftSubRows, tr}, opt);
-  auto gbuf = at::empty({threads, kSoftSubRows, ws}, opt);
   auto grad_b_cat = at::empty({d_out, tr}, opt);
   auto grad_ar = at::empty({ws, d_in}, opt);
   auto grad_rb = at::empty({t_count}, opt);
@@ -317,69 +302,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_bwd_
     const scalar_t* bcp = b_cat.data_ptr<scalar_t>();
     const scalar_t* wp = has_w ? w.data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    scalar_t* gap = g_all.data_ptr<scalar_t>();
+    scalar_t* hap = hs_all.data_ptr<scalar_t>();
     const scalar_t inv_temp = static_cast<scalar_t>(1.0 / temperature);
-    run_tiles(rt.count, threads, [&](int64_t i, int64_t slot) {
+    run_tiles(blocks, threads, [&](int64_t i, int64_t slot) {
       scalar_t* dh = dhbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * tr;
-      scalar_t* hs = hsbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * tr;
-      scalar_t* g = gbuf.data_ptr<scalar_t>() + slot * kSoftSubRows * ws;
-      scalar_t* gb = gb_part.data_ptr<scalar_t>() + i * d_out * tr;
-      scalar_t* ga = ga_part.data_ptr<scalar_t>() + i * ws * d_in;
-      scalar_t* grb = rb_part.data_ptr<scalar_t>() + i * t_count;
-      const int64_t end = std::min(n, (i + 1) * rt.rows);
-      for (int64_t r0 = i * rt.rows; r0 < end; r0 += kSoftSubRows) {
-        const int64_t m = std::min(kSoftSubRows, end - r0);
-        const scalar_t beta = r0 == i * rt.rows ? 0 : 1;  // first sub-block starts the partials
-        const scalar_t* dyb = dyp + r0 * d_out;
-        const scalar_t* xb = xp + r0 * d_in;
-        // dH = dy_blk B_cat   [m, T*R]
-        gemm<scalar_t>(false, false, m, tr, d_out, 1, dyb, d_out, bcp, tr, 0, dh, tr);
-        for (int64_t r = 0; r < m; ++r) {
-          const scalar_t* pr = pp + (r0 + r) * t_count;
-          const scalar_t* shr = shp + (r0 + r) * tr;
-          scalar_t* gr = g + r * ws;
-          scalar_t pdp = 0;
-          for (int64_t t = 0; t < t_count; ++t) {  // dp = s sum_k dH S, then sum_t p dp
-            const scalar_t st = static_cast<scalar_t>(sp[t]), c = pr[t] * st;
-            scalar_t acc = 0;
-            for (int64_t k = 0; k < rank; ++k) {
-              const int64_t j = t * rank + k;
-              acc += dh[r * tr + j] * shr[j];
-              hs[r * tr + j] = shr[j] * c;
-              gr[j] = dh[r * tr + j] * c;  // dS = dH p s
-            }
-            gr[tr + t] = acc * st;
-            pdp += pr[t] * gr[tr + t];
+      const int64_t r0 = i * kSoftSubRows, m = std::min(kSoftSubRows, n - r0);
+      const scalar_t* dyb = dyp + r0 * d_out;
+      scalar_t* g = gap + r0 * ws;
+      scalar_t* hs = hap + r0 * tr;
+      // dH = dy_blk B_cat   [m, T*R]
+      gemm<scalar_t>(false, false, m, tr, d_out, 1, dyb, d_out, bcp, tr, 0, dh, tr);
+      for (int64_t r = 0; r < m; ++r) {
+        const scalar_t* pr = pp + (r0 + r) * t_count;
+        const scalar_t* shr = shp + (r0 + r) * tr;
+        scalar_t* gr = g + r * ws;
+        scalar_t pdp = 0;
+        for (int64_t t = 0; t < t_count; ++t) {  // dp = s sum_k dH S, then sum_t p dp
+          const scalar_t st = static_cast<scalar_t>(sp[t]), c = pr[t] * st;
+          scalar_t acc = 0;
+          for (int64_t k = 0; k < rank; ++k) {
+            const int64_t j = t * rank + k;
+            acc += dh[r * tr + j] * shr[j];
+            hs[r * tr + j] = shr[j] * c;
+            gr[j] = dh[r * tr + j] * c;  // dS = dH p s
           }
-          for (int64_t t = 0; t < t_count; ++t) {  // softmax backward, then dL
-            scalar_t dl = pr[t] * (gr[tr + t] - pdp) * inv_temp;
-            if (has_gl) dl += glp[(r0 + r) * t_count + t];
-            gr[tr + t] = dl;
-            grb[t] += dl;
-          }
+          gr[tr + t] = acc * st;
+          pdp += pr[t] * gr[tr + t];
         }
-        // dB_cat part (+)= dy_blk^T (S p s)   [D_out, T*R]
-        gemm<scalar_t>(true, false, d_out, tr, m, 1, dyb, d_out, hs, tr, beta, gb, tr);
-        // [dA ; dWr] part (+)= [dS | dL]^T x_blk   [T*R + T, D_in]
-        gemm<scalar_t>(true, false, ws, d_in, m, 1, g, ws, xb, d_in, beta, ga, d_in);
-        // dx rows in column chunks: dy W + [dS | dL] [A_cat ; Wr], written once
-        for (int64_t c0 = 0; c0 < d_in; c0 += kColChunk) {
-          const int64_t cols = std::min(kColChunk, d_in - c0);
-          scalar_t* dxb = gxp + r0 * d_in + c0;
-          if (has_w) {
-            gemm<scalar_t>(false, false, m, cols, d_out, 1, dyb, d_out, wp + c0, d_in, 0, dxb,
-                           d_in);
-          } else {
-            for (int64_t r = 0; r < m; ++r) std::fill(dxb + r * d_in, dxb + r * d_in + cols, 0);
-          }
-          gemm<scalar_t>(false, false, m, cols, ws, 1, g, ws, awp + c0, d_in, 1, dxb, d_in);
+        for (int64_t t = 0; t < t_count; ++t) {  // softmax backward, then dL
+          scalar_t dl = pr[t] * (gr[tr + t] - pdp) * inv_temp;
+          if (has_gl) dl += glp[(r0 + r) * t_count + t];
+          gr[tr + t] = dl;
         }
       }
+      // dx rows in column chunks: dy W + [dS | dL] [A_cat ; Wr], written once
+      for (int64_t c0 = 0; c0 < d_in; c0 += kColChunk) {
+        const int64_t cols = std::min(kColChunk, d_in - c0);
+        scalar_t* dxb = gxp + r0 * d_in + c0;
+        if (has_w) {
+          gemm<scalar_t>(false, false, m, cols, d_out, 1, dyb, d_out, wp + c0, d_in, 0, dxb, d_in);
+        } else {
+          for (int64_t r = 0; r < m; ++r) std::fill(dxb + r * d_in, dxb + r * d_in + cols, 0);
+        }
+        gemm<scalar_t>(false, false, m, cols, ws, 1, g, ws, awp + c0, d_in, 1, dxb, d_in);
+      }
     });
-    sum_parts(grad_b_cat.data_ptr<scalar_t>(), gb_part.data_ptr<scalar_t>(), rt.count, d_out * tr,
-              threads);
-    sum_parts(grad_ar.data_ptr<scalar_t>(), ga_part.data_ptr<scalar_t>(), rt.count, ws * d_in,
-              threads);
-    sum_parts(grad_rb.data_ptr<scalar_t>(), rb_part.data_ptr<scalar_t>(), rt.count, t_count, 1);
+    const int64_t b_units = (d_out + kUnitCols - 1) / kUnitCols;
+    const int64_t a_units = (d_in + kUnitCols - 1) / kUnitCols;
+    scalar_t* gbp = grad_b_cat.data_ptr<scalar_t>();
+    scalar_t* garp = grad_ar.data_ptr<scalar_t>();
+    run_tiles(b_units + a_units, threads, [&](int64_t u, int64_t) {
+      if (u < b_units) {  // dB_cat[c0 : c0 + cols] = dy[:, c0 : c0 + cols]^T (S p s)
+        const int64_t c0 = u * kUnitCols, cols = std::min(kUnitCols, d_out - c0);
+        gemm<scalar_t>(true, false, cols, tr, n, 1, dyp + c0, d_out, hap, tr, 0, gbp + c0 * tr, tr);
+      } else {  // [dA ; dWr][:, c0 : c0 + cols] = [dS | dL]^T x[:, c0 : c0 + cols]
+        const int64_t c0 = (u - b_units) * kUnitCols, cols = std::min(kUnitCols, d_in - c0);
+        gemm<scalar_t>(true, false, ws, cols, n, 1, gap, ws, xp + c0, d_in, 0, garp + c0, d_in);
+      }
+    });
+    scalar_t* grbp = grad_rb.data_ptr<scalar_t>();  // dbr: column sums of dL, in row order
+    std::fill(grbp, grbp + t_count, scalar_t(0));
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t t = 0; t < t_count; ++t) grbp[t] += gap[r * ws + tr + t];
   });
   return soft_grads(x, grad_x, grad_ar, grad_b_cat, grad_rb, lora_a, lora_b, router_weight);
 }

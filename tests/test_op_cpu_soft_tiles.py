@@ -57,7 +57,8 @@ def test_soft_tiled_logits_gradient(with_weight, threads):
 
 
 def test_soft_tiled_threads_bit_identical():
-    """Row tiles do not depend on the thread count and partials are summed in tile order."""
+    """Row blocks and the weight-gradient units (column chunks, one GEMM over all rows each) do
+    not depend on the thread count: two threads give one thread's bits."""
     case = make_case(1500, 96, 200, 3, 8, "soft", torch.float32)
     g, g_logits = torch.randn(1500, 200), torch.randn(1500, 3)
 
