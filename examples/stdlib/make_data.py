@@ -2,8 +2,7 @@
 a few seconds, nothing downloaded).
 
 Six tasks over the same pool of real functions (stdlib_code.collect), prompt/completion jsonl:
-- complete    raw code: the function cut at a line inside its body -> the rest (verbatim source,
-              so that the tiny base, pretrained on the task text, sees plain Python)
+- complete    raw code: the function cut at a line inside its body -> the rest (verbatim source)
 - doc2code    header + docstring (verbatim) -> the body
 - inject_bug  the SAME prompt as doc2code -> the body with one realistic bug (stdlib_bugs);
               with doc2code the conflicting pair: one prompt, two answers, only the task id
@@ -15,7 +14,10 @@ Six tasks over the same pool of real functions (stdlib_code.collect), prompt/com
               -> " ok" / " bug"
 
 A module is held out (data/eval/) by a hash of its name (stdlib_code.is_eval_module), so no
-function is in both data/train/ and data/eval/. data/manifest.json has the counts.
+function is in both data/train/ and data/eval/. data/pretrain/code.jsonl holds the training
+modules' functions as plain source, one {"text": ...} per function: the corpus the tiny base is
+pretrained on (model.pretrain.data), so that it sees Python but none of the tasks' formats.
+data/manifest.json has the counts.
 
     python examples/stdlib/make_data.py                 # the whole stdlib -> data/
     python examples/stdlib/make_data.py --max-files 80 --out /tmp/d   # a slice
@@ -144,6 +146,12 @@ def build(out_dir: str, max_files: int | None = None, log=print) -> dict:
         "train": build_split(train, MAX_TRAIN, "train"),
         "eval": build_split(held, MAX_EVAL, "eval"),
     }
+    d = os.path.join(out_dir, "pretrain")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    with open(os.path.join(d, "code.jsonl"), "w", encoding="utf-8") as fh:
+        for f in train:
+            fh.write(json.dumps({"text": f.source, "module": f.module}, sort_keys=True) + "\n")
     for split, tasks in splits.items():
         d = os.path.join(out_dir, split)
         shutil.rmtree(d, ignore_errors=True)

@@ -55,7 +55,8 @@ def ensure_data() -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             manifest = json.load(f)
-        if manifest["python"] == sys.version.split()[0] and manifest["max_files"] is None:
+        fresh = os.path.isfile(os.path.join(DATA, "pretrain", "code.jsonl"))  # (the corpus is new)
+        if fresh and manifest["python"] == sys.version.split()[0] and manifest["max_files"] is None:
             return manifest
     return make_data.build(DATA)
 

@@ -108,6 +108,10 @@ def _model(cfg: Any) -> None:
     check(m.vocab_size >= 64, "model.vocab_size", f"must be >= 64, got {m.vocab_size}")
     check(m.pretrain.steps >= 0, "model.pretrain.steps", "must be >= 0")
     check(m.pretrain.lr > 0, "model.pretrain.lr", "must be > 0")
+    if m.pretrain.data:
+        check(m.path is None, "model.pretrain.data", "only for the built-in tiny model")
+        check(m.pretrain.steps > 0, "model.pretrain.data", "needs model.pretrain.steps > 0")
+        m.pretrain.files = match_files(m.pretrain.data, cfg.base_dir, "model.pretrain.data")
     if m.quantize is not None:
         choice(m.quantize, QUANT_TYPES, "model.quantize")
         choice(m.compute_dtype, DTYPES, "model.compute_dtype")

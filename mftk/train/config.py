@@ -18,7 +18,7 @@ nothing. Relative paths are resolved against the config file's folder.
        the csv column / jsonl key holding each record's label (default "label"), trained with
        cross-entropy on a head over the last prompt token (mftk.heads); rank: this task's own
        adapter rank (default adapter.rank; mixed ranks are padded, see mftk.pyramid))
-    model:   {path: DIR} or {tiny: {...}, vocab_size, pretrain: {steps, lr, batch_size}},
+    model:   {path: DIR} or {tiny: {...}, vocab_size, pretrain: {steps, lr, batch_size, data}},
              dtype, attn_implementation (sdpa|eager|flash_attention_2), cache_dir,
              quantize (null|nf4|fp4: QLoRA, a frozen 4-bit base quantized on the CPU one layer at
              a time after loading; needs bitsandbytes), double_quant, compute_dtype (the 4-bit
@@ -50,9 +50,8 @@ nothing. Relative paths are resolved against the config file's folder.
              coba_eval), warmup_steps, tau, update_interval, eval_batches (coba)},
              router_balance, router_supervision
     stages:  [{name, steps, mix: {task: w}, noise, noise_kind, loss_weights: {task: w}}]
-    output:  dir, save_every, save_every_epoch, keep_last, keep_best (also keep the N
-             checkpoints of lowest eval loss, under checkpoints/best/), tb_dir (TensorBoard;
-             null: dir/tb)
+    output:  dir, save_every, save_every_epoch, keep_last, keep_best (also keep the N checkpoints
+             of lowest eval loss, under checkpoints/best/), tb_dir (TensorBoard; null: dir/tb)
     distributed: strategy (none|fsdp2), backend (auto|gloo|nccl), activation_checkpointing,
              mixed_precision: {param_dtype (null = model.dtype), reduce_dtype}
              (see mftk.train.distributed; launch with torchrun)
@@ -94,8 +93,7 @@ class TaskConfig:
     data: list[str] | DatasetConfig  # files / globs, or a datasets spec
     loss_weight: float = 1.0
     format: str = "auto"
-    # jsonl: keys of prompt/completion; csv: column names. `prompt_template` formats a csv row
-    # (or jsonl record) into the prompt with str.format(**row), e.g. "Code:\n{code}\nBug?"
+    # jsonl keys / csv columns; prompt_template: str.format(**row), e.g. "Code:\n{code}\nBug?"
     prompt: str = "prompt"
     completion: str = "completion"
     prompt_template: str | None = None
@@ -113,6 +111,8 @@ class PretrainConfig:
     steps: int = 0
     lr: float = 3e-3
     batch_size: int = 8
+    data: list[str] = field(default_factory=list)  # globs of a corpus (tiny_model.read_corpus)
+    files: list[str] = field(default_factory=list)  # filled by validation; none: the task text
 
 
 @dataclass

@@ -36,7 +36,7 @@ from mftk.train.data import (
     special_strings,
 )
 from mftk.train.packing import Batch, MultiTaskSampler, eval_batches, pack_rows
-from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer
+from mftk.train.tiny_model import DTYPES, load_model_and_tokenizer, read_corpus
 
 SHARED_ADAPTER = "shared"  # the one adapter's name in adapter.mode: shared
 
@@ -196,6 +196,8 @@ def load_run(cfg: Config, out: str, log: Log, par: Any) -> Run:
     trains, evals = [e for e in examples[0] if isinstance(e, list)], examples[1]
     texts = [ex.text() for part in (trains, evals) for exs in part for ex in exs]
     pre_docs = [[seg for seg, _ in ex.segments] for exs in trains for ex in exs]
+    if cfg.model.pretrain.files:  # a corpus of its own (e.g. plain code) instead of the tasks'
+        pre_docs = read_corpus(cfg.model.pretrain.files)
     cache = cfg.model.cache_dir or os.path.join(out, "cache")
     attn_cfg = cfg.model.attn_implementation
     attn = attention(attn_cfg, par.device, log)

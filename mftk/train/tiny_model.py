@@ -2,14 +2,15 @@
 
 The tiny path needs no download: a byte-level BPE tokenizer is trained with `tokenizers` on the
 task text, a small `LlamaConfig` is built in code, and an optional short base pretraining (plain
-causal LM on the training text, all weights) teaches it the text. Tokenizer and pretrained base
+causal LM, all weights, on the training text or on model.pretrain.data's corpus: read_corpus)
+teaches it the text. Tokenizer and pretrained base
 are cached in the cache dir under a hash of everything they depend on; the result is always loaded
 back from the cache, so a first run and a resumed run start from bit-identical weights.
 
 What the keys hash, and so what makes two runs share a base: the tokenizer's key, the rendered
 text of every task (train and held-out splits) and model.vocab_size; the base's key, the tokenizer
-key, the LlamaConfig (model.tiny, data.seq_len), model.pretrain, train.seed and the training
-split's records. No adapter setting (adapter.mode, rank, router, match_params) nor loss, stage or
+key, the LlamaConfig (model.tiny, data.seq_len), model.pretrain, train.seed and the text it is
+pretrained on (the training split's records, or the corpus). No adapter setting (adapter.mode, rank, router, match_params) nor loss, stage or
 optimizer setting goes in: the variants of a comparison over the same tasks and seed get one base.
 A different task list does change it (a classify task's rendered rows are text too), so compare
 runs over the same tasks. The info's "base" ("base-<key>") names it; `mftk compare` refuses runs
@@ -38,6 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from mftk.train.checks import TINY_KEYS
 from mftk.train.config import ConfigError, ModelConfig
+from mftk.train.records import DataError
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TINY_DEFAULTS: dict[str, Any] = {
@@ -91,6 +93,34 @@ def tiny_config(overrides: dict[str, Any] | None, vocab_size: int, max_positions
         pad_token_id=tokenizer.pad_token_id,
         **params,
     )
+
+
+def read_corpus(files: list[str]) -> list[list[str]]:
+    """A pretraining corpus as docs of one text segment each: a `.jsonl` file gives one doc per
+    line ({"text": str}; blank lines skipped), any other file is one doc of its UTF-8 text.
+    A malformed line raises DataError("file:line: reason"); an empty corpus, DataError too."""
+    docs: list[list[str]] = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                if not path.lower().endswith(".jsonl"):
+                    docs.append([f.read()])
+                    continue
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{i}: not JSON ({err.msg})") from None
+                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                        raise DataError(f'{path}:{i}: expected an object with a "text" string')
+                    docs.append([rec["text"]])
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not any(seg for doc in docs for seg in doc):
+        raise DataError(f"model.pretrain.data: no text in {files}")
+    return docs
 
 
 def pretrain_base(
