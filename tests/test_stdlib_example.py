@@ -126,11 +126,11 @@ def test_bug_labels_balanced(built):
     _, _, _, data = built
     for split in ("train", "eval"):
         recs = data[split]["verdict"]
-        n_bug = sum(r["completion"] == " bug" for r in recs)
-        assert {r["completion"] for r in recs} == {" ok", " bug"}
+        n_bug = sum(r["completion"] == " True" for r in recs)
+        assert {r["completion"] for r in recs} == {" False", " True"}
         assert 0.4 <= n_bug / len(recs) <= 0.6, f"{split}: {n_bug} of {len(recs)} bug"
         for r in recs:  # a bug sample names its kind, an ok sample none
-            assert bool(r["kind"]) == (r["completion"] == " bug")
+            assert bool(r["kind"]) == (r["completion"] == " True")
 
 
 def test_masked_name_does_not_leak(built):

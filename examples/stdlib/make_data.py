@@ -11,7 +11,8 @@ Six tasks over the same pool of real functions (stdlib_code.collect), prompt/com
               "Answer:" -> the docstring's first paragraph
 - name        the SAME prompt as code2doc -> the function's name; the second conflicting pair
 - verdict     "Is there a bug?" + the function (half of them with a bug injected) + "Answer:"
-              -> " ok" / " bug"
+              -> " False" / " True" (words the code corpus is full of: a label the base has
+              never seen would keep untrained embeddings that LoRA, frozen lm_head, cannot fix)
 
 A module is held out (data/eval/) by a hash of its name (stdlib_code.is_eval_module), so no
 function is in both data/train/ and data/eval/. data/pretrain/code.jsonl holds the training
@@ -101,7 +102,7 @@ def masked_pair(fns: list[Function], rng: random.Random) -> tuple[list[dict], li
 
 def verdict(fns: list[Function], rng: random.Random) -> list[dict]:
     """Alternately ok and bug over the shuffled pool (balanced labels); only functions with a
-    possible bug, so that "has no comparison" cannot give away "ok"."""
+    possible bug, so that "has no comparison" cannot give away " False"."""
     out = []
     for f in fns:
         res = inject(f.lines, bug_edits(f.node, f.lines, f.body_start), rng)
@@ -109,9 +110,9 @@ def verdict(fns: list[Function], rng: random.Random) -> list[dict]:
             continue
         if len(out) % 2:
             buggy, edit = res
-            code, label, kind = _join(f.code_lines(buggy)), "bug", edit.kind
+            code, label, kind = _join(f.code_lines(buggy)), "True", edit.kind
         else:
-            code, label, kind = f.code, "ok", ""
+            code, label, kind = f.code, "False", ""
         out.append(_record(f, VERDICT_PROMPT.format(code=code), " " + label, kind=kind))
     return out
 

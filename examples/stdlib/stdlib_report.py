@@ -12,7 +12,7 @@ WHAT = {
     "inject_bug": "**the same prompt as doc2code** → the body with one injected bug",
     "code2doc": "`Function:` + the code, docstring removed, name masked + `Answer:` → summary",
     "name": "**the same prompt as code2doc** → the function's name",
-    "verdict": "`Is there a bug?` + a function (half with a bug) + `Answer:` → ` ok` / ` bug`",
+    "verdict": "`Is there a bug?` + a function (half with a bug) + `Answer:` → ` True` / ` False`",
 }
 SWITCH = {
     "shared": "`adapter.mode: shared`, `match_params: true`: one LoRA of rank T × r",
@@ -74,11 +74,11 @@ def setup(state: dict, cfg: dict, tasks: list[str], modes: list[str]) -> list[st
         f"{m['tiny']['intermediate_size']}, {m['tiny']['num_hidden_layers']} layers, BPE "
         f"vocabulary {m['vocab_size']}), "
         f"pretrained for {m['pretrain']['steps']} steps (batch {m['pretrain']['batch_size']} × "
-        f"{d['seq_len']} tokens, lr {m['pretrain']['lr']}) on the training split's task text: "
-        "mftk's `model.pretrain` trains on the tasks' data and nothing else, so the base sees "
-        "plain Python through `complete`, whose records are verbatim source. One tokenizer for "
-        "all runs; one base per seed (its pretraining is seeded), shared by every mode "
-        "(`model.cache_dir: runs/cache`).",
+        f"{d['seq_len']} tokens, lr {m['pretrain']['lr']}) on the training modules' functions "
+        "as plain source (`model.pretrain.data`, from `make_data.py`): it has seen Python, none "
+        "of the tasks' formats. "
+        + "One tokenizer (trained on the task text) for all runs; one base per seed (its "
+        "pretraining is seeded), shared by every mode (`model.cache_dir: runs/cache`).",
         f"- **Fine-tuning**: {t['steps']} steps, batch {t['batch_size']} × {d['seq_len']} "
         f"tokens packed, lr {t['lr']} {t['schedule']}, `loss.mode: "
         f"{cfg['loss']['mode']}`, adapters on every linear layer (`{a['target_modules']}`), "
@@ -326,13 +326,14 @@ def summary(state: dict, tasks: list[str], modes: list[str], pairs) -> list[str]
 NOTES = [
     "## Reading these numbers",
     "",
-    "- The base is pretrained on the training split's text: every task's prompts and answers, "
-    "without task ids. It has therefore seen both answers of each conflicting pair as one "
-    "mixture; what an adapter can add is which answer its task wants, and whatever transfers "
-    "to modules it never saw.",
-    "- `verdict` answers are one token (` ok` or ` bug`) then the end of text, so with balanced "
-    "labels ln 2 / 2 ≈ 0.347 per answer token is chance: a loss near it means the answer "
-    "format is learned but not the bugs.",
+    "- The base is pretrained on plain source of the training modules, never on a task's "
+    "format: what the adapters add is each task's format and mapping, and whatever transfers "
+    "to modules they never saw. Tokens the corpus lacks keep untrained embeddings that LoRA "
+    "(lm_head frozen) can hardly use: hence `verdict` answers ` True`/` False`, words the code "
+    "is full of (` ok`/` bug` occur 6 and 3 times in its ~410k tokens).",
+    "- `verdict` answers are one token then the end of text, so with balanced labels "
+    "ln 2 / 2 ≈ 0.347 per answer token is chance: a loss near it means the answer format is "
+    "learned but not the bugs.",
     "- At equal total adapter parameters the rank each token sees differs: T × r under "
     "`shared`, r under `per_task` and `router`, T × r/2 + r/2 under `hybrid`.",
     "- Seeds change the base (its pretraining and the trainer's eval split are seeded), so "

@@ -3,18 +3,18 @@
 The tiny path needs no download: a byte-level BPE tokenizer is trained with `tokenizers` on the
 task text, a small `LlamaConfig` is built in code, and an optional short base pretraining (plain
 causal LM, all weights, on the training text or on model.pretrain.data's corpus: read_corpus)
-teaches it the text. Tokenizer and pretrained base
-are cached in the cache dir under a hash of everything they depend on; the result is always loaded
-back from the cache, so a first run and a resumed run start from bit-identical weights.
+teaches it the text. Tokenizer and pretrained base are cached in the cache dir under a hash of
+everything they depend on; the result is always loaded back from the cache, so a first run and a
+resumed run start from bit-identical weights.
 
 What the keys hash, and so what makes two runs share a base: the tokenizer's key, the rendered
 text of every task (train and held-out splits) and model.vocab_size; the base's key, the tokenizer
 key, the LlamaConfig (model.tiny, data.seq_len), model.pretrain, train.seed and the text it is
-pretrained on (the training split's records, or the corpus). No adapter setting (adapter.mode, rank, router, match_params) nor loss, stage or
-optimizer setting goes in: the variants of a comparison over the same tasks and seed get one base.
-A different task list does change it (a classify task's rendered rows are text too), so compare
-runs over the same tasks. The info's "base" ("base-<key>") names it; `mftk compare` refuses runs
-whose bases differ.
+pretrained on (the training split's records, or the corpus). No adapter setting (adapter.mode,
+rank, router, match_params) nor loss, stage or optimizer setting goes in: the variants of a
+comparison over the same tasks and seed get one base. A different task list does change it (a
+classify task's rendered rows are text too), so compare runs over the same tasks. The info's
+"base" ("base-<key>") names it; `mftk compare` refuses runs whose bases differ.
 """
 
 from __future__ import annotations
