@@ -35,6 +35,7 @@ import stdlib_report  # noqa: E402
 # each mode: config.yaml's adapter section updated with these keys
 MODES = {
     "shared": {"mode": "shared", "match_params": True},  # one LoRA, rank T x 8 (MFTCoder's way)
+    "shared_r": {"mode": "shared"},  # one rank-8 LoRA: equal rank per token, 1/T the params
     "per_task": {},  # one rank-8 LoRA per task, hard routing by task id
     "router": {"router": "softmax"},  # the same adapters, mixed per token by softmax routers
     "hybrid": {"mode": "hybrid", "match_params": True},  # shared T x 4 + rank 4 per task

@@ -16,6 +16,8 @@ WHAT = {
 }
 SWITCH = {
     "shared": "`adapter.mode: shared`, `match_params: true`: one LoRA of rank T × r",
+    "shared_r": "`adapter.mode: shared`: one LoRA of rank r (equal rank per token, 1/T the "
+    "parameters)",
     "per_task": "`adapter.mode: per_task`: one rank-r LoRA per task, hard routing by task id",
     "router": "`adapter.router: softmax`: the per-task adapters mixed per token by softmax "
     "routers (task-label supervised); scored without task ids",
@@ -53,6 +55,8 @@ def setup(state: dict, cfg: dict, tasks: list[str], modes: list[str]) -> list[st
         [f"`{k}`", WHAT.get(k, ""), man["samples"][k]["train"], any_run["tasks"][k]["samples"]]
         for k in tasks
     ]
+    switches = [[f"`{k}`", SWITCH[k], next(iter(res[k].values()))["adapter_parameters"]]
+                for k in modes if k in res]  # fmt: skip
     out = [
         "## Setup",
         "",
@@ -86,14 +90,7 @@ def setup(state: dict, cfg: dict, tasks: list[str], modes: list[str]) -> list[st
         f"alpha = {a['alpha']}. Seeds {', '.join(sorted(next(iter(res.values()))))}.",
         "- **Modes**, each `config.yaml` with one switch changed:",
         "",
-        *_table(
-            ["mode", "switch", "adapter params"],
-            [
-                [f"`{k}`", SWITCH[k], next(iter(res[k].values()))["adapter_parameters"]]
-                for k in modes
-                if k in res
-            ],
-        ),  # fmt: skip
+        *_table(["mode", "switch", "adapter params"], switches),
         "",
         "- **Metric**: mean next-token cross-entropy over the answer tokens of `data/eval/` (the "
         "held-out modules), computed by mftk's `Evaluator` (the code `mftk eval` runs) on batches "
@@ -297,7 +294,12 @@ def summary(state: dict, tasks: list[str], modes: list[str], pairs) -> list[str]
             f"(lower in {sum(d < 0 for d in avg)} of {len(avg)} seeds), lower on "
             f"{sum(d < 0 for d in per)} of {len(per)} task × seed pairs."
         )
-    for mode in (m for m in modes if m != "shared"):
+    if "shared_r" in res and "per_task" in res:  # equal rank per token instead of parameters
+        avg = _change(res["per_task"], res["shared_r"], None)
+        out.append(f"- `per_task` against `shared_r` (rank r per token both): average held-out "
+                   f"loss {statistics.mean(avg):+.1f}% (lower in {sum(d < 0 for d in avg)} of "
+                   f"{len(avg)} seeds).")  # fmt: skip
+    for mode in (m for m in modes if not m.startswith("shared")):
         runs = [r for r in res[mode].values() if "partner_adapter_loss" in r]
         if runs:
             gaps = [f"`{t}` {_partner_gap(runs, t):+.1f}%" for pair in pairs for t in pair]
@@ -327,15 +329,13 @@ NOTES = [
     "## Reading these numbers",
     "",
     "- The base is pretrained on plain source of the training modules, never on a task's "
-    "format: what the adapters add is each task's format and mapping, and whatever transfers "
-    "to modules they never saw. Tokens the corpus lacks keep untrained embeddings that LoRA "
-    "(lm_head frozen) can hardly use: hence `verdict` answers ` True`/` False`, words the code "
-    "is full of (` ok`/` bug` occur 6 and 3 times in its ~410k tokens).",
-    "- `verdict` answers are one token then the end of text, so with balanced labels "
-    "ln 2 / 2 ≈ 0.347 per answer token is chance: a loss near it means the answer format is "
-    "learned but not the bugs.",
-    "- At equal total adapter parameters the rank each token sees differs: T × r under "
-    "`shared`, r under `per_task` and `router`, T × r/2 + r/2 under `hybrid`.",
+    "format: the adapters add each task's format and mapping, and whatever transfers to modules "
+    "they never saw. Tokens the corpus lacks keep untrained embeddings that LoRA (lm_head "
+    "frozen) can hardly use: `verdict` answers ` True`/` False`, words the code is full of "
+    "(` ok`/` bug` occur 6 and 3 times in its ~410k tokens), then the end of text: with "
+    "balanced labels ln 2 / 2 ≈ 0.347 per answer token is chance.",
+    "- The rank each token sees: T × r under `shared`, r under `shared_r` (1/T the "
+    "parameters), `per_task` and `router`, T × r/2 + r/2 under `hybrid`.",
     "- Seeds change the base (its pretraining and the trainer's eval split are seeded), so "
     "compare modes within a seed (the paired table) rather than across seeds.",
 ]
