@@ -4,7 +4,10 @@
 #include <ATen/ops/from_blob.h>
 #include <c10/core/ScalarType.h>
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 
 // BLAS entry points that torch's x86 wheels export (MKL); weak, so a torch without them (other
@@ -56,6 +59,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
   }
+  constexpr int64_t kMax = std::numeric_limits<int>::max();  // BLAS takes int sizes
+  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+              "mftk CPU gemm: a size or leading dimension over 2^31 - 1 (m ", m, ", n ", n,
+              ", k ", k, ")");
   const char na = tb ? 'T' : 'N', nb = ta ? 'T' : 'N';
   const int im = static_cast<int>(n), in = static_cast<int>(m), ik = static_cast<int>(k);
   const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);

@@ -1,6 +1,7 @@
-"""The CPU soft-routing kernel's tiled, threaded path (csrc/soft_cpu.cpp: row tiles, each doing
-its shrink, router softmax, expand and backward GEMMs in cache) against the float64 reference,
-at shapes above the serial threshold (N * D_in * D_out >= 2^22), with one and two threads."""
+"""The CPU soft-routing kernel's tiled, threaded path (csrc/soft_cpu.cpp: row tiles doing the
+shrink, router softmax and expand, and the backward's dH, router and dx, in cache; then units
+that own column blocks of the weight gradients) against the float64 reference, at shapes above
+the serial threshold (N * D_in * D_out >= 2^22), with one and two threads."""
 
 import dataclasses
 
@@ -59,8 +60,8 @@ def test_soft_tiled_logits_gradient(with_weight, threads):
 def test_soft_tiled_threads_bit_identical():
     """Row blocks and the weight-gradient units (column chunks, one GEMM over all rows each) do
     not depend on the thread count: two threads give one thread's bits."""
-    case = make_case(1500, 96, 200, 3, 8, "soft", torch.float32)
-    g, g_logits = torch.randn(1500, 200), torch.randn(1500, 3)
+    case = make_case(1500, 300, 260, 3, 8, "soft", torch.float32)  # 3 units each of dA, dB
+    g, g_logits = torch.randn(1500, 260), torch.randn(1500, 3)
 
     assert_same_bits_across_threads(
         lambda: [t.detach() for t in _grads(case, "cpu", g, g_logits, case.weight)]

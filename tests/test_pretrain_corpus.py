@@ -102,3 +102,34 @@ def test_a_run_pretrains_on_the_corpus_and_gets_its_own_base(tmp_path):
     assert runs["corpus"]["tokenizer"] == runs["tasks"]["tokenizer"]  # the task text's, both
     first = {k: v["pretrain"]["first_loss"] for k, v in runs.items()}
     assert first["corpus"] != first["tasks"]
+
+
+def test_a_changed_corpus_refuses_resume_and_evaluation(tmp_path):
+    """The corpus's contents are hashed into the base; a run resumed, or its adapters scored,
+    after the corpus changed would continue on another base: both are refused, naming it."""
+    from mftk.apps.evaluate import Evaluator
+
+    corpus = _corpus(tmp_path)
+    raw = _raw(tmp_path, data=str(corpus))
+    raw["stages"] = [{"name": "train", "steps": 2}]
+    raw["output"]["save_every"] = 1
+    cfg = config_from_dict(copy.deepcopy(raw), EXAMPLE)
+    Trainer(cfg, max_steps=1, progress=False, log=lambda m: None).train()
+    corpus.write_text(json.dumps({"text": "def other():\n    pass\n" * 40}) + "\n")
+    cfg = config_from_dict(copy.deepcopy(raw), EXAMPLE)
+    with pytest.raises(ConfigError, match=r"--resume: the checkpoint was trained on the tiny base"):
+        Trainer(cfg, resume=True, progress=False, log=lambda m: None).train()
+    adapters = os.path.join(raw["output"]["dir"], "adapters")
+    with open(os.path.join(raw["output"]["dir"], "metrics.json"), "w") as f:
+        json.dump({"model": {"base": "base-trained-elsewhere"}}, f)
+    os.makedirs(adapters, exist_ok=True)
+    with pytest.raises(ConfigError, match=r"trained on the tiny base base-trained-elsewhere"):
+        Evaluator(cfg, adapters, log=lambda m: None)
+
+
+def test_a_corpus_shorter_than_seq_len_names_the_key(tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "x = 1\n"}) + "\n")
+    cfg = config_from_dict(_raw(tmp_path, data=str(path)), EXAMPLE)
+    with pytest.raises(DataError, match=r"model\.pretrain: the pretraining text .* fewer than"):
+        Trainer(cfg, progress=False, log=lambda m: None).train()

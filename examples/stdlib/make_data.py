@@ -47,6 +47,7 @@ MAX_TRAIN = 1200  # per task
 MAX_EVAL = 200
 VERDICT_PROMPT = "Is there a bug?\n{code}Answer:"
 MASKED_PROMPT = "Function:\n{code}Answer:"
+DATA_FORMAT = 2  # 2: data/pretrain/ and verdict's True/False; run_comparison rebuilds older data
 
 
 def _record(f: Function, prompt: str, completion: str, **extra) -> dict:
@@ -147,6 +148,9 @@ def build(out_dir: str, max_files: int | None = None, log=print) -> dict:
         "train": build_split(train, MAX_TRAIN, "train"),
         "eval": build_split(held, MAX_EVAL, "eval"),
     }
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path):  # first: an interrupted rebuild leaves no manifest behind
+        os.remove(manifest_path)
     d = os.path.join(out_dir, "pretrain")
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
@@ -162,6 +166,7 @@ def build(out_dir: str, max_files: int | None = None, log=print) -> dict:
                 for r in recs:
                     fh.write(json.dumps(r, sort_keys=True) + "\n")
     manifest = {
+        "data_format": DATA_FORMAT,
         "python": sys.version.split()[0],
         "stdlib": stdlib_root(),
         "max_files": max_files,
@@ -177,8 +182,9 @@ def build(out_dir: str, max_files: int | None = None, log=print) -> dict:
             for t in ("inject_bug", "verdict")
         },
     }
-    with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as fh:
+    with open(manifest_path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)
+    os.replace(manifest_path + ".tmp", manifest_path)
     counts = ", ".join(f"{t} {c['train']}/{c['eval']}" for t, c in manifest["samples"].items())
     log(
         f"{len(fns)} functions ({len(train)} train / {len(held)} held out) from "

@@ -56,7 +56,7 @@ def ensure_data() -> dict:
     if os.path.isfile(path):
         with open(path) as f:
             manifest = json.load(f)
-        fresh = os.path.isfile(os.path.join(DATA, "pretrain", "code.jsonl"))  # (the corpus is new)
+        fresh = manifest.get("data_format") == make_data.DATA_FORMAT
         if fresh and manifest["python"] == sys.version.split()[0] and manifest["max_files"] is None:
             return manifest
     return make_data.build(DATA)

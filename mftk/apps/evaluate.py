@@ -45,6 +45,21 @@ from mftk.train.run import load_run
 from mftk.train.step import TaskMeter, forward_batch, route_task
 
 
+def _check_base(metrics_path: str, run: Any) -> None:
+    """Adapters trained on one tiny base scored on another (the task text or the pretraining
+    corpus changed since: their contents are hashed) would be a silent wrong answer."""
+    if not os.path.isfile(metrics_path):
+        return
+    with open(metrics_path) as f:
+        trained = json.load(f).get("model", {}).get("base")
+    if trained is not None and trained != run.model_info.get("base"):
+        raise ConfigError(
+            f"the adapters were trained on the tiny base {trained} ({metrics_path}), but this "
+            f"config now builds {run.model_info.get('base')}: the task text or "
+            "model.pretrain.data's corpus changed since. Restore them to evaluate this run."
+        )
+
+
 class Evaluator:
     """A trained run, loaded for evaluation: the model with the adapters of `adapters_dir`, its
     tokenizer and the trainer's eval split (mftk.train.run.load_run; no optimizer, no Trainer)."""
@@ -59,6 +74,7 @@ class Evaluator:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run = load_run(cfg, run_dir, self.log, Single(cfg))
+        _check_base(os.path.join(os.path.dirname(self.adapters_dir), "metrics.json"), self.run)
         load_adapters(self.run.model, self.adapters_dir)
         self.model = self.run.model
         self.model.eval()

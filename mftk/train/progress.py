@@ -40,6 +40,7 @@ def trainer_state(t: Any) -> dict[str, Any]:
         "eval_tracker": t.tracker.state_dict(),
         "run_key": run_key(t.cfg, t.par.world),
         "tasks": list(t.tasks),
+        "base": t.run.model_info.get("base"),  # the tiny base's cache name (None: model.path)
     }
 
 
@@ -51,6 +52,13 @@ def load_trainer_state(t: Any, st: dict[str, Any]) -> None:
             "data, model, adapter, loss, stages, training settings or global batch = "
             "train.batch_size × ranks); resuming it would not continue that run. Use a new "
             "--output, or restore the config."
+        )
+    if st.get("base", t.run.model_info.get("base")) != t.run.model_info.get("base"):
+        raise ConfigError(
+            f"--resume: the checkpoint was trained on the tiny base {st['base']}, but this "
+            f"run's tokenizer and base are {t.run.model_info.get('base')}: the task text or "
+            "model.pretrain.data's corpus changed since (their contents are hashed). Restore "
+            "them, or use a new --output."
         )
     t.step = st["step"]
     t.run.sched.load_state_dict(st["scheduler"])

@@ -118,6 +118,8 @@ def read_corpus(files: list[str]) -> list[list[str]]:
                     docs.append([rec["text"]])
         except UnicodeDecodeError as err:
             raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot read it ({err.strerror})") from None
     if not any(seg for doc in docs for seg in doc):
         raise DataError(f"model.pretrain.data: no text in {files}")
     return docs
@@ -151,7 +153,10 @@ def pretrain_base(
         )
     n_chunks = len(ids) // seq_len
     if n_chunks == 0:
-        raise ValueError(f"pretrain: the text has {len(ids)} tokens, fewer than seq_len={seq_len}")
+        raise DataError(
+            f"model.pretrain: the pretraining text (model.pretrain.data's corpus, or the tasks' "
+            f"training text) has {len(ids)} tokens, fewer than data.seq_len = {seq_len}"
+        )
     chunks = torch.tensor(ids[: n_chunks * seq_len]).view(n_chunks, seq_len)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -189,7 +194,8 @@ def load_model_and_tokenizer(
     log=print,
 ):
     """(model, tokenizer, info). texts: all task text (tokenizer training); pretrain_docs: the
-    training split's records as text segments (base pretraining, see pretrain_base)."""
+    base pretraining's docs as text segments (the training split's records, or read_corpus's
+    corpus; see pretrain_base)."""
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between our log lines
     dtype = DTYPES[mcfg.dtype]
     if mcfg.path is not None:
