@@ -4,7 +4,8 @@
                                   lora_a (T, R, D_in), lora_b (T, D_out, R), lora_scaling (T,)
                                   float64, lora_rank (T,) int64, router_weight/bias if any;
                                   per-task heads as heads.<task>.weight (C, H) / .bias (C,);
-                                  a segment router as segment_router.weight (T, H) / .bias (T,)
+                                  a segment router as segment_router.weight (T, H) / .bias (T,) /
+                                  .query (H,)
 <dir>/mftk_config.json            MftkConfig: task names, rank, alpha, target modules, router
                                   settings, base model name, per-task LoRA settings
 """
@@ -144,6 +145,9 @@ def _load_segment_router(model: nn.Module, saved: MftkConfig, f: Any) -> None:
         )
     with torch.no_grad():
         for k, v in segment_router_state_dict(model).items():
+            if k == "segment_router.query" and k not in f.keys():
+                v.zero_()  # saved before the router learned its pooling: the plain mean
+                continue
             v.copy_(f.get_tensor(k))
 
 

@@ -1,10 +1,11 @@
 """A segment router: one task per packed sample, read from the sample's prompt (issue 14).
 
 A per-layer softmax router sees one layer's input for one token; in the first layers that is
-little more than the token's embedding. The segment router reads context instead: the mean hidden
-state of a sample's prompt tokens at one point of the model (`layer`: -1 the input embeddings, k
-the output of decoder layer k), a linear classifier (D -> T) on the model root, and routes every
-token of the sample Hard to the argmax task (top-1): through the model's one Routing in mode
+little more than the token's embedding. The segment router reads context instead: the hidden
+states of a sample's prompt tokens at one point of the model (`layer`: -1 the input embeddings, k
+the output of decoder layer k), pooled by attention with a learned query (at first the plain
+mean), a linear classifier (D -> T) on the model root, and routes every token of the sample
+Hard to the argmax task (top-1): through the model's one Routing in mode
 "deferred", so the op and the layers are unchanged. Patched layers that run before that point
 (decoder layers <= k) see the base alone; with layer -1 every patched layer is routed.
 
@@ -33,16 +34,20 @@ from mftk.routing import RoutingState, model_routing
 
 
 class SegmentRouter(nn.Module):
-    """logits = rms_norm(mean_prompt_hidden) @ W.T + b, (M, H) -> (M, T) float32 (the mean is
-    scaled to unit RMS: embeddings are small, and a unit-scale input lets AdamW's steps move the
-    logits at the adapters' lr). W, b zero-initialised: a fresh router predicts the uniform
-    distribution (argmax: task 0). layer: where it reads."""
+    """logits = rms_norm(pooled_prompt_hidden) @ W.T + b, (M, H) -> (M, T) float32 (scaled to
+    unit RMS: embeddings are small, and a unit-scale input lets AdamW's steps move the logits at
+    the adapters' lr). The pooling is attention with one learned query (H,): token i of a
+    prompt weighs softmax_i(query · rms_norm(h_i)), so the router can learn to read an
+    instruction line that a plain mean dilutes among the code. query, W, b zero-initialised: a
+    fresh router pools by the plain mean and predicts the uniform distribution (argmax: task 0).
+    layer: where it reads."""
 
     def __init__(self, hidden_size: int, num_tasks: int, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.weight = nn.Parameter(torch.zeros(num_tasks, hidden_size))
         self.bias = nn.Parameter(torch.zeros(num_tasks))
+        self.query = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, h: Tensor) -> Tensor:
         h = nn.functional.rms_norm(h.float(), (h.shape[-1],), eps=1e-6)
@@ -120,13 +125,19 @@ def route_segments(
     router: SegmentRouter, hidden: Tensor, seg: Tensor, m: int, prompt: Tensor
 ) -> tuple[Tensor, Tensor]:
     """hidden (B, S, H); seg (B, S) from segment_index; prompt (B, S) bool. returns the logits
-    (M, T) on the prompt means and the predicted ids (B, S) (top-1; -1 on padding)."""
+    (M, T) on the attention-pooled prompts and the predicted ids (B, S) (top-1; -1 on padding).
+    A sample without prompt tokens pools to zeros."""
     h = hidden.reshape(-1, hidden.shape[-1]).float()
     take = prompt.reshape(-1).nonzero(as_tuple=True)[0]
     rows = seg.reshape(-1).index_select(0, take)
-    sums = h.new_zeros(m, h.shape[1]).index_add_(0, rows, h.index_select(0, take))
-    counts = torch.bincount(rows, minlength=m).clamp(min=1).to(h.dtype)
-    logits = router(sums / counts[:, None])
+    hp = h.index_select(0, take)
+    score = nn.functional.rms_norm(hp, (hp.shape[-1],), eps=1e-6) @ router.query.float()
+    # softmax within each sample; its max is a constant per sample, so it carries no gradient
+    top = score.new_full((m,), -torch.inf).scatter_reduce(0, rows, score.detach(), "amax")
+    e = torch.exp(score - top.index_select(0, rows))
+    den = e.new_zeros(m).index_add_(0, rows, e).clamp(min=1e-30)
+    pooled = h.new_zeros(m, h.shape[1]).index_add_(0, rows, hp * e[:, None]) / den[:, None]
+    logits = router(pooled)
     top = logits.argmax(-1)
     ids = torch.where(seg >= 0, top[seg.clamp(min=0)], torch.full_like(seg, -1))
     return logits, ids

@@ -12,8 +12,10 @@ from helpers_models import max_err, randomize_adapters, tiny_llama, tokens
 import mftk
 from mftk.core import adapter_layers, layer_of
 from mftk.segment_router import (
+    SegmentRouter,
     add_segment_router,
     prompt_mask,
+    route_segments,
     segment_index,
     use_segment_router,
 )
@@ -22,7 +24,7 @@ TASKS = ["code", "sql", "docs"]
 IGN = -100
 
 
-def _model(dtype=torch.float64, layer=-1, seed=3):
+def _model(dtype=torch.float64, layer=-1, seed=3, query=False):
     model = mftk.patch_model(tiny_llama(dtype), TASKS, rank=4, alpha=8)
     randomize_adapters(model)
     router = add_segment_router(model, layer)
@@ -30,7 +32,17 @@ def _model(dtype=torch.float64, layer=-1, seed=3):
     with torch.no_grad():
         router.weight.normal_(0, 1.0)
         router.bias.normal_(0, 0.1)
+        if query:  # a learned attention pooling (zero: the plain mean)
+            router.query.normal_(0, 1.0)
     return model
+
+
+def _pool(router, h):
+    """(n, H) prompt hidden states -> (1, H): softmax(rms_norm(h) . query) weighted, by hand."""
+    h = h.double()
+    normed = h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    w = torch.softmax(normed @ router.query.double(), 0)
+    return (w[:, None] * h).sum(0, keepdim=True)
 
 
 def _packed():
@@ -53,22 +65,23 @@ def test_prompt_mask_and_segment_index():
 
 
 def _expected_ids(model, x, seq, prompt, layer):
-    """The top-1 per sample of the router on the prompt means, computed by hand."""
+    """The top-1 per sample of the router on the pooled prompts, computed by hand."""
     hid = model(input_ids=x, output_hidden_states=True).hidden_states[layer + 1]
     seg, m = segment_index(seq)
     router = model.mftk_segment_router
     ids = torch.full_like(seq, -1)
     for k in range(m):
         sel = (seg == k) & prompt
-        ids[seg == k] = int(router(hid[sel].mean(0, keepdim=True)).argmax(-1))
+        ids[seg == k] = int(router(_pool(router, hid[sel])).argmax(-1))
     return ids
 
 
+@pytest.mark.parametrize("query", [False, True], ids=["mean", "attention"])
 @pytest.mark.parametrize("layer", [-1, 0])
-def test_routes_hard_by_its_top1(layer):
+def test_routes_hard_by_its_top1(layer, query):
     """Equals hard routing by the router's predicted ids (float64), with the patched layers up
     to the read point on the base alone (their lora_b zeroed in the reference copy)."""
-    model = _model(layer=layer)
+    model = _model(layer=layer, query=query)
     x = tokens(2, 8)
     seq, tgt = _packed()
     prompt = prompt_mask(tgt, seq)
@@ -165,3 +178,38 @@ def test_saved_and_loaded_with_the_adapters(tmp_path):
     add_segment_router(other, -1)
     with pytest.raises(ValueError, match="segment_router=0 differs"):
         mftk.load_adapters(other, tmp_path)
+
+
+def test_pooling_starts_as_the_mean_and_learns_to_attend():
+    """Zero query: the plain mean of the prompt's states, and the query gets a gradient. A query
+    along one token's normalised state pools (nearly) that token alone."""
+    torch.manual_seed(0)
+    router = SegmentRouter(16, 3, -1).double()
+    with torch.no_grad():
+        router.weight.normal_()
+    h = torch.randn(1, 6, 16, dtype=torch.float64)
+    seg, prompt = torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.bool)
+    prompt[0, 5] = False  # an answer token: never pooled
+    logits, _ = route_segments(router, h, seg, 1, prompt)
+    assert torch.allclose(logits, router(h[0, :5].mean(0, keepdim=True)), atol=1e-12)
+    logits[0, 1].backward()  # the query learns from the start
+    assert router.query.grad is not None and router.query.grad.abs().sum() > 0
+    pick = h[0, 2] / h[0, 2].pow(2).mean().sqrt()
+    with torch.no_grad():
+        router.query.copy_(pick * 50)
+    logits, _ = route_segments(router, h, seg, 1, prompt)
+    assert torch.allclose(logits, router(h[0, 2:3]), atol=1e-6)
+
+
+def test_a_router_saved_before_its_query_loads_as_the_mean(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _model(torch.float32, query=True)
+    mftk.save_adapters(model, tmp_path)
+    path = tmp_path / "mftk_adapters.safetensors"
+    state = load_file(path)
+    del state["segment_router.query"]
+    save_file(state, path)
+    fresh = mftk.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(fresh.mftk_segment_router.query, torch.zeros(64))
+    assert torch.equal(fresh.mftk_segment_router.weight, model.mftk_segment_router.weight)
