@@ -24,7 +24,7 @@ SWITCH = {
     "hybrid": "`adapter.mode: hybrid`, `match_params: true`: a shared LoRA of rank T × r/2 on "
     "every token + a rank-r/2 LoRA per task",
     "segment": "`adapter.router: segment`, `router_layer: -1`: the per-task adapters, one per "
-    "packed sample, picked top-1 from the mean of its prompt's embeddings (task-label "
+    "packed sample, picked top-1 from its prompt's embeddings, attention-pooled (task-label "
     "supervised, the first 25 steps routed by the true ids); scored without task ids",
 }
 
