@@ -314,10 +314,15 @@ class MultiAdapterLinear(nn.Module):
         route = self._route(x, task_ids)
         routed = not isinstance(route, BaseOnly)
         if self.base_layer is not None:
-            return self._forward_base_layer(x, route, routed)
-        if self.dropout > 0 and self.training and routed:
-            return self._forward_dropout(x, route)
-        return self._call_op(x, self.weight, route, bias=self.bias)
+            out = self._forward_base_layer(x, route, routed)
+        elif self.dropout > 0 and self.training and routed:
+            out = self._forward_dropout(x, route)
+        else:
+            out = self._call_op(x, self.weight, route, bias=self.bias)
+        if isinstance(route, Hard) and route.gate is not None:  # straight-through: + 0 in value
+            delta = self._call_op(x, None, Hard(route.plan))  # the adapters alone
+            out = out + (route.gate - route.gate.detach()).to(out.dtype)[..., None] * delta
+        return out
 
     def _call_op(
         self, x: Tensor, weight: Tensor | None, route: Route, bias: Tensor | None = None

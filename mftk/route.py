@@ -48,9 +48,13 @@ class RouterLogits:
 @dataclass(frozen=True)
 class Hard:
     """Hard routing: plan is a RoutingPlan over this forward's N tokens, or (...) int task ids
-    (-1: base only) matching x.shape[:-1]."""
+    (-1: base only) matching x.shape[:-1]. gate: None, or (...) like x.shape[:-1], a router's
+    top-1 probability with its gradient (straight-through): the layer adds
+    (gate - gate.detach()) * adapters(x), zero in value, so the backward is that of
+    y = base + gate * adapters(x) and the router learns from the loss."""
 
     plan: RoutingPlan | Tensor
+    gate: Tensor | None = None
 
 
 @dataclass(frozen=True)

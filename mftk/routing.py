@@ -79,6 +79,7 @@ class RoutingState:
         self._soft = Soft(logits=self.logits)
         self._key: Any = None  # the shape and device the cached Hard route was built for
         self._hard: Hard | None = None
+        self.gate: Tensor | None = None  # deferred: a straight-through gate, shaped as task_ids
 
     def resolve(
         self, lead: torch.Size, device: torch.device, num_tasks: int, router: str | None
@@ -88,7 +89,8 @@ class RoutingState:
             key = (tuple(lead), device, num_tasks)
             if self._key != key:
                 ids = expand_task_ids(self.task_ids.to(device), tuple(lead))
-                self._hard = Hard(plan_checked(ids, num_tasks))
+                gate = None if self.gate is None else self.gate.reshape(lead)
+                self._hard = Hard(plan_checked(ids, num_tasks), gate)
                 self._key = key
             return self._hard
         if router is not None:
@@ -101,12 +103,13 @@ class RoutingState:
             "with `mftk.use_tasks(model, None)` or `mftk.set_default_tasks(model, None)`."
         )
 
-    def set_task_ids(self, task_ids: Tensor | None) -> None:
+    def set_task_ids(self, task_ids: Tensor | None, gate: Tensor | None = None) -> None:
         """Mode "deferred": the layers called from now on route hard by task_ids (checked, int64,
-        matching the forward's tokens), or base only with None."""
+        matching the forward's tokens), or base only with None; gate: a straight-through gate
+        shaped as task_ids (mftk.route.Hard)."""
         if self.mode != "deferred":
             raise RuntimeError(f"set_task_ids: only in mode 'deferred', not {self.mode!r}")
-        self.task_ids, self._key, self._hard = task_ids, None, None
+        self.task_ids, self.gate, self._key, self._hard = task_ids, gate, None, None
 
     @property
     def router_logits(self) -> list[Tensor] | None:

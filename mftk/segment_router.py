@@ -145,10 +145,16 @@ def route_segments(
 
 @contextlib.contextmanager
 def use_segment_router(
-    model: nn.Module, seq_ids: Tensor, prompt: Tensor, true_ids: Tensor | None = None
+    model: nn.Module,
+    seq_ids: Tensor,
+    prompt: Tensor,
+    true_ids: Tensor | None = None,
+    straight_through: bool = False,
 ) -> Iterator[SegmentRouting]:
     """Route the forwards inside the block (B, S tokens, packed as seq_ids) by the model's
-    segment router; true_ids (B, S): route by these instead (the router still predicts)."""
+    segment router; true_ids (B, S): route by these instead (the router still predicts).
+    straight_through: the top-1 pick's softmax probability gates the adapters in the backward
+    only (mftk.route.Hard.gate), so the loss itself trains the router; values are unchanged."""
     model = unwrap(model)
     router: SegmentRouter = model.mftk_segment_router
     if true_ids is not None:  # checked once here: the routing state plans them unchecked
@@ -167,7 +173,11 @@ def use_segment_router(
         lead = out.logits.new_zeros(*seg.shape, out.logits.shape[1])
         out.token_logits = torch.where((seg >= 0)[..., None], out.logits[seg.clamp(min=0)], lead)
         out.task_ids = ids if true_ids is None else true_ids
-        state.set_task_ids(out.task_ids)
+        gate = None
+        if straight_through and true_ids is None:
+            p_top = out.logits.softmax(-1).gather(1, out.logits.argmax(-1, keepdim=True))[:, 0]
+            gate = torch.where(seg >= 0, p_top[seg.clamp(min=0)], torch.zeros_like(p_top[:1]))
+        state.set_task_ids(out.task_ids, gate)
 
     handles = [
         model.register_forward_pre_hook(pre),

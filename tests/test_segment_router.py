@@ -11,6 +11,7 @@ from helpers_models import max_err, randomize_adapters, tiny_llama, tokens
 
 import mftk
 from mftk.core import adapter_layers, layer_of
+from mftk.route import BaseOnly, Hard
 from mftk.segment_router import (
     SegmentRouter,
     add_segment_router,
@@ -213,3 +214,37 @@ def test_a_router_saved_before_its_query_loads_as_the_mean(tmp_path):
     fresh = mftk.from_pretrained(tiny_llama(), tmp_path)
     assert torch.equal(fresh.mftk_segment_router.query, torch.zeros(64))
     assert torch.equal(fresh.mftk_segment_router.weight, model.mftk_segment_router.weight)
+
+
+def test_straight_through_gate_changes_no_value_and_carries_the_adapters_gradient():
+    """Hard(plan, gate): the output is the gate-free output bit for bit; d out / d gate is the
+    adapters' own output (y = base + gate * adapters in the backward)."""
+    torch.manual_seed(0)
+    layer = mftk.MultiAdapterLinear(16, 12, 3, rank=4, alpha=8, dtype=torch.float64)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ids = torch.randint(-1, 3, (2, 5))
+    gate = torch.rand(2, 5, dtype=torch.float64, requires_grad=True)
+    out = layer(x, Hard(ids, gate))
+    assert torch.equal(out, layer(x, ids))
+    v = torch.randn_like(out)
+    (out * v).sum().backward()
+    delta = layer(x, ids) - layer(x, BaseOnly())
+    assert torch.allclose(gate.grad, (delta * v).sum(-1), atol=1e-12)
+
+
+def test_straight_through_trains_the_router_from_the_loss():
+    model = _model()
+    x = tokens(2, 8)
+    seq, tgt = _packed()
+    prompt = prompt_mask(tgt, seq)
+    router = model.mftk_segment_router
+    outs = {}
+    for st in (False, True):
+        router.zero_grad()
+        with use_segment_router(model, seq, prompt, straight_through=st):
+            outs[st] = model(input_ids=x).logits
+        outs[st].pow(2).mean().backward()
+        assert (router.weight.grad is not None and router.weight.grad.abs().sum() > 0) == st
+    assert torch.equal(outs[False], outs[True])

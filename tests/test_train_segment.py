@@ -44,6 +44,10 @@ def segment_raw(cache_dir, out, **over):
         ),
         (lambda r: r["train"].update(router_warmup_steps=-1), "must be >= 0, got -1"),
         (
+            lambda r: r["adapter"].update(router="softmax", straight_through=True),
+            "adapter.straight_through: only with router: segment",
+        ),
+        (
             lambda r: r.update(distributed={"strategy": "fsdp2"}),
             "adapter.router: the segment router trains in one process",
         ),
@@ -67,9 +71,9 @@ def test_warm_start_then_own_routes_and_it_learns(cache_dir, tmp_path, monkeypat
     calls = []
     real = step_mod.use_segment_router
 
-    def spy(model, seq_ids, prompt, true_ids=None):
+    def spy(model, seq_ids, prompt, true_ids=None, **kw):
         calls.append((model.training, true_ids is not None))
-        return real(model, seq_ids, prompt, true_ids)
+        return real(model, seq_ids, prompt, true_ids, **kw)
 
     monkeypatch.setattr(step_mod, "use_segment_router", spy)
     raw = segment_raw(cache_dir, tmp_path / "s", train={"lr": 0.01})
@@ -83,3 +87,22 @@ def test_warm_start_then_own_routes_and_it_learns(cache_dir, tmp_path, monkeypat
     assert m["router_accuracy_answer"] == ans[-1] > 0.9
     with safe_open(str(tmp_path / "s" / "adapters" / WEIGHTS_NAME), framework="pt") as f:
         assert {"segment_router.weight", "segment_router.bias"} <= set(f.keys())
+
+
+def test_straight_through_in_training_only(cache_dir, tmp_path, monkeypatch):
+    """adapter.straight_through: the training forwards after the warm start pass it to the
+    router (the loss then trains it too), evaluation never does; the run still learns to route."""
+    calls = []
+    real = step_mod.use_segment_router
+
+    def spy(model, seq_ids, prompt, true_ids=None, straight_through=False):
+        calls.append((model.training, straight_through))
+        return real(model, seq_ids, prompt, true_ids, straight_through)
+
+    monkeypatch.setattr(step_mod, "use_segment_router", spy)
+    raw = segment_raw(cache_dir, tmp_path / "st", train={"lr": 0.01})
+    raw["adapter"]["straight_through"] = True
+    _, m, _ = run(raw)
+    assert [st for training, st in calls if training] == [True] * 12
+    assert not any(st for training, st in calls if not training)
+    assert m["router_accuracy_answer"] > 0.9

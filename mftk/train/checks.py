@@ -147,6 +147,7 @@ def _adapter(cfg: Any) -> None:
     seg = a.router == "segment"
     check(not seg or a.top_k is None, "adapter.top_k", "the segment router routes top-1")
     check(a.router_layer == -1 or seg, "adapter.router_layer", "only with adapter.router: segment")
+    check(not a.straight_through or seg, "adapter.straight_through", "only with router: segment")
     check(a.router_layer >= -1, "adapter.router_layer", f"must be >= -1, got {a.router_layer}")
     check(
         not seg or cfg.distributed.strategy == "none",

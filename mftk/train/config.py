@@ -29,7 +29,8 @@ nothing. Relative paths are resolved against the config file's folder.
              LoRA on every token plus each task's own), shared_rank, shared_alpha (hybrid),
              match_params (the per-task setup's adapter parameters; shared: rank T*rank, alpha
              T*alpha; hybrid: task rank r/2 and shared rank T*r/2, alpha/rank kept),
-             layers: decoder layers that get adapters ("18:", [0, 3], null = all)
+             layers: decoder layers that get adapters ("18:", [0, 3], null = all),
+             straight_through (segment: the loss trains the router too, mftk.route.Hard.gate)
     data:    seq_len, packing, eval_fraction, eval_max_samples, skip_bad_lines, noise_kind,
              noise_token_rate, template (mftk|mftcoder: MFTCoder's formats and rendering),
              overlong (drop|truncate; null: drop under mftcoder), role_markers (mftcoder)
@@ -40,11 +41,10 @@ nothing. Relative paths are resolved against the config file's folder.
              to seq_len tokens per micro-batch; one sample per row without packing), or
              batch_tokens (a token budget per micro-batch, fairseq's --max-tokens: with packing
              batch_tokens // seq_len rows; without, as many samples as keep rows × the longest
-             one <= batch_tokens; not with batch_size),
-             grad_accum, clip, weight_decay, seed, device, threads, log_every, eval_every,
-             router_warmup_steps (segment: steps routed by the true task ids),
-             early_stopping_patience (stop after N evaluations in a row without a lower eval
-             loss, see mftk.train.tracking)
+             one <= batch_tokens; not with batch_size), grad_accum, clip, weight_decay, seed,
+             device, threads, log_every, eval_every, router_warmup_steps (segment: steps routed
+             by the true task ids), early_stopping_patience (stop after N evaluations in a row
+             without a lower eval loss, see mftk.train.tracking)
     loss:    mode (token|sample|balanced|task_sample|focal|coba|coba_eval: see
              mftk.train.losses), focal_gamma, coba: {history_length (null: 200 for coba, 5 for
              coba_eval), warmup_steps, tau, update_interval, eval_batches (coba)},
@@ -139,12 +139,12 @@ class AdapterConfig:
     top_k: int | None = None
     router_layer: int = -1  # segment router: -1 the embeddings, k decoder layer k's output
     dropout: float = 0.0
-    mode: str = "per_task"  # shared: one adapter for every task (the MFTCoder baseline);
-    # hybrid: one shared adapter on every token plus each task's own
+    mode: str = "per_task"  # shared: one adapter for all tasks (MFTCoder); hybrid: shared + own
     match_params: bool = False  # shared / hybrid: the per-task setup's adapter parameters
     layers: str | int | list[int] | None = None  # decoder layers with adapters (None: all)
     shared_rank: int | None = None  # hybrid: the shared adapter's rank (null: rank)
     shared_alpha: float | None = None  # hybrid: its alpha (null: the tasks' alpha / rank ratio)
+    straight_through: bool = False  # segment router: top-1 forward, its probability's gradient
 
 
 @dataclass

@@ -52,7 +52,8 @@ def forward_batch(run: Run, batch: Batch, true_ids: bool = False) -> Iterator[Fo
     if run.segment:
         prompt = prompt_mask(batch.targets, batch.seq_ids)
         true = batch.task_ids if true_ids else None
-        routing = use_segment_router(run.model, batch.seq_ids, prompt, true)
+        st = run.cfg.adapter.straight_through and run.model.training
+        routing = use_segment_router(run.model, batch.seq_ids, prompt, true, straight_through=st)
     else:
         ids = None if run.router else route_ids(batch.task_ids, run.shared)
         routing = use_tasks(run.model, ids, collect_router_logits=run.router)
