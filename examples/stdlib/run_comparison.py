@@ -41,10 +41,13 @@ MODES = {
     "hybrid": {"mode": "hybrid", "match_params": True},  # shared T x 4 + rank 4 per task
     # one adapter per packed sample, picked from its prompt's mean embedding (top-1)
     "segment": {"router": "segment", "router_layer": -1},
+    # the same, and the LM loss trains the router too (adapter.straight_through)
+    "segment_st": {"router": "segment", "router_layer": -1, "straight_through": True},
 }
 # other sections' keys a mode changes (as examples/tiny/config-segment.yaml)
 MODE_EXTRA = {
     "segment": {"train": {"router_warmup_steps": 25}, "loss": {"router_balance": 0.0}},
+    "segment_st": {"train": {"router_warmup_steps": 25}, "loss": {"router_balance": 0.0}},
 }
 # the conflicting pairs: one prompt, two answers (make_data.py)
 PAIRS = [("doc2code", "inject_bug"), ("code2doc", "name")]

@@ -1,6 +1,5 @@
-"""RESULTS.md for the stdlib benchmark, from run_comparison.py's comparison.json: per-task
-held-out loss per mode and seed, the paired difference against `shared` per seed, and, named
-one by one, every task and seed where a mode loses to shared."""
+"""RESULTS.md for the stdlib benchmark, from run_comparison.py's comparison.json: per-task loss
+per mode and seed, the paired difference against `shared`, and every task and seed it loses."""
 
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ SWITCH = {
     "segment": "`adapter.router: segment`, `router_layer: -1`: the per-task adapters, one per "
     "packed sample, picked top-1 from its prompt's embeddings, attention-pooled (task-label "
     "supervised, the first 25 steps routed by the true ids); scored without task ids",
+    "segment_st": "`segment` + `straight_through: true`: the LM loss trains the router too",
 }
 
 

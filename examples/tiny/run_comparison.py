@@ -47,6 +47,8 @@ VARIANTS = {
     "router_ctx": ("config-router.yaml", {"adapter": {"target_modules": NO_LAYER0_QKV}}),
     # one adapter per packed sample, picked from its prompt by mftk.segment_router (top-1)
     "segment": ("config-segment.yaml", {}),
+    # the same, and the LM loss trains the router too (adapter.straight_through)
+    "segment_st": ("config-segment.yaml", {"adapter": {"straight_through": True}}),
     "single_completion": ("config-shared.yaml", PER_TASK),
     "single_bugs": ("config-shared.yaml", PER_TASK),
     "single_docstrings": ("config-shared.yaml", PER_TASK),
@@ -68,8 +70,10 @@ RANK_PER_TOKEN = {
     "router": "24 (soft mix of 3 × 8)",
     "hybrid": "16 (12 shared + 4 own)",
     "segment": "8 (top-1 of 3 × 8)",
+    "segment_st": "8 (top-1 of 3 × 8)",
 }
-PAIRED = ("per_task", "router", "hybrid", "shared_r8", "segment")  # paired per seed against shared
+# paired per seed against shared
+PAIRED = ("per_task", "router", "hybrid", "shared_r8", "segment", "segment_st")
 
 
 def conflict_data() -> str:
