@@ -26,6 +26,20 @@ def init_lora_a_(lora_a: Tensor) -> None:
             nn.init.kaiming_uniform_(lora_a[t], a=math.sqrt(5))
 
 
+def _gate(route: Route) -> Tensor | None:
+    """(gate - gate.detach())[..., None] of a gated Hard route (mftk.route.Hard.gate), else None:
+    zero in value; times the adapters' output it hands the gate its straight-through gradient."""
+    if isinstance(route, Hard) and route.gate is not None:
+        return (route.gate - route.gate.detach())[..., None]
+    return None
+
+
+def _gated(route: Route, delta: Tensor) -> Tensor:
+    """The adapters' output delta, with the route's straight-through gate applied (same value)."""
+    g = _gate(route)
+    return delta if g is None else delta + g.to(delta.dtype) * delta
+
+
 class MultiAdapterLinear(nn.Module):
     """A frozen linear layer plus T LoRA adapters, one per task.
 
@@ -314,14 +328,13 @@ class MultiAdapterLinear(nn.Module):
         route = self._route(x, task_ids)
         routed = not isinstance(route, BaseOnly)
         if self.base_layer is not None:
-            out = self._forward_base_layer(x, route, routed)
-        elif self.dropout > 0 and self.training and routed:
-            out = self._forward_dropout(x, route)
-        else:
-            out = self._call_op(x, self.weight, route, bias=self.bias)
-        if isinstance(route, Hard) and route.gate is not None:  # straight-through: + 0 in value
-            delta = self._call_op(x, None, Hard(route.plan))  # the adapters alone
-            out = out + (route.gate - route.gate.detach()).to(out.dtype)[..., None] * delta
+            return self._forward_base_layer(x, route, routed)
+        if self.dropout > 0 and self.training and routed:
+            return self._forward_dropout(x, route)
+        out = self._call_op(x, self.weight, route, bias=self.bias)
+        g = _gate(route)
+        if g is not None:  # the fused call gave base + adapters: the adapters alone once more
+            out = out + g.to(out.dtype) * self._call_op(x, None, route)
         return out
 
     def _call_op(
@@ -355,7 +368,7 @@ class MultiAdapterLinear(nn.Module):
         # the fused path (dropout=0) is one extra pass over x and y.
         base = multi_adapter_linear(x, self.weight, self.lora_a, self.lora_b, bias=self.bias)
         xd = nn.functional.dropout(x, p=self.dropout, training=True)
-        return base + self._call_op(xd, None, route)
+        return base + _gated(route, self._call_op(xd, None, route))
 
     def _forward_base_layer(self, x: Tensor, route: Route, routed: bool) -> Tensor:
         # The base from base_layer (bitsandbytes' 4-bit matmul dequantizes one layer on the fly and
@@ -365,7 +378,7 @@ class MultiAdapterLinear(nn.Module):
             return base
         if self.dropout > 0 and self.training:
             x = nn.functional.dropout(x, p=self.dropout, training=True)
-        return base + self._call_op(x, None, route)
+        return base + _gated(route, self._call_op(x, None, route))
 
     def extra_repr(self) -> str:
         s = (

@@ -133,8 +133,8 @@ def route_segments(
     hp = h.index_select(0, take)
     score = nn.functional.rms_norm(hp, (hp.shape[-1],), eps=1e-6) @ router.query.float()
     # softmax within each sample; its max is a constant per sample, so it carries no gradient
-    top = score.new_full((m,), -torch.inf).scatter_reduce(0, rows, score.detach(), "amax")
-    e = torch.exp(score - top.index_select(0, rows))
+    peak = score.new_full((m,), -torch.inf).scatter_reduce(0, rows, score.detach(), "amax")
+    e = torch.exp(score - peak.index_select(0, rows))
     den = e.new_zeros(m).index_add_(0, rows, e).clamp(min=1e-30)
     pooled = h.new_zeros(m, h.shape[1]).index_add_(0, rows, hp * e[:, None]) / den[:, None]
     logits = router(pooled)
@@ -175,7 +175,7 @@ def use_segment_router(
         out.task_ids = ids if true_ids is None else true_ids
         gate = None
         if straight_through and true_ids is None:
-            p_top = out.logits.softmax(-1).gather(1, out.logits.argmax(-1, keepdim=True))[:, 0]
+            p_top = out.logits.softmax(-1).amax(-1)  # the top-1 pick's probability
             gate = torch.where(seg >= 0, p_top[seg.clamp(min=0)], torch.zeros_like(p_top[:1]))
         state.set_task_ids(out.task_ids, gate)
 
