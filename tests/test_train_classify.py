@@ -199,7 +199,8 @@ def _hf_dir(path):
 
 
 def test_resume_with_an_extra_task_keeps_old_state(tmp_path):
-    from mftk.train.checkpointing import load_trainer_state, run_key
+    from mftk.train.checkpointing import load_trainer_state
+    from mftk.train.fingerprint import run_key
     from mftk.train.grow import _without, checkpoint_tasks, new_tasks
 
     hf = _hf_dir(tmp_path / "hf")

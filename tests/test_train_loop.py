@@ -127,8 +127,8 @@ def test_resume_reproduces_uninterrupted_run(cache_dir, tmp_path):
     assert h_res["task_weights"] == h_full["task_weights"]
     assert h_full["task_weights"][-1] != h_full["task_weights"][0]  # CoBa really moved
     assert resumed["eval_after"] == full["eval_after"]
-    raw_b["train"]["lr"] = 0.01  # a different run must not resume this one
-    with pytest.raises(ConfigError, match="--resume: the checkpoint was written by a run with"):
+    raw_b["train"]["lr"] = 0.01  # a different run must not resume this one: the error names it
+    with pytest.raises(ConfigError, match=r"differs from the run .*: train\.lr: 0\.003 -> 0\.01;"):
         run(raw_b, resume=True)
 
 
@@ -249,7 +249,7 @@ def test_flash_attention_config_falls_back_to_sdpa(cache_dir, tmp_path):
     """`attn_implementation: flash_attention_2` where flash-attn cannot run (the CPU): the
     one-process trainer loads SDPA with a logged note (as fsdp2 does), trains the same losses
     as an sdpa config, and keeps the configured value (its run_key) for resuming."""
-    from mftk.train.checkpointing import run_key
+    from mftk.train.fingerprint import run_key
     from mftk.train.run import flash_attention_available
 
     assert not flash_attention_available(torch.device("cpu"))

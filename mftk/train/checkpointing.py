@@ -19,7 +19,6 @@ truncated or older-format one is reported and the one before it tried.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ import torch
 
 from mftk.checkpoint import load_adapters, save_adapters
 from mftk.peft_io import export_peft
-from mftk.train.config import Config, ConfigError
+from mftk.train.config import ConfigError
 from mftk.train.statefile import fsync_path, load_state, save_state, write_fsynced
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -305,21 +304,6 @@ def remove_if_empty(path: str) -> None:
         return
     if not any(files for _, _, files in os.walk(path)):
         shutil.rmtree(path, ignore_errors=True)
-
-
-def run_key(cfg: Config, world: int = 1) -> str:
-    """A fingerprint of everything that shapes the loss curve (not output, logging, threads), for
-    a run on `world` processes: that of the one-process run with the same global batch
-    (train.batch_size × world), so a checkpoint resumes on any number of ranks."""
-    if world != 1:
-        cfg = copy.deepcopy(cfg)
-        cfg.train.batch_size *= world
-    d = cfg.to_dict()
-    for k in ("output", "base_dir", "distributed"):
-        d.pop(k)
-    for k in ("log_every", "threads", "device"):
-        d["train"].pop(k)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from mftk.checkpoint import load_adapters
-from mftk.train.checkpointing import load_trainer_state, run_key
+from mftk.train.checkpointing import load_trainer_state
 from mftk.train.config import Config, ConfigError
+from mftk.train.fingerprint import run_fingerprint, run_key
 
 
 def checkpoint_tasks(st: dict[str, Any]) -> list[str]:
@@ -56,7 +57,7 @@ def _without(cfg: Config, n_old: int) -> Config:
 def new_tasks(cfg: Config, st: dict[str, Any], key: Callable[[Config], str]) -> list[str]:
     """The tasks this config adds to the checkpoint's ([] if the same); ConfigError when the
     config is not the checkpoint's run plus appended tasks, or growing is not supported.
-    key: the run fingerprint (mftk.train.checkpointing.run_key)."""
+    key: the run fingerprint (mftk.train.fingerprint.run_key)."""
     old = checkpoint_tasks(st)
     names = cfg.task_names
     if names == old:
@@ -147,6 +148,7 @@ def grow_state(trainer, st: dict[str, Any], added: list[str]) -> dict[str, Any]:
     st["eval_before"] = {**st["eval_before"], **{t: ev[t] for t in added}}
     st["tasks"] = list(trainer.tasks)
     st["run_key"] = run_key(trainer.cfg)
+    st["run_config"] = run_fingerprint(trainer.cfg, trainer.par.world)
     return st
 
 

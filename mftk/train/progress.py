@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mftk.train.checkpointing import run_key
 from mftk.train.config import Config, ConfigError
+from mftk.train.fingerprint import fingerprint_changes, run_fingerprint, run_key
 
 
 def plan_stages(cfg: Config, max_steps_arg: int | None) -> tuple[int, list[dict[str, Any]]]:
@@ -39,20 +39,44 @@ def trainer_state(t: Any) -> dict[str, Any]:
         "eval_before": t.eval_before,
         "eval_tracker": t.tracker.state_dict(),
         "run_key": run_key(t.cfg, t.par.world),
+        "run_config": run_fingerprint(t.cfg, t.par.world),  # --resume names what changed
         "tasks": list(t.tasks),
         "base": t.run.model_info.get("base"),  # the tiny base's cache name (None: model.path)
     }
 
 
-def load_trainer_state(t: Any, st: dict[str, Any]) -> None:
-    """Restore trainer_state(t) into t; a checkpoint of another config is a ConfigError."""
-    if st.get("run_key") != run_key(t.cfg, t.par.world):
+def check_same_run(st: dict[str, Any], cfg: Config, world: int) -> None:
+    """ConfigError unless cfg (on `world` ranks) continues the run that wrote trainer state st.
+    A checkpoint that carries its fingerprint is compared setting by setting, so the error names
+    what changed, and a setting a newer mftk added passes at its default; an older one (a key
+    only) must match the whole fingerprint."""
+    fix = "resuming it would not continue that run. Use a new --output, or restore the config."
+    if "run_config" in st:
+        changes = fingerprint_changes(st["run_config"], run_fingerprint(cfg, world))
+        if changes:
+            more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+            batch = ""
+            if any(c.startswith("train.batch_size") for c in changes):
+                batch = f" (the global batch: train.batch_size × {world} ranks here)"
+            raise ConfigError(
+                "--resume: the config differs from the run that wrote the checkpoint: "
+                + "; ".join(changes[:8])
+                + more
+                + batch
+                + "; "
+                + fix
+            )
+    elif st.get("run_key") != run_key(cfg, world):
         raise ConfigError(
             "--resume: the checkpoint was written by a run with a different config (tasks, "
             "data, model, adapter, loss, stages, training settings or global batch = "
-            "train.batch_size × ranks); resuming it would not continue that run. Use a new "
-            "--output, or restore the config."
+            "train.batch_size × ranks); " + fix
         )
+
+
+def load_trainer_state(t: Any, st: dict[str, Any]) -> None:
+    """Restore trainer_state(t) into t; a checkpoint of another config is a ConfigError."""
+    check_same_run(st, t.cfg, t.par.world)
     if st.get("base", t.run.model_info.get("base")) != t.run.model_info.get("base"):
         raise ConfigError(
             f"--resume: the checkpoint was trained on the tiny base {st['base']}, but this "
