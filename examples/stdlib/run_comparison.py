@@ -43,11 +43,19 @@ MODES = {
     "segment": {"router": "segment", "router_layer": -1},
     # the same, and the LM loss trains the router too (adapter.straight_through)
     "segment_st": {"router": "segment", "router_layer": -1, "straight_through": True},
+    # is the comparison a matter of learning rate? shared and hybrid at half the lr
+    "shared_lowlr": {"mode": "shared", "match_params": True},
+    "hybrid_lowlr": {"mode": "hybrid", "match_params": True},
+    # not a multi-task mode: `shared` trained on one task at a time (all steps on it), scored on
+    # that task; six runs per seed, the no-interference ceiling (run_single)
+    "single": {"mode": "shared", "match_params": True},
 }
 # other sections' keys a mode changes (as examples/tiny/config-segment.yaml)
 MODE_EXTRA = {
     "segment": {"train": {"router_warmup_steps": 25}, "loss": {"router_balance": 0.0}},
     "segment_st": {"train": {"router_warmup_steps": 25}, "loss": {"router_balance": 0.0}},
+    "shared_lowlr": {"train": {"lr": 0.0015}},
+    "hybrid_lowlr": {"train": {"lr": 0.0015}},
 }
 # the conflicting pairs: one prompt, two answers (make_data.py)
 PAIRS = [("doc2code", "inject_bug"), ("code2doc", "name")]
@@ -117,10 +125,45 @@ def partner_losses(ev, cfg, samples: list) -> dict[str, float]:
     return {names[swap[i]]: scored[names[i]]["loss"] for i in swap}
 
 
+def run_single(seed: int) -> dict:
+    """`single` at one seed: for each task, `shared` trained on that task alone (`mftk train
+    --task`: every step draws it, 6x its tokens) and scored on its held-out answers. One result
+    in run_one's shape, each task's loss from its own run; times summed over the runs."""
+    from mftk.apps.evaluate import Evaluator
+    from mftk.train.config import single_task
+    from mftk.train.loop import Trainer
+
+    quiet = lambda msg: None  # noqa: E731
+    res: dict = {"mode": "single", "tasks": {}, "train_seconds": 0.0, "wall_seconds": 0.0}
+    for name in load("single", seed).task_names:
+        cfg = single_task(load("single", seed), name)
+        shutil.rmtree(cfg.output.dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        metrics = Trainer(cfg, progress=False, log=quiet).train()
+        res["wall_seconds"] += time.perf_counter() - t0
+        res["train_seconds"] += metrics["train_seconds"]
+        ev = Evaluator(cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet)
+        samples = heldout_samples(ev.run, cfg)
+        ev.run.eval_set = batches(ev.run, cfg, samples)
+        res["tasks"][name] = ev.loss_metrics()["tasks"][name]
+        res["tasks"][name]["samples"] = sum(x.task == cfg.task_names.index(name) for x in samples)
+        res["adapter_parameters"] = ev.adapter_params
+        res["pretrain"] = metrics["model"].get("pretrain", {})
+    res["average_loss"] = sum(t["loss"] for t in res["tasks"].values()) / len(res["tasks"])
+    print(
+        f"single seed {seed}: held-out avg {res['average_loss']:.4f} | "
+        + " ".join(f"{k} {v['loss']:.4f}" for k, v in res["tasks"].items()),
+        flush=True,
+    )
+    return res
+
+
 def run_one(mode: str, seed: int, base: bool = False) -> dict:
     """Train one mode at one seed, then score it on the held-out modules with mftk's Evaluator
     (per-task loss; router runs routed softly, without task ids, as `mftk eval` does). base:
     also score the model with every adapter zeroed (the pretrained base: the floor to beat)."""
+    if mode == "single":
+        return run_single(seed)
     import torch
 
     from mftk.apps.evaluate import Evaluator

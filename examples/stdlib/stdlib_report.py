@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+from stdlib_summary import _loss, _row, goal_section, summary
+
 WHAT = {
     "complete": "raw code: the function cut inside its body → the rest",
     "doc2code": "header + docstring → body",
@@ -26,6 +28,11 @@ SWITCH = {
     "packed sample, picked top-1 from its prompt's embeddings, attention-pooled (task-label "
     "supervised, the first 25 steps routed by the true ids); scored without task ids",
     "segment_st": "`segment` + `straight_through: true`: the LM loss trains the router too",
+    "shared_lowlr": "`shared` at half the learning rate (`train.lr` 0.0015)",
+    "hybrid_lowlr": "`hybrid` at half the learning rate (`train.lr` 0.0015)",
+    "single": "not a multi-task mode: `shared` trained on one task alone (`--task`: every step "
+    "draws it, T × its tokens), six runs per seed, each scored on its own task (its adapter "
+    "params are one run's)",
 }
 
 
@@ -37,10 +44,6 @@ def _ms(vals: list[float], digits: int = 4) -> str:
 
 def _pct(new: float, base: float) -> str:
     return f"{100 * (new / base - 1):+.1f}%"
-
-
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:
@@ -268,63 +271,6 @@ def runtime(state: dict, modes: list[str]) -> list[str]:
     ]
 
 
-def _loss(r: dict, task: str | None) -> float:
-    return r["average_loss"] if task is None else r["tasks"][task]["loss"]
-
-
-def _change(runs: dict, ref: dict, task: str | None) -> list[float]:
-    """Per seed (the seeds both have), the % change of runs' loss against ref's."""
-    return [100 * (_loss(runs[s], task) / _loss(ref[s], task) - 1) for s in runs if s in ref]
-
-
-def _partner_gap(runs: list[dict], task: str) -> float:
-    """Mean % by which task's answers lose when routed through its partner's adapter."""
-    return statistics.mean(100 * (r["partner_adapter_loss"][task] / _loss(r, task) - 1)
-                           for r in runs)  # fmt: skip
-
-
-def summary(state: dict, tasks: list[str], modes: list[str], pairs) -> list[str]:
-    """The headline numbers in sentences, every one computed from the tables below."""
-    res, floor, out = state["results"], state.get("base", {}), []
-    for mode in (m for m in modes if m != "shared" and "shared" in res):
-        avg = _change(res[mode], res["shared"], None)
-        per = [d for t in tasks for d in _change(res[mode], res["shared"], t)]
-        out.append(
-            f"- `{mode}` against `shared`: average held-out loss {statistics.mean(avg):+.1f}% "
-            f"(lower in {sum(d < 0 for d in avg)} of {len(avg)} seeds), lower on "
-            f"{sum(d < 0 for d in per)} of {len(per)} task × seed pairs."
-        )
-    if "shared_r" in res and "per_task" in res:  # equal rank per token instead of parameters
-        avg = _change(res["per_task"], res["shared_r"], None)
-        out.append(f"- `per_task` against `shared_r` (rank r per token both): average held-out "
-                   f"loss {statistics.mean(avg):+.1f}% (lower in {sum(d < 0 for d in avg)} of "
-                   f"{len(avg)} seeds).")  # fmt: skip
-    for mode in (m for m in modes if not m.startswith("shared")):
-        runs = [r for r in res[mode].values() if "partner_adapter_loss" in r]
-        if runs:
-            gaps = [f"`{t}` {_partner_gap(runs, t):+.1f}%" for pair in pairs for t in pair]
-            out.append(
-                f"- Conflict check, `{mode}`: a task's held-out answers scored through its "
-                f"partner's adapter instead of its own: {', '.join(gaps)} (large: the pair's "
-                "adapters learned different answers; near 0: they did not separate)."
-            )
-    if floor:
-        flat = [t for t in tasks if min(statistics.mean(_change(res[m], floor, t))
-                                        for m in modes) > -1]  # fmt: skip
-        worse = [f"`{m}` on `{t}` ({statistics.mean(_change(res[m], floor, t)):+.1f}%)"
-                 for m in modes for t in tasks
-                 if statistics.mean(_change(res[m], floor, t)) >= 0]  # fmt: skip
-        if flat:
-            out.append(
-                "- Fine-tuning hardly moves "
-                + ", ".join(f"`{t}`" for t in flat)
-                + ": no mode gets 1% below the base (adapters zeroed) there."
-            )
-        if worse:
-            out.append("- Worse than the base: " + "; ".join(worse) + ".")
-    return ["## Summary", "", *out] if out else []
-
-
 NOTES = [
     "## Reading these numbers",
     "",
@@ -387,6 +333,7 @@ def results_md(state: dict, cfg: dict, mode_order: list[str], pairs=()) -> str:
         return "\n".join(out + ["No results yet."]) + "\n"
     for part in (
         summary(state, tasks, modes, pairs),
+        goal_section(state, tasks, modes),
         setup(state, cfg, tasks, modes),
         loss_tables(state, tasks, modes),
         paired(res, tasks, modes),
