@@ -10,7 +10,13 @@ import torch
 import mftk
 from mftk.train.data import IGNORE, Sample
 from mftk.train.losses import mft_loss, token_losses
-from mftk.train.packing import MultiTaskSampler, block_causal_mask, pack_rows, rows_to_batch
+from mftk.train.packing import (
+    Batch,
+    MultiTaskSampler,
+    block_causal_mask,
+    pack_rows,
+    rows_to_batch,
+)
 
 VOCAB = 97
 
@@ -121,9 +127,14 @@ def test_packed_equals_unpacked_loss(attn):
         sum(1 for s in samples if s.task == t for lab in s.labels[1:] if lab != IGNORE)
         for t in range(3)
     ]
+
     # negative control: one causal mask over the whole row lets samples see each other
-    leaky = rows_to_batch(rows, 0, torch.float64)
-    leaky.attention_mask = block_causal_mask(torch.zeros_like(leaky.seq_ids), torch.float64)
+    class Leaky(Batch):
+        @property
+        def attention_mask(self):
+            return block_causal_mask(torch.zeros_like(self.seq_ids), self.mask_dtype)
+
+    leaky = Leaky(**vars(rows_to_batch(rows, 0, torch.float64)))
     ll, _ = per_token_loss(model, leaky)
     assert (ll - want).abs().max().item() > 1e-2
 

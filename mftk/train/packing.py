@@ -6,14 +6,17 @@ A packed row holds several samples back to back. Per token it carries:
 - `targets`: the next-token label, shifted *inside each sample* (the last token of a sample has
   no target), so no loss ever crosses a sample boundary; -100 where there is no loss;
 - `attention_mask`: an additive (B, 1, S, S) block-diagonal causal mask (0 = attend, dtype-min =
-  blocked). Hugging Face models take a 4D mask as-is, for the eager and the SDPA attention (with
-  no mask, transformers 5's eager/SDPA mask from reset position ids still lets a sample attend to
-  the earlier samples of its row). flash-attention takes no 4D mask: there the position ids alone
-  go in, and HF's flash path turns them into varlen sequence boundaries.
+  blocked), derived from `seq_ids` when the forward asks for it, on their device: the S x S mask
+  is never built on the host nor copied to the GPU. Hugging Face models take a 4D mask as-is,
+  for the eager and the SDPA attention (with no mask, transformers 5's eager/SDPA mask from reset
+  position ids still lets a sample attend to the earlier samples of its row). flash-attention
+  takes no 4D mask: there the position ids alone go in, and HF's flash path turns them into
+  varlen sequence boundaries, so no mask is made at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -25,19 +28,23 @@ from mftk.train.data import IGNORE, Sample, SampleStream
 
 @dataclass
 class Batch:
-    """input_ids, targets, task_ids, position_ids, seq_ids: (B, S) int64;
-    attention_mask: (B, 1, S, S) additive float; num_tokens: real (non-pad) tokens;
-    cls_labels: (B, S) int64, the class index on the last token of each classify-task sample,
-    -100 elsewhere (None when built without it)."""
+    """input_ids, targets, task_ids, position_ids, seq_ids: (B, S) int64; num_tokens: real
+    (non-pad) tokens; cls_labels: (B, S) int64, the class index on the last token of each
+    classify-task sample, -100 elsewhere (None when built without it); mask_dtype: the dtype of
+    attention_mask, (B, 1, S, S) additive, made from seq_ids on their device when read."""
 
     input_ids: Tensor
     targets: Tensor
     task_ids: Tensor
     position_ids: Tensor
     seq_ids: Tensor
-    attention_mask: Tensor
     num_tokens: int
     cls_labels: Tensor | None = None
+    mask_dtype: torch.dtype = torch.float32
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return block_causal_mask(self.seq_ids, self.mask_dtype)
 
     def model_inputs(self, varlen: bool = False) -> dict[str, Tensor]:
         """Keyword arguments for a Hugging Face causal LM. varlen (flash-attention, which takes
@@ -53,14 +60,12 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         """A copy with every tensor on device."""
         cls = None if self.cls_labels is None else self.cls_labels.to(device)
-        return Batch(
-            *(getattr(self, k).to(device) for k in BATCH_TENSORS),
-            num_tokens=self.num_tokens,
-            cls_labels=cls,
+        return dataclasses.replace(
+            self, **{k: getattr(self, k).to(device) for k in BATCH_TENSORS}, cls_labels=cls
         )
 
 
-BATCH_TENSORS = ("input_ids", "targets", "task_ids", "position_ids", "seq_ids", "attention_mask")
+BATCH_TENSORS = ("input_ids", "targets", "task_ids", "position_ids", "seq_ids")
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -111,7 +116,7 @@ def rows_to_batch(
                 cls[r, off + L - 1] = smp.cls_label
             off += L
             n += L
-    return Batch(ids, tgt, task, pos, seq, block_causal_mask(seq, dtype), n, cls)
+    return Batch(ids, tgt, task, pos, seq, n, cls, mask_dtype=dtype)
 
 
 class RowPacker:
