@@ -4,6 +4,8 @@ hybrid (shared + per-task) on the stdlib benchmark, over 3 seeds, scored on held
     python examples/stdlib/run_comparison.py                    # every mode, seeds 0,1,2
     python examples/stdlib/run_comparison.py --modes shared,per_task --seeds 0
     python examples/stdlib/run_comparison.py --tables-only      # RESULTS.md from comparison.json
+    python examples/stdlib/run_comparison.py --tiny 256,512,4 --modes shared,shared_lowlr,hybrid \
+        --out comparison-256x4.json --results RESULTS-256x4.md    # a larger tiny model
 
 Every mode is config.yaml with one switch changed (MODES); all runs share one tokenizer and, per
 seed, one pretrained tiny base (model.cache_dir runs/cache). A mode whose config the trainer
@@ -73,6 +75,21 @@ def ensure_data() -> dict:
     return make_data.build(DATA)
 
 
+# --tiny: the tiny model's size for every mode (None: config.yaml's); its runs go to runs/<size>/
+TINY: dict | None = None
+
+
+def tiny_size(text: str) -> dict:
+    """--tiny HIDDEN,INTERMEDIATE,LAYERS as model.tiny's keys."""
+    try:
+        h, i, n = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--tiny: expected HIDDEN,INTERMEDIATE,LAYERS (ints), got {text!r}"
+        ) from None
+    return {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n}
+
+
 def load(mode: str, seed: int):
     """The mode's validated Config (mftk's ConfigError if the trainer refuses it)."""
     from mftk.train.config import config_from_dict
@@ -83,8 +100,12 @@ def load(mode: str, seed: int):
     for section, keys in MODE_EXTRA.get(mode, {}).items():
         raw.setdefault(section, {}).update(keys)
     raw["train"]["seed"] = seed
-    raw["model"]["cache_dir"] = "./runs/cache"
-    raw["output"]["dir"] = f"./runs/{mode}-s{seed}"
+    raw["model"]["cache_dir"] = "./runs/cache"  # the base's key hashes the model's size
+    runs = "./runs"
+    if TINY is not None:
+        raw["model"]["tiny"] = dict(TINY)
+        runs += f"/{TINY['hidden_size']}x{TINY['num_hidden_layers']}"
+    raw["output"]["dir"] = f"{runs}/{mode}-s{seed}"
     return config_from_dict(raw, HERE)
 
 
@@ -235,7 +256,13 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "comparison.json"))
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--tables-only", action="store_true", help="RESULTS.md from --out, no runs")
+    p.add_argument("--tiny", help="HIDDEN,INTERMEDIATE,LAYERS: another tiny model size")
     args = p.parse_args()
+    global TINY
+    try:
+        TINY = tiny_size(args.tiny) if args.tiny else None
+    except ValueError as err:
+        p.error(str(err))
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
@@ -247,6 +274,11 @@ def main() -> int:
             state = json.load(f)
     if not args.tables_only:
         from mftk.train.config import ConfigError
+
+        if state.get("tiny") != TINY and state["results"]:
+            p.error(f"--out {args.out} holds runs of model.tiny {state.get('tiny')}, not {TINY}: "
+                    "give another --out")  # fmt: skip
+        state["tiny"] = TINY
 
         t0 = time.perf_counter()
         manifest = ensure_data()
@@ -278,7 +310,8 @@ def main() -> int:
             sweeps=sweeps_of(state)
             + [
                 {
-                    "sweep": f"--modes {args.modes} --seeds {args.seeds}",
+                    "sweep": f"--modes {args.modes} --seeds {args.seeds}"
+                    + (f" --tiny {args.tiny}" if args.tiny else ""),
                     "seconds": time.perf_counter() - t0,
                     "date": datetime.date.today().isoformat(),
                 }
@@ -288,6 +321,8 @@ def main() -> int:
             json.dump(state, f, indent=1)
     with open(os.path.join(HERE, "config.yaml")) as f:
         cfg = yaml.safe_load(f)
+    if state.get("tiny"):
+        cfg["model"]["tiny"] = state["tiny"]
     text = stdlib_report.results_md(state, cfg, list(MODES), PAIRS)
     with open(args.results, "w") as f:
         f.write(text)
