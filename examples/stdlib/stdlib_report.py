@@ -284,6 +284,9 @@ NOTES = [
     "parameters), `per_task` and `router`, T × r/2 + r/2 under `hybrid`.",
     "- Seeds change the base (its pretraining and the trainer's eval split are seeded), so "
     "compare modes within a seed (the paired table) rather than across seeds.",
+    "- `run_comparison.py --tiny HIDDEN,INTERMEDIATE,LAYERS --out F --results R` reruns a "
+    "sweep on another tiny model size; `RESULTS-256x4.md` is hidden 256, 4 layers (same "
+    "pretraining steps, so a weaker base).",
 ]
 
 
