@@ -77,6 +77,7 @@ def ensure_data() -> dict:
 
 # --tiny: the tiny model's size for every mode (None: config.yaml's); its runs go to runs/<size>/
 TINY: dict | None = None
+PRETRAIN_STEPS: int | None = None  # --pretrain-steps (None: config.yaml's)
 
 
 def tiny_size(text: str) -> dict:
@@ -105,6 +106,9 @@ def load(mode: str, seed: int):
     if TINY is not None:
         raw["model"]["tiny"] = dict(TINY)
         runs += f"/{TINY['hidden_size']}x{TINY['num_hidden_layers']}"
+    if PRETRAIN_STEPS is not None:
+        raw["model"]["pretrain"]["steps"] = PRETRAIN_STEPS
+        runs += f"/pretrain{PRETRAIN_STEPS}"
     raw["output"]["dir"] = f"{runs}/{mode}-s{seed}"
     return config_from_dict(raw, HERE)
 
@@ -257,12 +261,16 @@ def main() -> int:
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--tables-only", action="store_true", help="RESULTS.md from --out, no runs")
     p.add_argument("--tiny", help="HIDDEN,INTERMEDIATE,LAYERS: another tiny model size")
+    p.add_argument("--pretrain-steps", type=int, help="the base's pretraining steps")
     args = p.parse_args()
-    global TINY
+    global TINY, PRETRAIN_STEPS
     try:
         TINY = tiny_size(args.tiny) if args.tiny else None
     except ValueError as err:
         p.error(str(err))
+    if args.pretrain_steps is not None and args.pretrain_steps < 1:
+        p.error(f"--pretrain-steps: expected a positive int, got {args.pretrain_steps}")
+    PRETRAIN_STEPS = args.pretrain_steps
     modes = args.modes.split(",")
     for m in modes:
         if m not in MODES:
@@ -275,10 +283,11 @@ def main() -> int:
     if not args.tables_only:
         from mftk.train.config import ConfigError
 
-        if state.get("tiny") != TINY and state["results"]:
-            p.error(f"--out {args.out} holds runs of model.tiny {state.get('tiny')}, not {TINY}: "
-                    "give another --out")  # fmt: skip
-        state["tiny"] = TINY
+        here = {"tiny": TINY, "pretrain_steps": PRETRAIN_STEPS}
+        there = {"tiny": state.get("tiny"), "pretrain_steps": state.get("pretrain_steps")}
+        if there != here and state["results"]:
+            p.error(f"--out {args.out} holds runs of {there}, not {here}: give another --out")
+        state.update(here)
 
         t0 = time.perf_counter()
         manifest = ensure_data()
@@ -311,7 +320,8 @@ def main() -> int:
             + [
                 {
                     "sweep": f"--modes {args.modes} --seeds {args.seeds}"
-                    + (f" --tiny {args.tiny}" if args.tiny else ""),
+                    + (f" --tiny {args.tiny}" if args.tiny else "")
+                    + (f" --pretrain-steps {PRETRAIN_STEPS}" if PRETRAIN_STEPS else ""),
                     "seconds": time.perf_counter() - t0,
                     "date": datetime.date.today().isoformat(),
                 }
@@ -323,6 +333,8 @@ def main() -> int:
         cfg = yaml.safe_load(f)
     if state.get("tiny"):
         cfg["model"]["tiny"] = state["tiny"]
+    if state.get("pretrain_steps"):
+        cfg["model"]["pretrain"]["steps"] = state["pretrain_steps"]
     text = stdlib_report.results_md(state, cfg, list(MODES), PAIRS)
     with open(args.results, "w") as f:
         f.write(text)
