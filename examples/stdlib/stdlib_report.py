@@ -284,9 +284,10 @@ NOTES = [
     "parameters), `per_task` and `router`, T × r/2 + r/2 under `hybrid`.",
     "- Seeds change the base (its pretraining and the trainer's eval split are seeded), so "
     "compare modes within a seed (the paired table) rather than across seeds.",
-    "- `run_comparison.py --tiny HIDDEN,INTERMEDIATE,LAYERS --out F --results R` reruns a "
-    "sweep on another tiny model size; `RESULTS-256x4.md` is hidden 256, 4 layers (same "
-    "pretraining steps, so a weaker base).",
+    "- `run_comparison.py --tiny HIDDEN,INTERMEDIATE,LAYERS [--pretrain-steps N] --out F "
+    "--results R` reruns a sweep on another tiny model: `RESULTS-256x4.md` is hidden 256, 4 "
+    "layers with the same 400 pretraining steps (a weaker base), `RESULTS-256x4-p1200.md` the "
+    "same model pretrained 1200 steps (a base at least as good as this one's).",
 ]
 
 
