@@ -150,26 +150,37 @@ def partner_losses(ev, cfg, samples: list) -> dict[str, float]:
     return {names[swap[i]]: scored[names[i]]["loss"] for i in swap}
 
 
+def train_and_score(cfg):
+    """Train cfg in a fresh output dir, then load its adapters with mftk's Evaluator on the
+    held-out samples: (trainer metrics, wall seconds, Evaluator, samples); ev.run.eval_set holds
+    the samples' packed batches."""
+    from mftk.apps.evaluate import Evaluator
+    from mftk.train.loop import Trainer
+
+    # a fresh run each time: the trainer refuses a dir holding another run (the cache is apart)
+    shutil.rmtree(cfg.output.dir, ignore_errors=True)
+    quiet = lambda msg: None  # noqa: E731
+    t0 = time.perf_counter()
+    metrics = Trainer(cfg, progress=False, log=quiet).train()
+    wall = time.perf_counter() - t0
+    ev = Evaluator(cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet)
+    samples = heldout_samples(ev.run, cfg)
+    ev.run.eval_set = batches(ev.run, cfg, samples)
+    return metrics, wall, ev, samples
+
+
 def run_single(seed: int) -> dict:
     """`single` at one seed: for each task, `shared` trained on that task alone (`mftk train
     --task`: every step draws it, 6x its tokens) and scored on its held-out answers. One result
     in run_one's shape, each task's loss from its own run; times summed over the runs."""
-    from mftk.apps.evaluate import Evaluator
     from mftk.train.config import single_task
-    from mftk.train.loop import Trainer
 
-    quiet = lambda msg: None  # noqa: E731
     res: dict = {"mode": "single", "tasks": {}, "train_seconds": 0.0, "wall_seconds": 0.0}
     for name in load("single", seed).task_names:
         cfg = single_task(load("single", seed), name)
-        shutil.rmtree(cfg.output.dir, ignore_errors=True)
-        t0 = time.perf_counter()
-        metrics = Trainer(cfg, progress=False, log=quiet).train()
-        res["wall_seconds"] += time.perf_counter() - t0
+        metrics, wall, ev, samples = train_and_score(cfg)
+        res["wall_seconds"] += wall
         res["train_seconds"] += metrics["train_seconds"]
-        ev = Evaluator(cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet)
-        samples = heldout_samples(ev.run, cfg)
-        ev.run.eval_set = batches(ev.run, cfg, samples)
         res["tasks"][name] = ev.loss_metrics()["tasks"][name]
         res["tasks"][name]["samples"] = sum(x.task == cfg.task_names.index(name) for x in samples)
         res["adapter_parameters"] = ev.adapter_params
@@ -191,21 +202,11 @@ def run_one(mode: str, seed: int, base: bool = False) -> dict:
         return run_single(seed)
     import torch
 
-    from mftk.apps.evaluate import Evaluator
     from mftk.patch import adapter_parameters
-    from mftk.train.loop import Trainer
 
     cfg = load(mode, seed)
-    # a fresh run each time: the trainer refuses a dir holding another run (the cache is apart)
-    shutil.rmtree(cfg.output.dir, ignore_errors=True)
-    quiet = lambda msg: None  # noqa: E731
-    t0 = time.perf_counter()
-    metrics = Trainer(cfg, progress=False, log=quiet).train()
-    wall = time.perf_counter() - t0
-    ev = Evaluator(cfg, os.path.join(cfg.output.dir, "adapters"), log=quiet)
-    samples = heldout_samples(ev.run, cfg)
-    own = batches(ev.run, cfg, samples)
-    ev.run.eval_set = own
+    metrics, wall, ev, samples = train_and_score(cfg)
+    own = ev.run.eval_set
     res = {"mode": ev.mode, "adapter_parameters": ev.adapter_params, **ev.loss_metrics()}
     for i, name in enumerate(cfg.task_names):
         res["tasks"][name]["samples"] = sum(x.task == i for x in samples)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from stdlib_summary import _loss, _row, goal_section, summary
+from stdlib_summary import _loss, _table, goal_section, summary
 
 WHAT = {
     "complete": "raw code: the function cut inside its body → the rest",
@@ -44,10 +44,6 @@ def _ms(vals: list[float], digits: int = 4) -> str:
 
 def _pct(new: float, base: float) -> str:
     return f"{100 * (new / base - 1):+.1f}%"
-
-
-def _table(head: list[str], rows: list[list]) -> list[str]:
-    return [_row(head), "|" + "---|" * len(head), *(_row(r) for r in rows)]
 
 
 def setup(state: dict, cfg: dict, tasks: list[str], modes: list[str]) -> list[str]:

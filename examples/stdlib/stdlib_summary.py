@@ -106,9 +106,7 @@ def goal_section(state: dict, tasks: list[str], modes: list[str]) -> list[str]:
         f"of {len(seeds) * len(tasks)} task × seed pairs, by {statistics.mean(changes):+.1f}% "
         "on average: the goal's 5% is not met.",
         "",
-        _row(["seed", "shared taken", *tasks, "average"]),
-        "|" + "---|" * (len(tasks) + 3),
-        *(_row(r) for r in rows),
+        *_table(["seed", "shared taken", *tasks, "average"], rows),
     ]
     if SINGLE in res:
         out += ["", _single_runs(res, tasks, seeds)]
@@ -127,10 +125,13 @@ def goal_section(state: dict, tasks: list[str], modes: list[str]) -> list[str]:
         "(adapters zeroed) minus `shared`'s. A mode 5% below `shared` must add this share of "
         f"that gain again; `{best}` adds the second row (means over seeds):",
         "",
-        _row(["", *tasks]),
-        "|" + "---|" * (len(tasks) + 1),
-        _row(["5% below `shared` needs", *(f"{100 * v:.1f}%" for v in need)]),
-        _row([f"`{best}` adds", *(f"{100 * v:.1f}%" for v in got)]),
+        *_table(
+            ["", *tasks],
+            [
+                ["5% below `shared` needs", *(f"{100 * v:.1f}%" for v in need)],
+                [f"`{best}` adds", *(f"{100 * v:.1f}%" for v in got)],
+            ],
+        ),
         "",
         "Most of a held-out answer's loss is the code itself, from modules no run trained on, "
         "and every mode leaves most of it in place (the loss tables below): on the tasks "
@@ -163,3 +164,7 @@ def _single_runs(res: dict, tasks: list[str], seeds: list[str]) -> str:
 
 def _row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(head: list[str], rows: list[list]) -> list[str]:
+    return [_row(head), "|" + "---|" * len(head), *(_row(r) for r in rows)]
